@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up everything on a fresh machine (build tools, the default model, a
+# release build) and run elpis-server on the default model. Arguments pass
+# through: `scripts/run.sh` serves MCP on stdio, `scripts/run.sh chat "Hi"`
+# talks to the model. Set ELPIS_MODEL_PATH to serve another GGUF model.
+# Only the server writes to stdout.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/setup.sh
+if [ -z "${ELPIS_MODEL_PATH:-}" ] && [ -z "${ELPIS_MODEL__PATH:-}" ]; then
+    ELPIS_MODEL_PATH="$(bash scripts/fetch-model.sh)"
+    export ELPIS_MODEL_PATH
+fi
+cargo build --release --quiet --bin elpis-server >&2
+exec target/release/elpis-server "$@"

@@ -1,0 +1,417 @@
+//! Configuration: a TOML file (`configs/elpis.toml` by default) overridden by
+//! environment variables, validated into [`Config`].
+//!
+//! Loading happens in two stages, as in ripgrep: the raw layers (file table,
+//! then `ELPIS_SECTION_KEY` / `ELPIS_SECTION__KEY` variables on top) are merged
+//! into one TOML table, which serde turns into typed settings; then
+//! [`Config::validate`] checks every range. Errors name the key and the fix.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::emotion::EmotionParams;
+
+/// Where the config file is looked for when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "configs/elpis.toml";
+
+/// The file name `scripts/fetch-model.sh` stores the default model under.
+pub const DEFAULT_MODEL_FILE: &str = "gemma-3-270m-Q4_K_M.gguf";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("bad configuration: {0}")]
+    Invalid(String),
+}
+
+/// Keys of the predecessor's transformers backend: accepted and ignored.
+const TRANSFORMERS_KEYS: &[&str] = &[
+    "backend",
+    "model_name",
+    "torch_dtype",
+    "device",
+    "device_map",
+    "load_in_8bit",
+    "load_in_4bit",
+    "trust_remote_code",
+    "quantization",
+    "use_flash_attention",
+    "attn_implementation",
+    "revision",
+    "cache_dir",
+];
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    pub model: ModelConfig,
+    pub emotion: EmotionParams,
+    pub logging: LoggingConfig,
+}
+
+/// What to do with a prompt longer than the context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Overflow {
+    /// Refuse it with a clear error.
+    Error,
+    /// Keep the system message and the most recent turns, drop the oldest.
+    Truncate,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ModelConfig {
+    /// GGUF file. Empty means the cached default model of `scripts/fetch-model.sh`.
+    pub path: String,
+    /// Tokens of context each generation may use (prompt + reply).
+    pub context_length: u32,
+    /// Layers offloaded to the GPU (needs the `cuda` build); 0 = CPU only.
+    pub gpu_layers: u32,
+    /// llama.cpp compute threads; 0 = one per available core.
+    pub n_threads: u32,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub max_tokens: u32,
+    /// `cpu`, `cuda` or `auto`; informational apart from validation.
+    pub hardware_backend: String,
+    /// `auto` (the GGUF's template, else inferred from the architecture),
+    /// `gemma`, `chatml`, `llama-3`, `mistral`, `phi-3` or `raw`.
+    pub chat_format: String,
+    pub top_k: u32,
+    pub min_p: f64,
+    pub repeat_penalty: f64,
+    /// Sampling seed; unset means a fresh random seed per generation.
+    pub seed: Option<u32>,
+    /// Generations decoded together (KV sequences / slots).
+    pub parallel: u32,
+    /// Target duration of one decode step; prompt chunks adapt to it.
+    pub max_step_ms: u32,
+    /// Keep full-size sliding-window caches so cached prompt prefixes can be
+    /// reused on models with sliding-window attention (costs memory).
+    pub swa_full: bool,
+    pub overflow: Overflow,
+    /// Backend of the predecessor; only `llama-cpp` is served.
+    pub backend: String,
+    /// Anything else in `[model]`: warned about and ignored.
+    #[serde(flatten)]
+    pub ignored: BTreeMap<String, toml::Value>,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            path: String::new(),
+            context_length: 4096,
+            gpu_layers: 0,
+            n_threads: 0,
+            temperature: 0.7,
+            top_p: 0.9,
+            max_tokens: 2048,
+            hardware_backend: "auto".into(),
+            chat_format: "auto".into(),
+            top_k: 40,
+            min_p: 0.05,
+            repeat_penalty: 1.1,
+            seed: None,
+            parallel: 2,
+            max_step_ms: 50,
+            swa_full: true,
+            overflow: Overflow::Error,
+            backend: "llama-cpp".into(),
+            ignored: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoggingConfig {
+    /// `trace`, `debug`, `info`, `warn` or `error` (or a tracing filter).
+    pub level: String,
+    /// Log file; empty means stderr (or `~/.elpis/elpis-server.log` with ELPIS_QUIET=1).
+    pub output_file: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig { level: "info".into(), output_file: String::new(), format: "text".into() }
+    }
+}
+
+/// Where the default model lives: the cache of `scripts/fetch-model.sh`.
+pub fn default_model_path() -> PathBuf {
+    let cache = std::env::var_os("ELPIS_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/elpis")))
+        .unwrap_or_else(|| PathBuf::from(".cache/elpis"));
+    cache.join(DEFAULT_MODEL_FILE)
+}
+
+impl Config {
+    /// Load from `path` (or the default path, which may be absent), apply the
+    /// process environment, validate. Returns the config and warnings to log
+    /// once logging is up.
+    pub fn load(path: Option<&Path>) -> Result<(Config, Vec<String>), ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_with_env(path, &env)
+    }
+
+    /// [`Config::load`] with an explicit environment (for tests).
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: &[(String, String)],
+    ) -> Result<(Config, Vec<String>), ConfigError> {
+        let (file_path, must_exist) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        };
+        let mut table = match std::fs::read_to_string(&file_path) {
+            Ok(text) => text.parse::<toml::Table>().map_err(|e| ConfigError::Parse {
+                path: file_path.clone(),
+                message: e.to_string(),
+            })?,
+            Err(e) if !must_exist && e.kind() == std::io::ErrorKind::NotFound => toml::Table::new(),
+            Err(source) => return Err(ConfigError::Read { path: file_path, source }),
+        };
+        apply_env(&mut table, env);
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(format!("{e} (in {})", file_path.display())))?;
+        let warnings = config.validate()?;
+        Ok((config, warnings))
+    }
+
+    /// Check every value; returns warnings for ignored keys.
+    pub fn validate(&self) -> Result<Vec<String>, ConfigError> {
+        let m = &self.model;
+        let bad = |msg: String| Err(ConfigError::Invalid(msg));
+        match m.backend.as_str() {
+            "llama-cpp" | "llama_cpp" | "llamacpp" | "" => {}
+            "transformers" => {
+                return bad("model.backend = \"transformers\" is not supported: Elpis serves GGUF models \
+                     through llama.cpp only; set model.backend = \"llama-cpp\" and model.path to a .gguf file"
+                    .into())
+            }
+            other => return bad(format!("model.backend = {other:?} is unknown: the only backend is \"llama-cpp\"")),
+        }
+        if !(256..=1_048_576).contains(&m.context_length) {
+            return bad(format!("model.context_length = {} is out of range: expected 256 to 1048576", m.context_length));
+        }
+        if m.max_tokens == 0 || m.max_tokens > m.context_length {
+            return bad(format!(
+                "model.max_tokens = {} is out of range: expected 1 to context_length ({})",
+                m.max_tokens, m.context_length
+            ));
+        }
+        if m.n_threads > 512 {
+            return bad(format!("model.n_threads = {} is out of range: expected 0 (auto) to 512", m.n_threads));
+        }
+        if m.gpu_layers > 100_000 {
+            return bad(format!("model.gpu_layers = {} is out of range: expected 0 to 100000", m.gpu_layers));
+        }
+        let in_range = |key: &str, v: f64, lo: f64, hi: f64| -> Result<(), ConfigError> {
+            if v.is_finite() && (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid(format!("model.{key} = {v} is out of range: expected {lo} to {hi}")))
+            }
+        };
+        in_range("temperature", m.temperature, 0.0, 2.0)?;
+        in_range("top_p", m.top_p, 0.0, 1.0)?;
+        in_range("min_p", m.min_p, 0.0, 1.0)?;
+        in_range("repeat_penalty", m.repeat_penalty, 0.5, 2.0)?;
+        if !(1..=64).contains(&m.parallel) {
+            return bad(format!("model.parallel = {} is out of range: expected 1 to 64", m.parallel));
+        }
+        if !(5..=10_000).contains(&m.max_step_ms) {
+            return bad(format!("model.max_step_ms = {} is out of range: expected 5 to 10000", m.max_step_ms));
+        }
+        if !["auto", "cpu", "cuda", "metal", "vulkan"].contains(&m.hardware_backend.as_str()) {
+            return bad(format!(
+                "model.hardware_backend = {:?} is unknown: expected auto, cpu, cuda, metal or vulkan",
+                m.hardware_backend
+            ));
+        }
+        if crate::engine::ChatFormat::parse(&m.chat_format).is_none() {
+            return bad(format!(
+                "model.chat_format = {:?} is unknown: expected one of {}",
+                m.chat_format,
+                crate::engine::ChatFormat::NAMES.join(", ")
+            ));
+        }
+        self.emotion.validate().map_err(ConfigError::Invalid)?;
+        if !["text", "json"].contains(&self.logging.format.as_str()) {
+            return bad(format!("logging.format = {:?} is unknown: expected \"text\" or \"json\"", self.logging.format));
+        }
+        let warnings = m
+            .ignored
+            .keys()
+            .map(|key| {
+                if TRANSFORMERS_KEYS.contains(&key.as_str()) {
+                    format!("model.{key} belongs to the old transformers backend and is ignored")
+                } else {
+                    format!("model.{key} is not a known setting and is ignored")
+                }
+            })
+            .collect();
+        Ok(warnings)
+    }
+
+    /// The model file to load: `model.path`, else the fetched default.
+    pub fn model_path(&self) -> PathBuf {
+        if self.model.path.is_empty() {
+            default_model_path()
+        } else {
+            PathBuf::from(&self.model.path)
+        }
+    }
+}
+
+/// Overlay `ELPIS_<SECTION>_<KEY>` and `ELPIS_<SECTION>__<KEY>` variables on
+/// the table. Values parse as TOML scalars (42, 0.5, true) or else strings.
+fn apply_env(table: &mut toml::Table, env: &[(String, String)]) {
+    const SECTIONS: [&str; 3] = ["model", "emotion", "logging"];
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix("ELPIS_") else { continue };
+        for section in SECTIONS {
+            let Some(key) = rest
+                .strip_prefix(&section.to_ascii_uppercase())
+                .and_then(|k| k.strip_prefix('_'))
+                .map(|k| k.strip_prefix('_').unwrap_or(k))
+            else {
+                continue;
+            };
+            if key.is_empty() {
+                continue;
+            }
+            let value = parse_env_value(raw);
+            let entry = table
+                .entry(section.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let toml::Value::Table(section_table) = entry {
+                section_table.insert(key.to_ascii_lowercase(), value);
+            }
+        }
+    }
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    let trimmed = raw.trim();
+    if let Ok(i) = trimmed.parse::<i64>() {
+        return toml::Value::Integer(i);
+    }
+    if let Ok(b) = trimmed.parse::<bool>() {
+        return toml::Value::Boolean(b);
+    }
+    if let Ok(f) = trimmed.parse::<f64>() {
+        if f.is_finite() {
+            return toml::Value::Float(f);
+        }
+    }
+    toml::Value::String(raw.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn write_config(text: &str) -> tempfile_path::TempPath {
+        tempfile_path::TempPath::with_contents(text)
+    }
+
+    /// A minimal temporary file helper (no extra crate).
+    mod tempfile_path {
+        use super::*;
+        pub struct TempPath(pub PathBuf);
+        impl TempPath {
+            pub fn with_contents(text: &str) -> Self {
+                static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let path = std::env::temp_dir().join(format!("elpis-config-{}-{n}.toml", std::process::id()));
+                let mut f = std::fs::File::create(&path).unwrap();
+                f.write_all(text.as_bytes()).unwrap();
+                TempPath(path)
+            }
+        }
+        impl Drop for TempPath {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn defaults_without_a_file() {
+        let (c, warnings) = Config::load_with_env(None, &[]).unwrap();
+        assert_eq!(c.model.context_length, 4096);
+        assert_eq!(c.emotion, EmotionParams::default());
+        assert!(warnings.is_empty());
+    }
+
+    #[test]
+    fn file_then_env_both_spellings() {
+        let f = write_config("[model]\npath = \"/from/file.gguf\"\nn_threads = 3\n[emotion]\ndecay_rate = 0.2\n");
+        let e = env(&[("ELPIS_MODEL_PATH", "/from/env.gguf"), ("ELPIS_EMOTION__DECAY_RATE", "0.5"), ("ELPIS_QUIET", "1")]);
+        let (c, _) = Config::load_with_env(Some(&f.0), &e).unwrap();
+        assert_eq!(c.model.path, "/from/env.gguf");
+        assert_eq!(c.model.n_threads, 3);
+        assert_eq!(c.emotion.decay_rate, 0.5);
+        let e = env(&[("ELPIS_MODEL__PATH", "/double.gguf"), ("ELPIS_LOGGING_LEVEL", "debug")]);
+        let (c, _) = Config::load_with_env(Some(&f.0), &e).unwrap();
+        assert_eq!(c.model.path, "/double.gguf");
+        assert_eq!(c.logging.level, "debug");
+    }
+
+    #[test]
+    fn transformers_keys_are_ignored_with_a_warning() {
+        let f = write_config("[model]\ntorch_dtype = \"float16\"\nload_in_8bit = true\n");
+        let (_, warnings) = Config::load_with_env(Some(&f.0), &[]).unwrap();
+        assert_eq!(warnings.len(), 2);
+        assert!(warnings.iter().any(|w| w.contains("model.torch_dtype") && w.contains("transformers")));
+    }
+
+    #[test]
+    fn transformers_backend_is_refused() {
+        let f = write_config("[model]\nbackend = \"transformers\"\n");
+        let err = Config::load_with_env(Some(&f.0), &[]).unwrap_err().to_string();
+        assert!(err.contains("transformers") && err.contains("not supported"), "{err}");
+    }
+
+    #[test]
+    fn wrong_types_and_ranges_name_the_key() {
+        let f = write_config("[model]\ncontext_length = \"big\"\n");
+        let err = Config::load_with_env(Some(&f.0), &[]).unwrap_err().to_string();
+        assert!(err.contains("context_length"), "{err}");
+        let err = Config::load_with_env(None, &env(&[("ELPIS_MODEL_TOP_P", "1.5")])).unwrap_err().to_string();
+        assert!(err.contains("model.top_p") && err.contains("0 to 1"), "{err}");
+        let err = Config::load_with_env(None, &env(&[("ELPIS_EMOTION_STEERING_STRENGTH", "9")])).unwrap_err().to_string();
+        assert!(err.contains("emotion.steering_strength"), "{err}");
+        let err = Config::load_with_env(None, &env(&[("ELPIS_MODEL_CHAT_FORMAT", "klingon")])).unwrap_err().to_string();
+        assert!(err.contains("model.chat_format"), "{err}");
+        let f = write_config("[emotion]\nbogus = 1\n");
+        let err = Config::load_with_env(Some(&f.0), &[]).unwrap_err().to_string();
+        assert!(err.contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn missing_explicit_file_and_bad_toml() {
+        let err = Config::load_with_env(Some(Path::new("/no/such/elpis.toml")), &[]).unwrap_err().to_string();
+        assert!(err.contains("/no/such/elpis.toml"), "{err}");
+        let f = write_config("[model\npath=");
+        let err = Config::load_with_env(Some(&f.0), &[]).unwrap_err().to_string();
+        assert!(err.contains("not valid TOML"), "{err}");
+    }
+}

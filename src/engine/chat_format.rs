@@ -1,0 +1,233 @@
+//! Prompt formatting: chat messages to the text a model was trained on.
+//!
+//! The model's own template (from the GGUF, applied by llama.cpp) is used when
+//! there is one; otherwise one of these formats, chosen by `chat_format` or,
+//! with `auto`, inferred from the model's architecture. Pure; no model needed.
+
+use serde::{Deserialize, Serialize};
+
+/// One chat message as it arrives on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Message {
+    /// `system`, `user`, `assistant` or `tool`.
+    pub role: String,
+    pub content: String,
+}
+
+/// Roles a message may have.
+pub const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+
+/// A built-in prompt format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChatFormat {
+    /// Use the GGUF's template, else infer from the architecture.
+    Auto,
+    Gemma,
+    ChatMl,
+    Llama3,
+    Mistral,
+    Phi3,
+    /// Messages joined as plain text with role labels (for base models).
+    Raw,
+}
+
+impl ChatFormat {
+    pub const NAMES: [&'static str; 7] = ["auto", "gemma", "chatml", "llama-3", "mistral", "phi-3", "raw"];
+
+    pub fn parse(name: &str) -> Option<ChatFormat> {
+        Some(match name.to_ascii_lowercase().as_str() {
+            "auto" | "" => ChatFormat::Auto,
+            "gemma" | "gemma2" | "gemma3" => ChatFormat::Gemma,
+            "chatml" | "qwen" => ChatFormat::ChatMl,
+            "llama-3" | "llama3" => ChatFormat::Llama3,
+            "mistral" | "mistral-instruct" => ChatFormat::Mistral,
+            "phi-3" | "phi3" => ChatFormat::Phi3,
+            "raw" | "none" => ChatFormat::Raw,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ChatFormat::Auto => "auto",
+            ChatFormat::Gemma => "gemma",
+            ChatFormat::ChatMl => "chatml",
+            ChatFormat::Llama3 => "llama-3",
+            ChatFormat::Mistral => "mistral",
+            ChatFormat::Phi3 => "phi-3",
+            ChatFormat::Raw => "raw",
+        }
+    }
+
+    /// The format a model of `architecture` (GGUF `general.architecture`) most
+    /// likely expects.
+    pub fn for_architecture(architecture: &str) -> ChatFormat {
+        let arch = architecture.to_ascii_lowercase();
+        if arch.starts_with("gemma") {
+            ChatFormat::Gemma
+        } else if arch.starts_with("llama") {
+            ChatFormat::Llama3
+        } else if arch.starts_with("phi3") {
+            ChatFormat::Phi3
+        } else if arch.starts_with("mistral") {
+            ChatFormat::Mistral
+        } else {
+            ChatFormat::ChatMl
+        }
+    }
+
+    /// Strings that end a reply in this format: a turn marker the model might
+    /// write out as text.
+    pub fn stop_strings(self) -> Vec<String> {
+        let stops: &[&str] = match self {
+            ChatFormat::Gemma => &["<end_of_turn>", "<start_of_turn>"],
+            ChatFormat::ChatMl => &["<|im_end|>", "<|im_start|>"],
+            ChatFormat::Llama3 => &["<|eot_id|>", "<|start_header_id|>"],
+            ChatFormat::Mistral => &["</s>", "[INST]"],
+            ChatFormat::Phi3 => &["<|end|>", "<|user|>", "<|assistant|>"],
+            ChatFormat::Raw | ChatFormat::Auto => &["\nUser:", "\nSystem:"],
+        };
+        stops.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// Render `messages` with the assistant's turn opened at the end. The BOS
+    /// token is not included (the tokenizer adds it).
+    pub fn render(self, messages: &[Message]) -> String {
+        let mut out = String::new();
+        match self {
+            ChatFormat::Gemma => {
+                // Gemma has no system role: the system text opens the first user turn.
+                let mut system = String::new();
+                for m in messages {
+                    match m.role.as_str() {
+                        "system" => {
+                            system.push_str(&m.content);
+                            system.push_str("\n\n");
+                        }
+                        "assistant" => {
+                            out.push_str(&format!("<start_of_turn>model\n{}<end_of_turn>\n", m.content));
+                        }
+                        _ => {
+                            let prefix = std::mem::take(&mut system);
+                            out.push_str(&format!("<start_of_turn>user\n{prefix}{}<end_of_turn>\n", m.content));
+                        }
+                    }
+                }
+                if !system.is_empty() {
+                    out.push_str(&format!("<start_of_turn>user\n{}<end_of_turn>\n", system.trim_end()));
+                }
+                out.push_str("<start_of_turn>model\n");
+            }
+            ChatFormat::ChatMl => {
+                for m in messages {
+                    out.push_str(&format!("<|im_start|>{}\n{}<|im_end|>\n", m.role, m.content));
+                }
+                out.push_str("<|im_start|>assistant\n");
+            }
+            ChatFormat::Llama3 => {
+                for m in messages {
+                    let role = if m.role == "tool" { "ipython" } else { m.role.as_str() };
+                    out.push_str(&format!("<|start_header_id|>{role}<|end_header_id|>\n\n{}<|eot_id|>", m.content));
+                }
+                out.push_str("<|start_header_id|>assistant<|end_header_id|>\n\n");
+            }
+            ChatFormat::Mistral => {
+                let mut system = String::new();
+                for m in messages {
+                    match m.role.as_str() {
+                        "system" => {
+                            system.push_str(&m.content);
+                            system.push_str("\n\n");
+                        }
+                        "assistant" => out.push_str(&format!(" {}</s>", m.content)),
+                        _ => {
+                            let prefix = std::mem::take(&mut system);
+                            out.push_str(&format!("[INST] {prefix}{} [/INST]", m.content));
+                        }
+                    }
+                }
+                if !system.is_empty() {
+                    out.push_str(&format!("[INST] {} [/INST]", system.trim_end()));
+                }
+            }
+            ChatFormat::Phi3 => {
+                for m in messages {
+                    let role = if m.role == "tool" { "user" } else { m.role.as_str() };
+                    out.push_str(&format!("<|{role}|>\n{}<|end|>\n", m.content));
+                }
+                out.push_str("<|assistant|>\n");
+            }
+            ChatFormat::Raw | ChatFormat::Auto => {
+                for m in messages {
+                    out.push_str(&format!("{}: {}\n", capitalise(&m.role), m.content));
+                }
+                out.push_str("Assistant:");
+            }
+        }
+        out
+    }
+}
+
+fn capitalise(word: &str) -> String {
+    let mut chars = word.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().collect::<String>() + chars.as_str(),
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msgs(pairs: &[(&str, &str)]) -> Vec<Message> {
+        pairs.iter().map(|(r, c)| Message { role: r.to_string(), content: c.to_string() }).collect()
+    }
+
+    #[test]
+    fn gemma_folds_system_into_first_user_turn() {
+        let text = ChatFormat::Gemma.render(&msgs(&[("system", "Be kind."), ("user", "Hi"), ("assistant", "Hello!"), ("user", "Bye")]));
+        assert_eq!(
+            text,
+            "<start_of_turn>user\nBe kind.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n\
+             <start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
+        );
+    }
+
+    #[test]
+    fn gemma_system_only() {
+        let text = ChatFormat::Gemma.render(&msgs(&[("system", "Think.")]));
+        assert_eq!(text, "<start_of_turn>user\nThink.<end_of_turn>\n<start_of_turn>model\n");
+    }
+
+    #[test]
+    fn chatml_and_llama3() {
+        let m = msgs(&[("system", "S"), ("user", "U")]);
+        assert_eq!(ChatFormat::ChatMl.render(&m), "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n");
+        assert!(ChatFormat::Llama3.render(&m).ends_with("<|start_header_id|>assistant<|end_header_id|>\n\n"));
+    }
+
+    #[test]
+    fn a_prompt_that_grows_extends_the_previous_one() {
+        // The prompt cache depends on this: appending turns only appends text.
+        let short = msgs(&[("system", "S"), ("user", "U1")]);
+        let mut long = short.clone();
+        long.extend(msgs(&[("assistant", "A1"), ("user", "U2")]));
+        for format in [ChatFormat::Gemma, ChatFormat::ChatMl, ChatFormat::Llama3, ChatFormat::Phi3] {
+            let a = format.render(&short);
+            let b = format.render(&long);
+            let open = a.len() - format.render(&[]).len();
+            assert!(b.starts_with(&a[..open]), "{format:?}");
+        }
+    }
+
+    #[test]
+    fn names_round_trip_and_architectures() {
+        for name in ChatFormat::NAMES {
+            assert_eq!(ChatFormat::parse(name).unwrap().name(), name);
+        }
+        assert_eq!(ChatFormat::parse("bogus"), None);
+        assert_eq!(ChatFormat::for_architecture("gemma3"), ChatFormat::Gemma);
+        assert_eq!(ChatFormat::for_architecture("qwen2"), ChatFormat::ChatMl);
+    }
+}

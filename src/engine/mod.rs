@@ -1,0 +1,243 @@
+//! The engine: the one owner of llama.cpp (model, context, batches,
+//! samplers) and the scheduler that steps generations on the runtime's only
+//! thread.
+//!
+//! Everything here that touches llama.cpp lives in [`Engine`], which is
+//! `!Send`: it cannot be moved to another thread, so the crash of the Python
+//! predecessor (a context used from two threads) cannot be written. The rest
+//! of the program talks to it through [`EngineHandle`] (cheap to clone, `Send`),
+//! which queues [`GenerationRequest`]s and hands back a [`Generation`]: a
+//! channel of [`GenerationEvent`]s plus a cancellation token.
+//!
+//! The engine loop performs one `decode` per step (one token for every
+//! generating slot plus a chunk of pending prompt tokens) and then yields to
+//! the runtime, so MCP requests are answered between tokens.
+
+mod chat_format;
+mod scheduler;
+mod text;
+mod tool_calls;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use chat_format::{ChatFormat, Message, ROLES};
+pub use scheduler::{route_llama_logs, Engine};
+pub use text::{Decoded, TextDecoder};
+pub use tool_calls::{apply_tool_choice, openai_call, parse_reply, parse_tools, reply_schema, tools_prompt, ToolSpec};
+
+/// Settings the engine is built from (the `[model]` section, resolved).
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    pub model_path: PathBuf,
+    pub context_length: u32,
+    pub gpu_layers: u32,
+    /// 0 = one per available core.
+    pub n_threads: u32,
+    pub chat_format: ChatFormat,
+    pub parallel: u32,
+    pub max_step_ms: u32,
+    pub swa_full: bool,
+    /// Drop old turns instead of refusing a prompt that does not fit.
+    pub truncate_overflow: bool,
+}
+
+/// Sampling for one generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy decoding.
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: u32,
+    pub min_p: f64,
+    pub repeat_penalty: f64,
+    pub seed: u32,
+}
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    pub messages: Vec<Message>,
+    pub max_tokens: u32,
+    pub sampling: SamplingParams,
+    /// A GBNF grammar (root rule `root`) constraining the reply.
+    pub grammar: Option<String>,
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// End-of-generation token or stop string.
+    Stop,
+    /// `max_tokens` reached, or the context is full.
+    Length,
+    /// Cancelled by the client.
+    Cancelled,
+}
+
+/// Token accounting of one generation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    /// Prompt tokens served from the slot's KV cache instead of decoded.
+    pub cached_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+/// A finished generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub usage: Usage,
+    /// Old turns were dropped to fit the context.
+    pub truncated: bool,
+}
+
+/// What a generation reports as it runs. Exactly one `Done` or `Failed` ends
+/// the channel.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenerationEvent {
+    /// New text, always valid UTF-8, never part of a stop string.
+    Text(String),
+    /// Completed tokens so far (sent with each token, text or not).
+    Tokens(u32),
+    Done(Completion),
+    Failed(EngineError),
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    #[error("model file not found at {0}: set [model] path or ELPIS_MODEL_PATH (scripts/fetch-model.sh fetches the default model)")]
+    ModelNotFound(PathBuf),
+    #[error("model path {0} is a directory, not a GGUF file: set [model] path or ELPIS_MODEL_PATH to the .gguf file")]
+    ModelIsDirectory(PathBuf),
+    #[error("cannot read model file {path}: {reason}")]
+    ModelUnreadable { path: PathBuf, reason: String },
+    #[error("llama.cpp could not load {0} (truncated or not a GGUF model?): check the file, or fetch it again")]
+    ModelLoad(PathBuf),
+    #[error("cannot create a llama.cpp context of {0} tokens: lower model.context_length or model.parallel")]
+    Context(u32),
+    #[error("cannot initialise llama.cpp: {0}")]
+    Backend(String),
+    #[error("the prompt is {prompt} tokens but a generation may use at most {limit} (context_length {context}): shorten the messages, raise model.context_length, or set model.overflow = \"truncate\"")]
+    PromptTooLong { prompt: usize, limit: usize, context: u32 },
+    #[error("cannot build a grammar: {0}")]
+    Grammar(String),
+    #[error("llama.cpp decode failed: {0}")]
+    Decode(String),
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// Facts about the loaded model, for `get_capabilities`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    pub model_path: String,
+    pub model_name: String,
+    pub architecture: String,
+    /// Tokens one generation may use (prompt + reply).
+    pub context_length: u32,
+    pub context_length_train: u32,
+    pub parameters: u64,
+    pub model_size_bytes: u64,
+    pub vocab_size: i32,
+    pub chat_format: String,
+    /// The GGUF carries its own chat template (used when `chat_format` is auto).
+    pub has_chat_template: bool,
+    pub threads: u32,
+    pub gpu_layers: u32,
+    pub gpu_offload_supported: bool,
+    pub slots: u32,
+    pub max_step_ms: u32,
+    pub sliding_window_full: bool,
+}
+
+/// A running generation, as the caller sees it.
+pub struct Generation {
+    pub events: mpsc::UnboundedReceiver<GenerationEvent>,
+    /// Cancel to stop decoding at the next step. Dropping `events` does too.
+    pub cancel: CancellationToken,
+}
+
+/// What the engine's channel carries.
+pub(crate) enum Command {
+    Generate {
+        request: GenerationRequest,
+        events: mpsc::UnboundedSender<GenerationEvent>,
+        cancel: CancellationToken,
+    },
+    /// Reply with the number of busy slots and queued requests.
+    Load(tokio::sync::oneshot::Sender<EngineLoad>),
+    /// Build a GBNF grammar from a JSON schema.
+    SchemaGrammar(String, tokio::sync::oneshot::Sender<Result<String, EngineError>>),
+}
+
+/// How busy the engine is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct EngineLoad {
+    pub active: usize,
+    pub queued: usize,
+    /// KV cells held by slots for finished work (the prompt cache).
+    pub cached_tokens: usize,
+}
+
+/// The `Send` side of the engine: queue work, read model facts.
+#[derive(Clone)]
+pub struct EngineHandle {
+    commands: mpsc::UnboundedSender<Command>,
+    info: Arc<ModelInfo>,
+}
+
+impl EngineHandle {
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// Queue a generation; events arrive as the engine steps it.
+    pub fn generate(&self, request: GenerationRequest) -> Generation {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let cancel = CancellationToken::new();
+        let command = Command::Generate { request, events: tx.clone(), cancel: cancel.clone() };
+        if self.commands.send(command).is_err() {
+            let _ = tx.send(GenerationEvent::Failed(EngineError::Stopped));
+        }
+        Generation { events: rx, cancel }
+    }
+
+    /// Busy slots, queue length and cached cells.
+    pub async fn load(&self) -> Result<EngineLoad, EngineError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.commands.send(Command::Load(tx)).map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// Convert a JSON schema to a GBNF grammar (llama.cpp's converter).
+    pub async fn schema_grammar(&self, schema: &serde_json::Value) -> Result<String, EngineError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.commands
+            .send(Command::SchemaGrammar(schema.to_string(), tx))
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)?
+    }
+}
+
+impl Generation {
+    /// Wait for the end, collecting the text (what `generate` does).
+    pub async fn finish(mut self, mut on_text: impl FnMut(&str)) -> Result<Completion, EngineError> {
+        while let Some(event) = self.events.recv().await {
+            match event {
+                GenerationEvent::Text(t) => on_text(&t),
+                GenerationEvent::Tokens(_) => {}
+                GenerationEvent::Done(c) => return Ok(c),
+                GenerationEvent::Failed(e) => return Err(e),
+            }
+        }
+        Err(EngineError::Stopped)
+    }
+}

@@ -1,0 +1,740 @@
+//! [`Engine`]: the llama.cpp model and context, and the scheduler that steps
+//! every running generation one batch at a time.
+//!
+//! Each slot is one KV sequence. A step puts into one batch the last sampled
+//! token of every generating slot and a chunk of prompt tokens from slots
+//! still reading their prompt, runs one `decode`, samples, and yields. The
+//! chunk size adapts so a step stays near `max_step_ms`. A slot remembers
+//! the tokens in its cells, so a prompt that extends an earlier one only
+//! decodes the new suffix.
+
+use std::collections::VecDeque;
+use std::marker::PhantomData;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::thread::ThreadId;
+use std::time::Instant;
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::data::LlamaTokenData;
+use llama_cpp_2::token::data_array::LlamaTokenDataArray;
+use llama_cpp_2::token::LlamaToken;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    ChatFormat, Command, Completion, EngineError, EngineHandle, EngineLoad, EngineSettings, FinishReason,
+    GenerationEvent, GenerationRequest, Message, ModelInfo, SamplingParams, TextDecoder, Usage,
+};
+
+/// Smallest and largest prompt chunk one step may decode.
+const MIN_CHUNK: usize = 8;
+const MAX_CHUNK: usize = 128;
+/// Tokens a penalty sampler looks back over.
+const PENALTY_LAST_N: i32 = 64;
+
+/// How a conversation becomes prompt text.
+enum PromptFormat {
+    /// The GGUF's own template, applied by llama.cpp.
+    Template(LlamaChatTemplate),
+    Builtin(ChatFormat),
+}
+
+/// One queued or running generation.
+struct Job {
+    /// Admission order: prompt chunks are served oldest first.
+    id: u64,
+    prompt: Vec<LlamaToken>,
+    max_tokens: usize,
+    sampler: LlamaSampler,
+    grammar: Option<GrammarSampler>,
+    decoder: TextDecoder,
+    /// Sampled but not yet decoded: the input of this job's next step.
+    pending: Option<LlamaToken>,
+    text: String,
+    usage: Usage,
+    truncated: bool,
+    events: mpsc::UnboundedSender<GenerationEvent>,
+    cancel: CancellationToken,
+}
+
+impl Job {
+    fn cancelled(&self) -> bool {
+        self.cancel.is_cancelled() || self.events.is_closed()
+    }
+}
+
+/// Grammar-constrained sampling by rejection: the normal chain picks a token
+/// and the grammar only checks it; the whole vocabulary is masked (slow with
+/// a large vocabulary) only when that token is not allowed.
+struct GrammarSampler {
+    grammar: LlamaSampler,
+    /// Picks among the grammar-allowed tokens after a rejection.
+    fallback: LlamaSampler,
+}
+
+/// One KV sequence and what it holds.
+struct Slot {
+    seq: i32,
+    /// Exactly the tokens whose cells are in this sequence, by position.
+    cached: Vec<LlamaToken>,
+    job: Option<Job>,
+    /// Tick of the last assignment, for least-recently-used choice.
+    last_used: u64,
+}
+
+/// Adapts the prompt chunk to the measured cost of a token.
+struct StepBudget {
+    target_ms: f64,
+    /// Moving average of milliseconds per batch token.
+    ms_per_token: f64,
+}
+
+impl StepBudget {
+    fn tokens(&self) -> usize {
+        ((self.target_ms / self.ms_per_token) as usize).clamp(MIN_CHUNK, MAX_CHUNK)
+    }
+
+    fn observe(&mut self, tokens: usize, elapsed_ms: f64) {
+        if tokens >= 4 && elapsed_ms.is_finite() && elapsed_ms > 0.0 {
+            let sample = elapsed_ms / tokens as f64;
+            self.ms_per_token = 0.7 * self.ms_per_token + 0.3 * sample;
+        }
+    }
+}
+
+/// The owner of llama.cpp. `!Send` by construction (see `_not_send`).
+pub struct Engine {
+    /// The thread that created the engine; every llama call asserts it.
+    owner: ThreadId,
+    model: &'static LlamaModel,
+    ctx: LlamaContext<'static>,
+    batch: LlamaBatch<'static>,
+    format: PromptFormat,
+    stops: Vec<String>,
+    /// Tokens one sequence may hold.
+    n_ctx_seq: usize,
+    /// Longest byte length of any token: bounds how few tokens a text can be.
+    max_token_bytes: usize,
+    /// Set when the model uses sliding-window attention and its caches are
+    /// not full-size: then a cached prefix cannot be partially kept.
+    swa_limited: bool,
+    truncate_overflow: bool,
+    slots: Vec<Slot>,
+    queue: VecDeque<Job>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    budget: StepBudget,
+    tick: u64,
+    next_job_id: u64,
+    /// Raw pointers are neither Send nor Sync: this makes `Engine` `!Send`.
+    _not_send: PhantomData<*const ()>,
+}
+
+/// Send llama.cpp's and ggml's log lines to `tracing`.
+pub fn route_llama_logs() {
+    llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+}
+
+fn check_model_file(path: &std::path::Path) -> Result<(), EngineError> {
+    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => EngineError::ModelNotFound(path.to_path_buf()),
+        _ => EngineError::ModelUnreadable { path: path.to_path_buf(), reason: e.to_string() },
+    })?;
+    if meta.is_dir() {
+        return Err(EngineError::ModelIsDirectory(path.to_path_buf()));
+    }
+    let mut magic = [0u8; 4];
+    use std::io::Read;
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .map_err(|e| EngineError::ModelUnreadable { path: path.to_path_buf(), reason: e.to_string() })?;
+    if &magic != b"GGUF" {
+        return Err(EngineError::ModelUnreadable {
+            path: path.to_path_buf(),
+            reason: "not a GGUF file (wrong magic bytes)".into(),
+        });
+    }
+    Ok(())
+}
+
+impl Engine {
+    /// Load the model and create the context on the calling thread, which
+    /// from then on is the only thread that may touch them.
+    pub fn load(settings: &EngineSettings) -> Result<(Engine, EngineHandle), EngineError> {
+        check_model_file(&settings.model_path)?;
+        let backend = LlamaBackend::init().map_err(|e| EngineError::Backend(e.to_string()))?;
+        // The backend and model live as long as the process: leaking them
+        // lets the context borrow the model for 'static.
+        let backend: &'static LlamaBackend = Box::leak(Box::new(backend));
+        let gpu_offload_supported = backend.supports_gpu_offload();
+        let model_params = LlamaModelParams::default().with_n_gpu_layers(settings.gpu_layers);
+        let model = LlamaModel::load_from_file(backend, &settings.model_path, &model_params)
+            .map_err(|_| EngineError::ModelLoad(settings.model_path.clone()))?;
+        let model: &'static LlamaModel = Box::leak(Box::new(model));
+
+        let threads = match settings.n_threads {
+            0 => std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+            n => n,
+        };
+        let parallel = settings.parallel.max(1);
+        let n_ctx = settings.context_length.saturating_mul(parallel);
+        let ctx_params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(n_ctx))
+            .with_n_batch((MAX_CHUNK + 64) as u32)
+            .with_n_ubatch(MAX_CHUNK as u32)
+            .with_n_seq_max(parallel)
+            .with_kv_unified(false)
+            .with_swa_full(settings.swa_full)
+            .with_n_threads(threads as i32)
+            .with_n_threads_batch(threads as i32);
+        let ctx = model
+            .new_context(backend, ctx_params)
+            .map_err(|_| EngineError::Context(n_ctx))?;
+        let n_ctx_seq = (ctx.n_ctx() / parallel) as usize;
+
+        let architecture = model.meta_val_str("general.architecture").unwrap_or_default();
+        let model_name = model.meta_val_str("general.name").unwrap_or_default();
+        let sliding_window = model
+            .meta_val_str(&format!("{architecture}.attention.sliding_window"))
+            .ok()
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .unwrap_or(0);
+        let template = model.chat_template(None).ok();
+        let has_chat_template = template.is_some();
+        let format = match (settings.chat_format, template) {
+            (ChatFormat::Auto, Some(t)) if template_works(model, &t) => PromptFormat::Template(t),
+            (ChatFormat::Auto, _) => PromptFormat::Builtin(ChatFormat::for_architecture(&architecture)),
+            (explicit, _) => PromptFormat::Builtin(explicit),
+        };
+        let stops = match &format {
+            PromptFormat::Builtin(f) => f.stop_strings(),
+            PromptFormat::Template(_) => ChatFormat::for_architecture(&architecture).stop_strings(),
+        };
+        let format_name = match &format {
+            PromptFormat::Template(_) => "gguf-template".to_string(),
+            PromptFormat::Builtin(f) => f.name().to_string(),
+        };
+        let vocab = model.vocab();
+        let max_token_bytes = vocab
+            .tokens()
+            .map(|t| vocab.token_to_piece(t, true, None).len())
+            .max()
+            .unwrap_or(64)
+            .max(1);
+
+        let info = ModelInfo {
+            model_path: settings.model_path.display().to_string(),
+            model_name,
+            architecture,
+            context_length: n_ctx_seq as u32,
+            context_length_train: model.n_ctx_train(),
+            parameters: model.n_params(),
+            model_size_bytes: model.size(),
+            vocab_size: model.n_vocab(),
+            chat_format: format_name,
+            has_chat_template,
+            threads,
+            gpu_layers: settings.gpu_layers,
+            gpu_offload_supported,
+            slots: parallel,
+            max_step_ms: settings.max_step_ms,
+            sliding_window_full: settings.swa_full,
+        };
+        tracing::info!(?info, "model loaded");
+        let (tx, rx) = mpsc::unbounded_channel();
+        let slots = (0..parallel as i32)
+            .map(|seq| Slot { seq, cached: Vec::new(), job: None, last_used: 0 })
+            .collect();
+        let engine = Engine {
+            owner: std::thread::current().id(),
+            model,
+            ctx,
+            batch: LlamaBatch::new(MAX_CHUNK + 64, parallel as i32),
+            format,
+            stops,
+            n_ctx_seq,
+            max_token_bytes,
+            swa_limited: sliding_window > 0 && !settings.swa_full,
+            truncate_overflow: settings.truncate_overflow,
+            slots,
+            queue: VecDeque::new(),
+            commands: rx,
+            budget: StepBudget { target_ms: settings.max_step_ms as f64, ms_per_token: 2.0 },
+            tick: 0,
+            next_job_id: 0,
+            _not_send: PhantomData,
+        };
+        Ok((engine, EngineHandle { commands: tx, info: Arc::new(info) }))
+    }
+
+    /// The thread invariant: llama.cpp is only ever entered from the thread
+    /// that created it. Cheap, always on.
+    fn assert_owner_thread(&self) {
+        assert_eq!(
+            std::thread::current().id(),
+            self.owner,
+            "llama.cpp entered from a thread other than the engine's owner"
+        );
+    }
+
+    /// Serve commands until every handle is dropped. Yields after each step.
+    pub async fn run(mut self) {
+        loop {
+            if self.is_idle() {
+                match self.commands.recv().await {
+                    Some(command) => self.handle(command),
+                    None => break,
+                }
+            }
+            loop {
+                match self.commands.try_recv() {
+                    Ok(command) => self.handle(command),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        self.cancel_all();
+                        return;
+                    }
+                }
+            }
+            self.reap_cancelled();
+            self.assign_slots();
+            self.step();
+            tokio::task::yield_now().await;
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        self.queue.is_empty() && self.slots.iter().all(|s| s.job.is_none())
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Generate { request, events, cancel } => match self.admit(request, events.clone(), cancel) {
+                Ok(job) => self.queue.push_back(job),
+                Err(e) => {
+                    let _ = events.send(GenerationEvent::Failed(e));
+                }
+            },
+            Command::Load(reply) => {
+                let _ = reply.send(self.load_report());
+            }
+            Command::SchemaGrammar(schema, reply) => {
+                self.assert_owner_thread();
+                let grammar = llama_cpp_2::json_schema_to_grammar(&schema)
+                    .map_err(|e| EngineError::Grammar(format!("the tools' JSON schemas cannot be converted ({e})")));
+                let _ = reply.send(grammar);
+            }
+        }
+    }
+
+    fn load_report(&self) -> EngineLoad {
+        EngineLoad {
+            active: self.slots.iter().filter(|s| s.job.is_some()).count(),
+            queued: self.queue.len(),
+            cached_tokens: self.slots.iter().filter(|s| s.job.is_none()).map(|s| s.cached.len()).sum(),
+        }
+    }
+
+    /// Render, tokenize and check a request; build its sampler.
+    fn admit(
+        &mut self,
+        request: GenerationRequest,
+        events: mpsc::UnboundedSender<GenerationEvent>,
+        cancel: CancellationToken,
+    ) -> Result<Job, EngineError> {
+        self.assert_owner_thread();
+        let limit = self.n_ctx_seq.saturating_sub(1);
+        let mut messages = request.messages;
+        let mut truncated = false;
+        let prompt = loop {
+            let text = self.render(&messages);
+            // A text longer than this cannot fit, whatever its tokens: refuse
+            // it before spending time tokenising megabytes.
+            let too_long_for_sure = text.len() > limit.saturating_mul(self.max_token_bytes);
+            let tokens = if too_long_for_sure { None } else { Some(self.tokenize(&text)) };
+            match tokens {
+                Some(tokens) if tokens.len() <= limit => break tokens,
+                _ if self.truncate_overflow && droppable(&messages).is_some() => {
+                    if let Some(i) = droppable(&messages) {
+                        messages.remove(i);
+                    }
+                    truncated = true;
+                }
+                tokens => {
+                    let prompt = tokens.map(|t| t.len()).unwrap_or(text.len() / self.max_token_bytes);
+                    return Err(EngineError::PromptTooLong {
+                        prompt,
+                        limit,
+                        context: self.n_ctx_seq as u32,
+                    });
+                }
+            }
+        };
+        let sampler = self.sampler(&request.sampling);
+        let grammar = match request.grammar.as_deref() {
+            Some(g) => Some(GrammarSampler {
+                grammar: LlamaSampler::grammar(self.model, g, "root")
+                    .map_err(|e| EngineError::Grammar(format!("llama.cpp rejected the grammar ({e})")))?,
+                fallback: if request.sampling.temperature <= 0.0 {
+                    LlamaSampler::greedy()
+                } else {
+                    LlamaSampler::chain_simple([
+                        LlamaSampler::temp(request.sampling.temperature as f32),
+                        LlamaSampler::dist(request.sampling.seed),
+                    ])
+                },
+            }),
+            None => None,
+        };
+        let id = self.next_job_id;
+        self.next_job_id += 1;
+        Ok(Job {
+            id,
+            usage: Usage { prompt_tokens: prompt.len() as u32, ..Usage::default() },
+            prompt,
+            max_tokens: request.max_tokens.max(1) as usize,
+            sampler,
+            grammar,
+            decoder: TextDecoder::new(self.stops.clone()),
+            pending: None,
+            text: String::new(),
+            truncated,
+            events,
+            cancel,
+        })
+    }
+
+    fn render(&self, messages: &[Message]) -> String {
+        match &self.format {
+            PromptFormat::Builtin(f) => f.render(messages),
+            PromptFormat::Template(t) => {
+                let chat: Vec<LlamaChatMessage> = messages
+                    .iter()
+                    .filter_map(|m| {
+                        LlamaChatMessage::new(m.role.replace('\0', ""), m.content.replace('\0', "")).ok()
+                    })
+                    .collect();
+                self.model.apply_chat_template(t, &chat, true).unwrap_or_else(|e| {
+                    tracing::warn!("chat template failed ({e}); using the plain format");
+                    ChatFormat::Raw.render(messages)
+                })
+            }
+        }
+    }
+
+    fn tokenize(&self, text: &str) -> Vec<LlamaToken> {
+        let vocab = self.model.vocab();
+        let mut tokens = vocab.tokenize(text.as_bytes(), true, true);
+        // A template that writes the BOS text itself would double it.
+        if tokens.len() >= 2 && tokens[0] == vocab.bos() && tokens[1] == vocab.bos() {
+            tokens.remove(0);
+        }
+        tokens
+    }
+
+    fn sampler(&self, p: &SamplingParams) -> LlamaSampler {
+        let mut chain = Vec::new();
+        if (p.repeat_penalty - 1.0).abs() > f64::EPSILON {
+            chain.push(LlamaSampler::penalties(self.model.n_vocab(), PENALTY_LAST_N, p.repeat_penalty as f32, 0.0, 0.0));
+        }
+        if p.temperature <= 0.0 {
+            chain.push(LlamaSampler::greedy());
+        } else {
+            if p.top_k > 0 {
+                chain.push(LlamaSampler::top_k(p.top_k as i32));
+            }
+            chain.push(LlamaSampler::top_p(p.top_p as f32, 1));
+            if p.min_p > 0.0 {
+                chain.push(LlamaSampler::min_p(p.min_p as f32, 1));
+            }
+            chain.push(LlamaSampler::temp(p.temperature as f32));
+            chain.push(LlamaSampler::dist(p.seed));
+        }
+        LlamaSampler::chain_simple(chain)
+    }
+
+    /// Stop cancelled jobs (queued or running) and free their reply cells.
+    fn reap_cancelled(&mut self) {
+        self.queue.retain(|job| {
+            if job.cancelled() {
+                let _ = job.events.send(GenerationEvent::Done(cancelled_completion(job)));
+                false
+            } else {
+                true
+            }
+        });
+        for i in 0..self.slots.len() {
+            let cancelled = self.slots[i].job.as_ref().is_some_and(Job::cancelled);
+            if cancelled {
+                let prompt_len = self.slots[i].job.as_ref().map_or(0, |j| j.prompt.len());
+                self.trim_slot(i, prompt_len.min(self.slots[i].cached.len()));
+                if let Some(mut job) = self.slots[i].job.take() {
+                    let tail = job.decoder.finish();
+                    job.text.push_str(&tail);
+                    let _ = job.events.send(GenerationEvent::Done(cancelled_completion(&job)));
+                }
+            }
+        }
+    }
+
+    fn cancel_all(&mut self) {
+        for job in self.queue.drain(..) {
+            job.cancel.cancel();
+        }
+        for slot in &mut self.slots {
+            if let Some(job) = &slot.job {
+                job.cancel.cancel();
+            }
+        }
+        self.reap_cancelled();
+    }
+
+    /// Keep the first `keep` cells of slot `i`, removing the rest. Falls back
+    /// to clearing the whole sequence when llama.cpp cannot cut it there.
+    fn trim_slot(&mut self, i: usize, keep: usize) {
+        self.assert_owner_thread();
+        let seq = self.slots[i].seq as u32;
+        if keep >= self.slots[i].cached.len() {
+            return;
+        }
+        let partial_ok = keep > 0
+            && !self.swa_limited
+            && matches!(self.ctx.clear_kv_cache_seq(Some(seq), Some(keep as u32), None), Ok(true));
+        if partial_ok {
+            self.slots[i].cached.truncate(keep);
+        } else {
+            let _ = self.ctx.clear_kv_cache_seq(Some(seq), None, None);
+            self.slots[i].cached.clear();
+        }
+    }
+
+    /// Give queued jobs free slots: the one whose cells share the longest
+    /// prefix with the prompt, else the least recently used.
+    fn assign_slots(&mut self) {
+        while !self.queue.is_empty() {
+            let best = {
+                let job = &self.queue[0];
+                self.slots
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.job.is_none())
+                    .max_by_key(|(_, s)| (common_prefix(&s.cached, &job.prompt), std::cmp::Reverse(s.last_used)))
+                    .map(|(i, _)| i)
+            };
+            let Some(i) = best else { return };
+            let Some(mut job) = self.queue.pop_front() else { return };
+            // Keep at least one prompt token to decode: its logits start the reply.
+            let reuse = common_prefix(&self.slots[i].cached, &job.prompt).min(job.prompt.len() - 1);
+            self.trim_slot(i, reuse);
+            job.usage.cached_tokens = self.slots[i].cached.len() as u32;
+            self.tick += 1;
+            let slot = &mut self.slots[i];
+            slot.last_used = self.tick;
+            tracing::debug!(seq = slot.seq, prompt = job.prompt.len(), cached = slot.cached.len(), "generation starts");
+            slot.job = Some(job);
+        }
+    }
+
+    /// One decode: a token from each generating slot, then prompt chunks.
+    fn step(&mut self) {
+        self.assert_owner_thread();
+        self.batch.clear();
+        // (slot index, batch index) of every position whose logits we sample.
+        let mut sample_at: Vec<(usize, i32)> = Vec::new();
+        let mut generating = 0;
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            let Some(job) = slot.job.as_mut() else { continue };
+            let Some(token) = job.pending.take() else { continue };
+            let pos = slot.cached.len() as i32;
+            if self.batch.add(token, pos, &[slot.seq], true).is_err() {
+                job.pending = Some(token);
+                continue;
+            }
+            slot.cached.push(token);
+            sample_at.push((i, self.batch.n_tokens() - 1));
+            generating += 1;
+        }
+        let mut budget = self.budget.tokens().saturating_sub(generating).max(MIN_CHUNK);
+        let mut prefilling: Vec<(u64, usize)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                s.job.as_ref().filter(|j| j.pending.is_none() && s.cached.len() < j.prompt.len()).map(|j| (j.id, i))
+            })
+            .collect();
+        prefilling.sort_unstable();
+        let mut prompt_tokens = 0;
+        for (_, i) in prefilling {
+            if budget == 0 {
+                break;
+            }
+            let slot = &mut self.slots[i];
+            let Some(job) = slot.job.as_ref() else { continue };
+            let start = slot.cached.len();
+            let end = job.prompt.len().min(start + budget);
+            for pos in start..end {
+                let last = pos + 1 == job.prompt.len();
+                if self.batch.add(job.prompt[pos], pos as i32, &[slot.seq], last).is_err() {
+                    break;
+                }
+                slot.cached.push(job.prompt[pos]);
+                if last {
+                    sample_at.push((i, self.batch.n_tokens() - 1));
+                }
+            }
+            let fed = slot.cached.len() - start;
+            prompt_tokens += fed;
+            budget = budget.saturating_sub(fed);
+        }
+        let n_tokens = self.batch.n_tokens() as usize;
+        if n_tokens == 0 {
+            return;
+        }
+        let started = Instant::now();
+        if let Err(e) = self.ctx.decode(&mut self.batch) {
+            tracing::error!("decode failed: {e}");
+            self.fail_batch_slots(&e.to_string());
+            return;
+        }
+        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        if prompt_tokens > 0 {
+            self.budget.observe(n_tokens, elapsed_ms);
+        }
+        for (i, batch_index) in sample_at {
+            self.sample_slot(i, batch_index);
+        }
+    }
+
+    /// A decode failed: every running job's cells are suspect. Fail them and
+    /// clear their sequences.
+    fn fail_batch_slots(&mut self, reason: &str) {
+        for i in 0..self.slots.len() {
+            if let Some(job) = self.slots[i].job.take() {
+                let _ = job.events.send(GenerationEvent::Failed(EngineError::Decode(reason.to_string())));
+                self.trim_slot(i, 0);
+            }
+        }
+    }
+
+    fn sample_slot(&mut self, i: usize, batch_index: i32) {
+        let vocab = self.model.vocab();
+        let n_ctx_seq = self.n_ctx_seq;
+        let slot = &mut self.slots[i];
+        let Some(job) = slot.job.as_mut() else { return };
+        let mut token = job.sampler.sample(&self.ctx, batch_index);
+        if let Some(g) = job.grammar.as_mut() {
+            let mut probe = LlamaTokenDataArray::new(vec![LlamaTokenData::new(token, 0.0, 0.0)], false);
+            probe.apply_sampler(&mut g.grammar);
+            if !probe.data[0].logit().is_finite() {
+                let mut all = self.ctx.token_data_array_ith(batch_index);
+                all.apply_sampler(&mut g.grammar);
+                all.apply_sampler(&mut g.fallback);
+                token = all.selected_token().unwrap_or_else(|| vocab.eos());
+            }
+            g.grammar.accept(token);
+        }
+        job.usage.completion_tokens += 1;
+        let _ = job.events.send(GenerationEvent::Tokens(job.usage.completion_tokens));
+        let finish = if vocab.is_eog(token) {
+            Some(FinishReason::Stop)
+        } else {
+            let piece = vocab.token_to_piece(token, true, None);
+            let decoded = job.decoder.push(&piece);
+            if !decoded.text.is_empty() {
+                job.text.push_str(&decoded.text);
+                let _ = job.events.send(GenerationEvent::Text(decoded.text));
+            }
+            if decoded.stopped {
+                Some(FinishReason::Stop)
+            } else if job.usage.completion_tokens as usize >= job.max_tokens || slot.cached.len() >= n_ctx_seq {
+                Some(FinishReason::Length)
+            } else {
+                job.pending = Some(token);
+                None
+            }
+        };
+        if let Some(reason) = finish {
+            if let Some(mut job) = slot.job.take() {
+                let tail = job.decoder.finish();
+                if !tail.is_empty() {
+                    job.text.push_str(&tail);
+                    let _ = job.events.send(GenerationEvent::Text(tail));
+                }
+                let completion = Completion {
+                    text: job.text,
+                    finish_reason: reason,
+                    usage: job.usage,
+                    truncated: job.truncated,
+                };
+                let _ = job.events.send(GenerationEvent::Done(completion));
+            }
+        }
+    }
+}
+
+fn cancelled_completion(job: &Job) -> Completion {
+    Completion {
+        text: job.text.clone(),
+        finish_reason: FinishReason::Cancelled,
+        usage: job.usage,
+        truncated: job.truncated,
+    }
+}
+
+/// Index of the oldest message that truncation may drop: not a leading
+/// system message, not the last message.
+fn droppable(messages: &[Message]) -> Option<usize> {
+    let first = usize::from(messages.first().is_some_and(|m| m.role == "system"));
+    (first + 1 < messages.len()).then_some(first)
+}
+
+fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// Whether llama.cpp can apply the GGUF's template (it recognises a fixed set).
+fn template_works(model: &LlamaModel, template: &LlamaChatTemplate) -> bool {
+    let probe = [LlamaChatMessage::new("user".into(), "hi".into())];
+    match probe {
+        [Ok(m)] => model.apply_chat_template(template, &[m], true).is_ok(),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(role: &str) -> Message {
+        Message { role: role.into(), content: "x".into() }
+    }
+
+    #[test]
+    fn truncation_keeps_system_and_last_message() {
+        assert_eq!(droppable(&[msg("system"), msg("user"), msg("assistant"), msg("user")]), Some(1));
+        assert_eq!(droppable(&[msg("user"), msg("assistant"), msg("user")]), Some(0));
+        assert_eq!(droppable(&[msg("system"), msg("user")]), None);
+        assert_eq!(droppable(&[msg("user")]), None);
+    }
+
+    #[test]
+    fn step_budget_adapts_to_measured_speed() {
+        let mut b = StepBudget { target_ms: 50.0, ms_per_token: 2.0 };
+        assert_eq!(b.tokens(), 25);
+        for _ in 0..50 {
+            b.observe(100, 50.0); // 0.5 ms a token
+        }
+        assert!((95..=100).contains(&b.tokens()), "{}", b.tokens());
+        for _ in 0..50 {
+            b.observe(10, 1000.0);
+        }
+        assert_eq!(b.tokens(), MIN_CHUNK);
+    }
+}

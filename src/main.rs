@@ -1,0 +1,17 @@
+//! `elpis-server`: parse the command line, load the configuration, run.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = elpis::cli::Cli::parse();
+    match elpis::serve::main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One clear line on stderr, even when logs go to a file.
+            eprintln!("elpis-server: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

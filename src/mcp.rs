@@ -1,0 +1,212 @@
+//! The MCP surface (rmcp): the nine tools and two resources of
+//! `shared/docs/wire.md`. Handlers are thin: parse typed arguments, call one
+//! [`Inference`] method, wrap the JSON object in one text block (with
+//! `isError: true` on failure).
+
+use std::sync::Arc;
+
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation, ListResourcesResult,
+    ListToolsResult, PaginatedRequestParams, ProgressNotificationParam, ReadResourceRequestParams,
+    ReadResourceResponse, ReadResourceResult, Resource, ResourceContents, ServerCapabilities, ServerConfig, Tool,
+};
+use rmcp::service::RequestContext;
+use rmcp::{ErrorData, RoleServer, ServerHandler};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::inference::{Inference, Progress, ToolError};
+use crate::wire::{parse_args, schema_of, FunctionCallArgs, GenerateArgs, NoArgs, StreamArgs, UpdateEmotionArgs};
+
+pub const EMOTION_STATE_URI: &str = "emotion://state";
+pub const EMOTION_EVENTS_URI: &str = "emotion://events";
+
+/// The server handler; cheap to clone (rmcp runs each request in its own task).
+#[derive(Clone)]
+pub struct ElpisServer {
+    inference: Arc<Inference>,
+}
+
+impl ElpisServer {
+    pub fn new(inference: Arc<Inference>) -> Self {
+        ElpisServer { inference }
+    }
+
+    pub fn inference(&self) -> &Arc<Inference> {
+        &self.inference
+    }
+
+    async fn dispatch(&self, request: CallToolRequestParams, ctx: RequestContext<RoleServer>) -> Result<Value, ToolError> {
+        let inference = &self.inference;
+        let name = request.name.as_ref();
+        let args = request.arguments;
+        match name {
+            "generate" => {
+                let args: GenerateArgs = parse_args(name, args).map_err(ToolError)?;
+                let (progress, forwarder) = progress_forwarder(&ctx).unzip();
+                let result = inference.generate(args, ctx.ct.clone(), progress).await;
+                // Every progress notification goes out before the response.
+                if let Some(forwarder) = forwarder {
+                    let _ = forwarder.await;
+                }
+                result
+            }
+            "generate_stream_start" => inference.stream_start(parse_args(name, args).map_err(ToolError)?),
+            "generate_stream_read" => {
+                let args: StreamArgs = parse_args(name, args).map_err(ToolError)?;
+                inference.stream_read(&args.stream_id)
+            }
+            "generate_stream_cancel" => {
+                let args: StreamArgs = parse_args(name, args).map_err(ToolError)?;
+                inference.stream_cancel(&args.stream_id)
+            }
+            "function_call" => {
+                let args: FunctionCallArgs = parse_args(name, args).map_err(ToolError)?;
+                inference.function_call(args, ctx.ct.clone()).await
+            }
+            "update_emotion" => {
+                let args: UpdateEmotionArgs = parse_args(name, args).map_err(ToolError)?;
+                inference.update_emotion(args)
+            }
+            "reset_emotion" => Ok(inference.reset_emotion()),
+            "get_emotion" => Ok(inference.get_emotion()),
+            "get_capabilities" => Ok(inference.capabilities().await),
+            other => Err(ToolError(format!(
+                "unknown tool {other:?}: the tools are {}",
+                TOOLS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+            ))),
+        }
+    }
+}
+
+/// When the request carries a progress token, a channel whose updates are
+/// sent as `notifications/progress` (message = the new text), and the task
+/// sending them (it ends when the channel's sender is dropped).
+fn progress_forwarder(
+    ctx: &RequestContext<RoleServer>,
+) -> Option<(mpsc::UnboundedSender<Progress>, tokio::task::JoinHandle<()>)> {
+    let token = ctx.meta.get_progress_token()?;
+    let peer = ctx.peer.clone();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Progress>();
+    let task = tokio::spawn(async move {
+        let mut count = 0.0;
+        while let Some((tokens, text)) = rx.recv().await {
+            // Progress must increase with every notification.
+            count = f64::max(count + 1.0, tokens as f64);
+            let param = ProgressNotificationParam::new(token.clone(), count).with_message(text);
+            if peer.notify_progress(param).await.is_err() {
+                break;
+            }
+        }
+    });
+    Some((tx, task))
+}
+
+/// Every tool with its description, in `tools/list` order.
+const TOOLS: [(&str, &str); 9] = [
+    ("generate", "Generate a reply to a conversation. Returns {content, emotional_state, modulated_params}."),
+    ("generate_stream_start", "Start generating a reply in the background. Returns {stream_id, status, emotional_state}; poll generate_stream_read."),
+    ("generate_stream_read", "Read the text a stream produced since the last read: {new_content, is_complete, total_tokens}; once complete also full_content and emotional_state."),
+    ("generate_stream_cancel", "Stop a stream and free its resources."),
+    ("function_call", "Let the model call one of the given OpenAI-format tools. Returns {tool_calls, emotional_state}."),
+    ("update_emotion", "Apply an emotional event (success, failure, insight, ...) at an intensity 0..2. Returns the emotional state."),
+    ("reset_emotion", "Return the emotional state to its baseline."),
+    ("get_emotion", "The current emotional state (valence, arousal, quadrant, trajectory)."),
+    ("get_capabilities", "Model and server facts: context_length, max_tokens, backend, model_path, sampling defaults."),
+];
+
+fn tool_list() -> Vec<Tool> {
+    TOOLS
+        .iter()
+        .map(|(name, description)| {
+            let schema = match *name {
+                "generate" | "generate_stream_start" => schema_of::<GenerateArgs>(),
+                "generate_stream_read" | "generate_stream_cancel" => schema_of::<StreamArgs>(),
+                "function_call" => schema_of::<FunctionCallArgs>(),
+                "update_emotion" => schema_of::<UpdateEmotionArgs>(),
+                _ => schema_of::<NoArgs>(),
+            };
+            Tool::new(*name, *description, Arc::new(schema))
+        })
+        .collect()
+}
+
+fn text_result(value: &Value, is_error: bool) -> CallToolResult {
+    let content = vec![ContentBlock::text(value.to_string())];
+    if is_error {
+        CallToolResult::error(content)
+    } else {
+        CallToolResult::success(content)
+    }
+}
+
+impl ServerHandler for ElpisServer {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().enable_resources().build())
+            .with_server_info(Implementation::new("elpis-server", env!("CARGO_PKG_VERSION")))
+            .with_instructions(
+                "Elpis: local LLM inference with an emotional state. Tools return one JSON text block; \
+                 failures are {\"error\": ...}.",
+            )
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _ctx: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, ErrorData> {
+        Ok(ListToolsResult::with_all_items(tool_list()))
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let tool = request.name.to_string();
+        let result = match self.dispatch(request, ctx).await {
+            Ok(value) => text_result(&value, false),
+            Err(e) => {
+                tracing::info!(tool, error = %e, "tool failed");
+                text_result(&json!({"error": e.0}), true)
+            }
+        };
+        Ok(result.into())
+    }
+
+    async fn list_resources(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _ctx: RequestContext<RoleServer>,
+    ) -> Result<ListResourcesResult, ErrorData> {
+        let resource = |uri: &str, name: &str, description: &str| {
+            let mut r = Resource::new(uri, name);
+            r.description = Some(description.into());
+            r.mime_type = Some("application/json".into());
+            r
+        };
+        Ok(ListResourcesResult::with_all_items(vec![
+            resource(EMOTION_STATE_URI, "emotional-state", "The current emotional state object"),
+            resource(EMOTION_EVENTS_URI, "emotional-events", "Event name to [valence_delta, arousal_delta]"),
+        ]))
+    }
+
+    async fn read_resource(
+        &self,
+        request: ReadResourceRequestParams,
+        _ctx: RequestContext<RoleServer>,
+    ) -> Result<ReadResourceResponse, ErrorData> {
+        let value = match request.uri.as_str() {
+            EMOTION_STATE_URI => self.inference.get_emotion(),
+            EMOTION_EVENTS_URI => Inference::emotion_events(),
+            other => {
+                return Err(ErrorData::resource_not_found(
+                    format!("resource {other:?} not found: the resources are {EMOTION_STATE_URI} and {EMOTION_EVENTS_URI}"),
+                    None,
+                ))
+            }
+        };
+        let contents = ResourceContents::text(value.to_string(), request.uri.clone()).with_mime_type("application/json");
+        Ok(ReadResourceResult::new(vec![contents]).into())
+    }
+}

@@ -1,0 +1,138 @@
+//! Process lifecycle: build the single-threaded runtime, load the engine on
+//! it, serve MCP over stdio, and stop promptly (exit 0) when stdin closes or
+//! SIGTERM/SIGINT arrives, even in the middle of a generation.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rmcp::ServiceExt;
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{Cli, Command};
+use crate::config::{Config, Overflow};
+use crate::engine::{self, ChatFormat, Engine, EngineSettings};
+use crate::inference::Inference;
+use crate::mcp::ElpisServer;
+use crate::mood::Mood;
+
+/// How long in-flight answers may still be written after stdin closed.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
+
+/// Run the command line: load config and logging, then the chosen command
+/// on a current_thread runtime.
+pub fn main(cli: Cli) -> anyhow::Result<()> {
+    let (config, warnings) = Config::load(cli.config.as_deref())?;
+    crate::logging::init(&config.logging)?;
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    let local = tokio::task::LocalSet::new();
+    let result = local.block_on(&runtime, async move {
+        match cli.command {
+            None | Some(Command::Serve) => serve(config).await,
+            Some(Command::Chat { message, system, max_tokens, temperature }) => {
+                let (inference, _engine) = start(&config)?;
+                crate::chat::chat(&inference, message, system, max_tokens, temperature).await
+            }
+        }
+    });
+    // Don't wait for the runtime's blocking pool (a stdin read may be parked there).
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    result
+}
+
+/// The engine settings of a config.
+pub fn engine_settings(config: &Config) -> EngineSettings {
+    let m = &config.model;
+    EngineSettings {
+        model_path: config.model_path(),
+        context_length: m.context_length,
+        gpu_layers: m.gpu_layers,
+        n_threads: m.n_threads,
+        chat_format: ChatFormat::parse(&m.chat_format).unwrap_or(ChatFormat::Auto),
+        parallel: m.parallel,
+        max_step_ms: m.max_step_ms,
+        swa_full: m.swa_full,
+        truncate_overflow: m.overflow == Overflow::Truncate,
+    }
+}
+
+/// Load the model on this thread and spawn the engine loop on the LocalSet.
+fn start(config: &Config) -> anyhow::Result<(Arc<Inference>, tokio::task::JoinHandle<()>)> {
+    engine::route_llama_logs();
+    let (engine, handle) = Engine::load(&engine_settings(config))?;
+    let task = tokio::task::spawn_local(engine.run());
+    let mood = Arc::new(Mood::new(config.emotion.clone()));
+    Ok((Arc::new(Inference::new(handle, mood, config.model.clone())), task))
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let (inference, engine_task) = start(&config)?;
+    let stdin_closed = CancellationToken::new();
+    let (reader, writer) = rmcp::transport::io::stdio_pipes();
+    let reader = EofSignal { inner: reader, eof: stdin_closed.clone() };
+    let service = ElpisServer::new(Arc::clone(&inference))
+        .serve((reader, writer))
+        .await
+        .context("MCP initialisation failed")?;
+    tracing::info!("serving MCP on stdio");
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot listen for SIGTERM")?;
+    let cancel = service.cancellation_token();
+    let mut waiting = Box::pin(service.waiting());
+    let finished = tokio::select! {
+        _ = &mut waiting => {
+            tracing::info!("client disconnected");
+            true
+        }
+        _ = stdin_closed.cancelled() => {
+            tracing::info!("stdin closed");
+            false
+        }
+        _ = sigterm.recv() => {
+            tracing::info!("SIGTERM");
+            false
+        }
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("SIGINT");
+            false
+        }
+    };
+    // Stop all generation now; quick answers still in flight get a moment.
+    inference.cancel_all_streams();
+    engine_task.abort();
+    if !finished {
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, &mut waiting).await;
+    }
+    cancel.cancel();
+    tracing::info!("shut down");
+    Ok(())
+}
+
+/// Wraps stdin to notice end-of-file at once (rmcp would otherwise keep
+/// draining in-flight requests, which may be long generations).
+struct EofSignal<R> {
+    inner: R,
+    eof: CancellationToken,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for EofSignal<R> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        match &poll {
+            Poll::Ready(Ok(())) if buf.filled().len() == before && buf.remaining() > 0 => self.eof.cancel(),
+            Poll::Ready(Err(_)) => self.eof.cancel(),
+            _ => {}
+        }
+        poll
+    }
+}

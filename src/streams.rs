@@ -1,0 +1,199 @@
+//! The stream registry: generations a client polls with
+//! `generate_stream_read` until complete, or cancels.
+//!
+//! Each stream buffers the text produced since the last read. At most
+//! [`MAX_STREAMS`] exist at once; a stream older than [`MAX_AGE`] is removed
+//! (its generation stopped) when the next stream starts. The read that
+//! reports completion removes the stream.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::Completion;
+
+pub const MAX_STREAMS: usize = 100;
+pub const MAX_AGE: Duration = Duration::from_secs(600);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StreamError {
+    #[error("unknown stream_id {0:?}: it never existed, was cancelled, expired, or was already read to completion")]
+    Unknown(String),
+    #[error("too many streams: {MAX_STREAMS} are open; read them to completion or cancel some with generate_stream_cancel")]
+    Limit,
+}
+
+/// How a stream ended.
+#[derive(Debug, Clone)]
+pub enum StreamEnd {
+    Finished(Completion),
+    Failed(String),
+}
+
+struct Stream {
+    created: Instant,
+    /// Text produced since the last read.
+    unread: String,
+    /// All text produced so far.
+    full: String,
+    total_tokens: u32,
+    end: Option<StreamEnd>,
+    cancel: CancellationToken,
+}
+
+/// One read of a stream.
+#[derive(Debug, Clone)]
+pub struct StreamRead {
+    pub new_content: String,
+    pub total_tokens: u32,
+    /// Set on the read that reports completion (the stream is then gone).
+    pub end: Option<(String, StreamEnd)>,
+}
+
+#[derive(Default)]
+pub struct StreamRegistry {
+    streams: HashMap<String, Stream>,
+}
+
+impl StreamRegistry {
+    pub fn len(&self) -> usize {
+        self.streams.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.streams.is_empty()
+    }
+
+    /// Remove streams older than [`MAX_AGE`] (stopping them), then register
+    /// a new one if there is room. Returns its id.
+    pub fn start(&mut self, cancel: CancellationToken, now: Instant) -> Result<String, StreamError> {
+        self.streams.retain(|id, s| {
+            let expired = now.saturating_duration_since(s.created) > MAX_AGE;
+            if expired {
+                tracing::info!(stream_id = %id, "stream expired after {} s", MAX_AGE.as_secs());
+                s.cancel.cancel();
+            }
+            !expired
+        });
+        if self.streams.len() >= MAX_STREAMS {
+            return Err(StreamError::Limit);
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        let stream = Stream { created: now, unread: String::new(), full: String::new(), total_tokens: 0, end: None, cancel };
+        self.streams.insert(id.clone(), stream);
+        Ok(id)
+    }
+
+    /// Append generated text (ignored for a stream that is gone).
+    pub fn push_text(&mut self, id: &str, text: &str) {
+        if let Some(s) = self.streams.get_mut(id) {
+            s.unread.push_str(text);
+            s.full.push_str(text);
+        }
+    }
+
+    pub fn set_tokens(&mut self, id: &str, total: u32) {
+        if let Some(s) = self.streams.get_mut(id) {
+            s.total_tokens = total;
+        }
+    }
+
+    pub fn end(&mut self, id: &str, end: StreamEnd) {
+        if let Some(s) = self.streams.get_mut(id) {
+            if let StreamEnd::Finished(c) = &end {
+                s.total_tokens = c.usage.completion_tokens;
+            }
+            s.end = Some(end);
+        }
+    }
+
+    /// Take the text since the last read; the read that sees the end
+    /// removes the stream and returns its full content.
+    pub fn read(&mut self, id: &str) -> Result<StreamRead, StreamError> {
+        let s = self.streams.get_mut(id).ok_or_else(|| StreamError::Unknown(id.to_string()))?;
+        let new_content = std::mem::take(&mut s.unread);
+        let total_tokens = s.total_tokens;
+        if s.end.is_none() {
+            return Ok(StreamRead { new_content, total_tokens, end: None });
+        }
+        let s = self.streams.remove(id).ok_or_else(|| StreamError::Unknown(id.to_string()))?;
+        let end = s.end.map(|e| (s.full, e));
+        Ok(StreamRead { new_content, total_tokens, end })
+    }
+
+    /// Stop a stream's generation and forget it.
+    pub fn cancel(&mut self, id: &str) -> Result<(), StreamError> {
+        let s = self.streams.remove(id).ok_or_else(|| StreamError::Unknown(id.to_string()))?;
+        s.cancel.cancel();
+        Ok(())
+    }
+
+    /// Stop every stream (shutdown).
+    pub fn cancel_all(&mut self) {
+        for (_, s) in self.streams.drain() {
+            s.cancel.cancel();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{FinishReason, Usage};
+
+    fn done(text: &str) -> StreamEnd {
+        StreamEnd::Finished(Completion {
+            text: text.into(),
+            finish_reason: FinishReason::Stop,
+            usage: Usage { completion_tokens: 3, ..Usage::default() },
+            truncated: false,
+        })
+    }
+
+    #[test]
+    fn reads_take_new_text_and_completion_removes() {
+        let mut r = StreamRegistry::default();
+        let id = r.start(CancellationToken::new(), Instant::now()).unwrap();
+        r.push_text(&id, "Hel");
+        assert_eq!(r.read(&id).unwrap().new_content, "Hel");
+        assert_eq!(r.read(&id).unwrap().new_content, "");
+        r.push_text(&id, "lo");
+        r.end(&id, done("Hello"));
+        let last = r.read(&id).unwrap();
+        assert_eq!(last.new_content, "lo");
+        assert_eq!(last.total_tokens, 3);
+        assert_eq!(last.end.unwrap().0, "Hello");
+        assert_eq!(r.read(&id).unwrap_err(), StreamError::Unknown(id));
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn limit_and_expiry() {
+        let mut r = StreamRegistry::default();
+        let t0 = Instant::now();
+        let first = CancellationToken::new();
+        r.start(first.clone(), t0).unwrap();
+        for _ in 1..MAX_STREAMS {
+            r.start(CancellationToken::new(), t0).unwrap();
+        }
+        assert_eq!(r.start(CancellationToken::new(), t0).unwrap_err(), StreamError::Limit);
+        // Past the age limit, all are expired (and stopped) by the next start.
+        let later = t0 + MAX_AGE + Duration::from_secs(1);
+        r.start(CancellationToken::new(), later).unwrap();
+        assert_eq!(r.len(), 1);
+        assert!(first.is_cancelled());
+    }
+
+    #[test]
+    fn cancel_stops_and_forgets() {
+        let mut r = StreamRegistry::default();
+        let token = CancellationToken::new();
+        let id = r.start(token.clone(), Instant::now()).unwrap();
+        r.cancel(&id).unwrap();
+        assert!(token.is_cancelled());
+        assert!(r.cancel(&id).is_err());
+        r.push_text(&id, "late text is ignored");
+        assert!(r.is_empty());
+    }
+}

@@ -1,0 +1,306 @@
+//! A raw JSON-RPC client for the real `elpis-server` binary over stdio, as
+//! Psyche's client speaks it: newline-delimited JSON, one reader thread.
+//! Every stdout line must be a JSON-RPC message; anything else fails the test.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The GGUF model the tests run on: ELPIS_MODEL_PATH, else the fetch script's cache.
+pub fn model_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("ELPIS_MODEL_PATH") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var_os("ELPIS_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/elpis"));
+    let path = cache.join("gemma-3-270m-Q4_K_M.gguf");
+    assert!(path.exists(), "test model missing at {}: run scripts/fetch-model.sh (scripts/test.sh does)", path.display());
+    path
+}
+
+#[derive(Default)]
+struct Inbox {
+    responses: HashMap<String, (Value, Instant)>,
+    notifications: Vec<(Value, Instant)>,
+    /// Lines on stdout that are not JSON-RPC messages.
+    garbage: Vec<String>,
+    closed: bool,
+}
+
+pub struct Server {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    inbox: Arc<(Mutex<Inbox>, Condvar)>,
+    next_id: u64,
+    stderr_path: PathBuf,
+}
+
+/// A tool call's parsed result: the JSON object and the isError flag.
+#[derive(Debug, Clone)]
+pub struct ToolResult {
+    pub value: Value,
+    pub is_error: bool,
+}
+
+impl ToolResult {
+    pub fn ok(self) -> Value {
+        assert!(!self.is_error && self.value.get("error").is_none(), "tool failed: {}", self.value);
+        self.value
+    }
+
+    pub fn err(self) -> String {
+        assert!(self.is_error, "expected isError: {}", self.value);
+        self.value["error"].as_str().unwrap_or_else(|| panic!("no error text: {}", self.value)).to_string()
+    }
+}
+
+pub fn id_key(id: &Value) -> String {
+    id.to_string()
+}
+
+impl Server {
+    /// Spawn the server on the test model with `env` added, without initialising.
+    pub fn spawn_raw(env: &[(&str, &str)], args: &[&str]) -> Server {
+        let stderr_path = std::env::temp_dir().join(format!(
+            "elpis-test-{}-{}.stderr",
+            std::process::id(),
+            uuid_like()
+        ));
+        let stderr = std::fs::File::create(&stderr_path).expect("create stderr file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_elpis-server"));
+        cmd.args(args)
+            .env("ELPIS_MODEL_PATH", model_path())
+            .env("ELPIS_LOGGING_LEVEL", "info")
+            .env_remove("ELPIS_QUIET")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn elpis-server");
+        let stdout = child.stdout.take().expect("stdout");
+        let stdin = child.stdin.take();
+        let inbox: Arc<(Mutex<Inbox>, Condvar)> = Arc::default();
+        let reader_inbox = Arc::clone(&inbox);
+        std::thread::spawn(move || {
+            let reader = BufReader::new(stdout);
+            for line in reader.lines() {
+                let Ok(line) = line else { break };
+                let now = Instant::now();
+                let (lock, cvar) = &*reader_inbox;
+                let mut inbox = lock.lock().unwrap();
+                match serde_json::from_str::<Value>(&line) {
+                    Ok(msg) if msg.get("jsonrpc") == Some(&json!("2.0")) => {
+                        if msg.get("id").is_some() && (msg.get("result").is_some() || msg.get("error").is_some()) {
+                            inbox.responses.insert(id_key(&msg["id"]), (msg, now));
+                        } else {
+                            inbox.notifications.push((msg, now));
+                        }
+                    }
+                    _ => inbox.garbage.push(line),
+                }
+                cvar.notify_all();
+            }
+            let (lock, cvar) = &*reader_inbox;
+            lock.lock().unwrap().closed = true;
+            cvar.notify_all();
+        });
+        Server { child, stdin, inbox, next_id: 1, stderr_path }
+    }
+
+    /// Spawn and run the MCP handshake, as Psyche does.
+    pub fn start(env: &[(&str, &str)]) -> Server {
+        let mut s = Server::spawn_raw(env, &[]);
+        s.initialize();
+        s
+    }
+
+    pub fn initialize(&mut self) -> Value {
+        let result = self.call(
+            "initialize",
+            json!({"protocolVersion": "2025-06-18", "capabilities": {},
+                   "clientInfo": {"name": "elpis-tests", "version": "1"}}),
+        );
+        self.notify("notifications/initialized", json!({}));
+        result
+    }
+
+    pub fn send_line(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin.write_all(line.as_bytes()).unwrap();
+        stdin.write_all(b"\n").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    pub fn send(&mut self, msg: &Value) {
+        self.send_line(&msg.to_string());
+    }
+
+    pub fn notify(&mut self, method: &str, params: Value) {
+        self.send(&json!({"jsonrpc": "2.0", "method": method, "params": params}));
+    }
+
+    /// Send a request; returns its id.
+    pub fn request(&mut self, method: &str, params: Value) -> Value {
+        let id = json!(self.next_id);
+        self.next_id += 1;
+        self.send(&json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}));
+        id
+    }
+
+    /// Send a tools/call request; returns its id.
+    pub fn request_tool(&mut self, name: &str, args: Value) -> Value {
+        self.request("tools/call", json!({"name": name, "arguments": args}))
+    }
+
+    /// Wait for the response to `id` (the whole JSON-RPC message) and when it arrived.
+    pub fn wait_timed(&self, id: &Value, timeout: Duration) -> (Value, Instant) {
+        let deadline = Instant::now() + timeout;
+        let (lock, cvar) = &*self.inbox;
+        let mut inbox = lock.lock().unwrap();
+        loop {
+            assert!(inbox.garbage.is_empty(), "non-protocol output on stdout: {:?}", inbox.garbage);
+            if let Some(r) = inbox.responses.remove(&id_key(id)) {
+                return r;
+            }
+            assert!(!inbox.closed, "server closed stdout before answering {id}; stderr:\n{}", self.stderr());
+            let now = Instant::now();
+            assert!(now < deadline, "no response to {id} within {timeout:?}; stderr:\n{}", self.stderr());
+            inbox = cvar.wait_timeout(inbox, deadline - now).unwrap().0;
+        }
+    }
+
+    pub fn wait(&self, id: &Value) -> Value {
+        self.wait_timed(id, TIMEOUT).0
+    }
+
+    /// Whether a response to `id` has arrived (without removing it).
+    pub fn has_response(&self, id: &Value) -> bool {
+        self.inbox.0.lock().unwrap().responses.contains_key(&id_key(id))
+    }
+
+    /// A request's result; panics on a JSON-RPC error.
+    pub fn call(&mut self, method: &str, params: Value) -> Value {
+        let id = self.request(method, params);
+        let response = self.wait(&id);
+        assert!(response.get("error").is_none(), "{method} failed: {response}");
+        response["result"].clone()
+    }
+
+    /// Call a tool and parse its one text block as JSON.
+    pub fn tool(&mut self, name: &str, args: Value) -> ToolResult {
+        let id = self.request_tool(name, args);
+        parse_tool_response(&self.wait(&id))
+    }
+
+    pub fn notifications(&self) -> Vec<Value> {
+        self.inbox.0.lock().unwrap().notifications.iter().map(|(n, _)| n.clone()).collect()
+    }
+
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    pub fn kill_signal(&self, signal: &str) {
+        let status = Command::new("kill").args([&format!("-{signal}"), &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    /// Wait for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("server did not exit within {timeout:?}; stderr:\n{}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        let text = std::fs::read_to_string(&self.stderr_path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Close stdin and require a clean exit (code 0).
+    pub fn shutdown(mut self) {
+        self.close_stdin();
+        let status = self.wait_exit(Duration::from_secs(20));
+        assert!(status.success(), "exit status {status:?}; stderr:\n{}", self.stderr());
+        let inbox = self.inbox.0.lock().unwrap();
+        assert!(inbox.garbage.is_empty(), "non-protocol output on stdout: {:?}", inbox.garbage);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.stderr_path);
+    }
+}
+
+/// Parse a tools/call response: exactly one text block holding a JSON object.
+pub fn parse_tool_response(response: &Value) -> ToolResult {
+    assert!(response.get("error").is_none(), "JSON-RPC error: {response}");
+    let result = &response["result"];
+    let content = result["content"].as_array().unwrap_or_else(|| panic!("no content: {response}"));
+    assert_eq!(content.len(), 1, "expected one content block: {response}");
+    assert_eq!(content[0]["type"], "text", "{response}");
+    let text = content[0]["text"].as_str().unwrap();
+    let value: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("text is not JSON ({e}): {text}"));
+    assert!(value.is_object(), "result is not an object: {value}");
+    ToolResult { value, is_error: result["isError"].as_bool().unwrap_or(false) }
+}
+
+fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("{}", N.fetch_add(1, Ordering::Relaxed))
+}
+
+pub fn user(text: &str) -> Value {
+    json!([{"role": "user", "content": text}])
+}
+
+/// Poll a stream until complete, like Psyche (every `interval`). Returns the
+/// concatenated new_content and the final read.
+pub fn poll_stream(server: &mut Server, stream_id: &str, interval: Duration) -> (String, Value) {
+    let mut text = String::new();
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let read = server.tool("generate_stream_read", json!({"stream_id": stream_id})).ok();
+        text.push_str(read["new_content"].as_str().expect("new_content"));
+        if read["is_complete"] == true {
+            return (text, read);
+        }
+        assert!(Instant::now() < deadline, "stream {stream_id} did not complete");
+        std::thread::sleep(interval);
+    }
+}
+
+/// p50 and p99 of durations in milliseconds.
+pub fn percentiles(mut ms: Vec<f64>) -> (f64, f64) {
+    if ms.is_empty() {
+        return (0.0, 0.0);
+    }
+    ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let at = |q: f64| ms[((ms.len() as f64 - 1.0) * q).round() as usize];
+    (at(0.5), at(0.99))
+}
