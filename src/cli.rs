@@ -30,4 +30,31 @@ pub enum Command {
         #[arg(long)]
         temperature: Option<f64>,
     },
+    /// Replay session files against a freshly spawned server and check them.
+    Replay {
+        /// Session files (JSON lines, see tests/sessions/).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Divide every wait in the sessions by this.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// Print the reports as JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure the server against a raw llama.cpp loop; print a table, write JSON.
+    Bench {
+        /// Repeat the whole measurement; the table shows medians.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long, default_value = "bench.json")]
+        out: PathBuf,
+    },
+    /// Run random mixed operations against a spawned server, then check it.
+    Soak {
+        #[arg(long, default_value_t = 60.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }

@@ -52,6 +52,23 @@ pub struct Config {
     pub model: ModelConfig,
     pub emotion: EmotionParams,
     pub logging: LoggingConfig,
+    pub server: ServerConfig,
+}
+
+/// Limits of the MCP server itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Streams that may exist at once.
+    pub max_streams: usize,
+    /// A stream older than this is stopped and removed when the next starts.
+    pub stream_max_age_s: f64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig { max_streams: 100, stream_max_age_s: 600.0 }
+    }
 }
 
 /// What to do with a prompt longer than the context.
@@ -248,6 +265,13 @@ impl Config {
             ));
         }
         self.emotion.validate().map_err(ConfigError::Invalid)?;
+        if !(1..=100_000).contains(&self.server.max_streams) {
+            return bad(format!("server.max_streams = {} is out of range: expected 1 to 100000", self.server.max_streams));
+        }
+        let age = self.server.stream_max_age_s;
+        if !age.is_finite() || !(0.001..=31_536_000.0).contains(&age) {
+            return bad(format!("server.stream_max_age_s = {age} is out of range: expected 0.001 to 31536000"));
+        }
         if !["text", "json"].contains(&self.logging.format.as_str()) {
             return bad(format!("logging.format = {:?} is unknown: expected \"text\" or \"json\"", self.logging.format));
         }
@@ -278,7 +302,7 @@ impl Config {
 /// Overlay `ELPIS_<SECTION>_<KEY>` and `ELPIS_<SECTION>__<KEY>` variables on
 /// the table. Values parse as TOML scalars (42, 0.5, true) or else strings.
 fn apply_env(table: &mut toml::Table, env: &[(String, String)]) {
-    const SECTIONS: [&str; 3] = ["model", "emotion", "logging"];
+    const SECTIONS: [&str; 4] = ["model", "emotion", "logging", "server"];
     for (name, raw) in env {
         let Some(rest) = name.strip_prefix("ELPIS_") else { continue };
         for section in SECTIONS {

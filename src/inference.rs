@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, ServerConfig};
 use crate::emotion::{Modulation, EVENTS};
 use crate::engine::{
     self, Completion, EngineHandle, FinishReason, Generation, GenerationEvent, GenerationRequest, Message,
@@ -52,8 +52,9 @@ pub struct Inference {
 }
 
 impl Inference {
-    pub fn new(engine: EngineHandle, mood: Arc<Mood>, defaults: ModelConfig) -> Self {
-        Inference { engine, mood, streams: Arc::default(), defaults }
+    pub fn new(engine: EngineHandle, mood: Arc<Mood>, defaults: ModelConfig, limits: &ServerConfig) -> Self {
+        let streams = StreamRegistry::new(limits.max_streams, std::time::Duration::from_secs_f64(limits.stream_max_age_s));
+        Inference { engine, mood, streams: Arc::new(Mutex::new(streams)), defaults }
     }
 
     pub fn mood(&self) -> &Mood {
@@ -325,6 +326,7 @@ impl Inference {
             "active_generations": load.active,
             "queued_generations": load.queued,
             "cached_tokens": load.cached_tokens,
+            "slot_states": load.slots,
         })
     }
 }

@@ -21,10 +21,17 @@
 //! - [`wire`]: tool argument types and their JSON schemas.
 //! - [`mcp`]: the rmcp server handler: tools and resources.
 //! - [`serve`]: process lifecycle: runtime, stdio, shutdown on EOF or signal.
+//! - [`replay`]: session files: recording (`ELPIS_RECORD`) and replay with
+//!   the checks every session must pass.
+//! - [`bench`]: the benchmark: raw llama.cpp floor vs the server over stdio.
+//! - [`soak`]: random mixed load against a spawned server, with its checks.
+//! - [`client`]: a stdio MCP client for a spawned server (replay, soak, bench).
 //! - [`cli`], [`chat`]: the command line and the `chat` subcommand.
 
+pub mod bench;
 pub mod chat;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod emotion;
 pub mod engine;
@@ -32,6 +39,8 @@ pub mod inference;
 pub mod logging;
 pub mod mcp;
 pub mod mood;
+pub mod replay;
 pub mod serve;
+pub mod soak;
 pub mod streams;
 pub mod wire;

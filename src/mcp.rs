@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::inference::{Inference, Progress, ToolError};
+use crate::replay::Recorder;
 use crate::wire::{parse_args, schema_of, FunctionCallArgs, GenerateArgs, NoArgs, StreamArgs, UpdateEmotionArgs};
 
 pub const EMOTION_STATE_URI: &str = "emotion://state";
@@ -25,11 +26,13 @@ pub const EMOTION_EVENTS_URI: &str = "emotion://events";
 #[derive(Clone)]
 pub struct ElpisServer {
     inference: Arc<Inference>,
+    /// Notes stream ids in the session file when ELPIS_RECORD is set.
+    recorder: Option<Arc<Recorder>>,
 }
 
 impl ElpisServer {
-    pub fn new(inference: Arc<Inference>) -> Self {
-        ElpisServer { inference }
+    pub fn new(inference: Arc<Inference>, recorder: Option<Arc<Recorder>>) -> Self {
+        ElpisServer { inference, recorder }
     }
 
     pub fn inference(&self) -> &Arc<Inference> {
@@ -51,7 +54,14 @@ impl ElpisServer {
                 }
                 result
             }
-            "generate_stream_start" => inference.stream_start(parse_args(name, args).map_err(ToolError)?),
+            "generate_stream_start" => {
+                let started = inference.stream_start(parse_args(name, args).map_err(ToolError)?);
+                if let (Some(recorder), Ok(result)) = (&self.recorder, &started) {
+                    let id = serde_json::to_value(&ctx.id).unwrap_or(Value::Null);
+                    recorder.stream_started(id, result["stream_id"].as_str().unwrap_or_default());
+                }
+                started
+            }
             "generate_stream_read" => {
                 let args: StreamArgs = parse_args(name, args).map_err(ToolError)?;
                 inference.stream_read(&args.stream_id)

@@ -18,6 +18,7 @@ use crate::engine::{self, ChatFormat, Engine, EngineSettings};
 use crate::inference::Inference;
 use crate::mcp::ElpisServer;
 use crate::mood::Mood;
+use crate::replay::Recorder;
 
 /// How long in-flight answers may still be written after stdin closed.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
@@ -27,6 +28,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 pub fn main(cli: Cli) -> anyhow::Result<()> {
     let (config, warnings) = Config::load(cli.config.as_deref())?;
     crate::logging::init(&config.logging)?;
+    engine::route_llama_logs();
     for warning in warnings {
         tracing::warn!("{warning}");
     }
@@ -41,6 +43,12 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             Some(Command::Chat { message, system, max_tokens, temperature }) => {
                 let (inference, _engine) = start(&config)?;
                 crate::chat::chat(&inference, message, system, max_tokens, temperature).await
+            }
+            Some(Command::Replay { files, speed, json }) => crate::chat::replay_files(&files, speed, json).await,
+            Some(Command::Soak { seconds, seed }) => crate::chat::soak(seconds, seed).await,
+            Some(Command::Bench { runs, out }) => {
+                let options = crate::bench::BenchOptions { runs, out, env: Vec::new() };
+                crate::bench::bench(&config, &options).await.map(|_| ())
             }
         }
     });
@@ -67,19 +75,28 @@ pub fn engine_settings(config: &Config) -> EngineSettings {
 
 /// Load the model on this thread and spawn the engine loop on the LocalSet.
 fn start(config: &Config) -> anyhow::Result<(Arc<Inference>, tokio::task::JoinHandle<()>)> {
-    engine::route_llama_logs();
     let (engine, handle) = Engine::load(&engine_settings(config))?;
     let task = tokio::task::spawn_local(engine.run());
     let mood = Arc::new(Mood::new(config.emotion.clone()));
-    Ok((Arc::new(Inference::new(handle, mood, config.model.clone())), task))
+    Ok((Arc::new(Inference::new(handle, mood, config.model.clone(), &config.server)), task))
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let (inference, engine_task) = start(&config)?;
     let stdin_closed = CancellationToken::new();
+    let recorder = match std::env::var_os("ELPIS_RECORD") {
+        Some(path) if !path.is_empty() => {
+            let path = std::path::PathBuf::from(path);
+            let recorder = Recorder::create(&path)
+                .with_context(|| format!("cannot open ELPIS_RECORD file {}", path.display()))?;
+            tracing::info!(path = %path.display(), "recording the session");
+            Some(Arc::new(recorder))
+        }
+        _ => None,
+    };
     let (reader, writer) = rmcp::transport::io::stdio_pipes();
-    let reader = EofSignal { inner: reader, eof: stdin_closed.clone() };
-    let service = ElpisServer::new(Arc::clone(&inference))
+    let reader = StdinWatch { inner: reader, eof: stdin_closed.clone(), recorder: recorder.clone() };
+    let service = ElpisServer::new(Arc::clone(&inference), recorder.clone())
         .serve((reader, writer))
         .await
         .context("MCP initialisation failed")?;
@@ -118,20 +135,34 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 /// Wraps stdin to notice end-of-file at once (rmcp would otherwise keep
-/// draining in-flight requests, which may be long generations).
-struct EofSignal<R> {
+/// draining in-flight requests, which may be long generations), and to
+/// record the session when ELPIS_RECORD is set.
+struct StdinWatch<R> {
     inner: R,
     eof: CancellationToken,
+    recorder: Option<Arc<Recorder>>,
 }
 
-impl<R: AsyncRead + Unpin> AsyncRead for EofSignal<R> {
+impl<R: AsyncRead + Unpin> AsyncRead for StdinWatch<R> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
-        match &poll {
-            Poll::Ready(Ok(())) if buf.filled().len() == before && buf.remaining() > 0 => self.eof.cancel(),
-            Poll::Ready(Err(_)) => self.eof.cancel(),
-            _ => {}
+        let at_eof = match &poll {
+            Poll::Ready(Ok(())) => {
+                let read = &buf.filled()[before..];
+                if let Some(recorder) = &self.recorder {
+                    recorder.incoming(read);
+                }
+                read.is_empty() && buf.remaining() > 0
+            }
+            Poll::Ready(Err(_)) => true,
+            Poll::Pending => false,
+        };
+        if at_eof && !self.eof.is_cancelled() {
+            if let Some(recorder) = &self.recorder {
+                recorder.closed();
+            }
+            self.eof.cancel();
         }
         poll
     }

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::Completion;
 
+/// Defaults of wire.md (configurable in `[server]`).
 pub const MAX_STREAMS: usize = 100;
 pub const MAX_AGE: Duration = Duration::from_secs(600);
 
@@ -20,8 +21,8 @@ pub const MAX_AGE: Duration = Duration::from_secs(600);
 pub enum StreamError {
     #[error("unknown stream_id {0:?}: it never existed, was cancelled, expired, or was already read to completion")]
     Unknown(String),
-    #[error("too many streams: {MAX_STREAMS} are open; read them to completion or cancel some with generate_stream_cancel")]
-    Limit,
+    #[error("too many streams: {0} are open; read them to completion or cancel some with generate_stream_cancel")]
+    Limit(usize),
 }
 
 /// How a stream ended.
@@ -51,12 +52,23 @@ pub struct StreamRead {
     pub end: Option<(String, StreamEnd)>,
 }
 
-#[derive(Default)]
 pub struct StreamRegistry {
     streams: HashMap<String, Stream>,
+    max_streams: usize,
+    max_age: Duration,
+}
+
+impl Default for StreamRegistry {
+    fn default() -> Self {
+        StreamRegistry::new(MAX_STREAMS, MAX_AGE)
+    }
 }
 
 impl StreamRegistry {
+    pub fn new(max_streams: usize, max_age: Duration) -> Self {
+        StreamRegistry { streams: HashMap::new(), max_streams, max_age }
+    }
+
     pub fn len(&self) -> usize {
         self.streams.len()
     }
@@ -65,19 +77,20 @@ impl StreamRegistry {
         self.streams.is_empty()
     }
 
-    /// Remove streams older than [`MAX_AGE`] (stopping them), then register
-    /// a new one if there is room. Returns its id.
+    /// Remove streams older than the age limit (stopping them), then
+    /// register a new one if there is room. Returns its id.
     pub fn start(&mut self, cancel: CancellationToken, now: Instant) -> Result<String, StreamError> {
+        let max_age = self.max_age;
         self.streams.retain(|id, s| {
-            let expired = now.saturating_duration_since(s.created) > MAX_AGE;
+            let expired = now.saturating_duration_since(s.created) > max_age;
             if expired {
-                tracing::info!(stream_id = %id, "stream expired after {} s", MAX_AGE.as_secs());
+                tracing::info!(stream_id = %id, "stream expired after {:.1} s", max_age.as_secs_f64());
                 s.cancel.cancel();
             }
             !expired
         });
-        if self.streams.len() >= MAX_STREAMS {
-            return Err(StreamError::Limit);
+        if self.streams.len() >= self.max_streams {
+            return Err(StreamError::Limit(self.max_streams));
         }
         let id = uuid::Uuid::new_v4().to_string();
         let stream = Stream { created: now, unread: String::new(), full: String::new(), total_tokens: 0, end: None, cancel };
@@ -177,7 +190,7 @@ mod tests {
         for _ in 1..MAX_STREAMS {
             r.start(CancellationToken::new(), t0).unwrap();
         }
-        assert_eq!(r.start(CancellationToken::new(), t0).unwrap_err(), StreamError::Limit);
+        assert_eq!(r.start(CancellationToken::new(), t0).unwrap_err(), StreamError::Limit(MAX_STREAMS));
         // Past the age limit, all are expired (and stopped) by the next start.
         let later = t0 + MAX_AGE + Duration::from_secs(1);
         r.start(CancellationToken::new(), later).unwrap();

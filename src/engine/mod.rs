@@ -14,6 +14,7 @@
 //! the runtime, so MCP requests are answered between tokens.
 
 mod chat_format;
+mod raw;
 mod scheduler;
 mod text;
 mod tool_calls;
@@ -26,6 +27,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use chat_format::{ChatFormat, Message, ROLES};
+pub use raw::{raw_speed, RawSpeed};
 pub use scheduler::{route_llama_logs, Engine};
 pub use text::{Decoded, TextDecoder};
 pub use tool_calls::{apply_tool_choice, openai_call, parse_reply, parse_tools, reply_schema, tools_prompt, ToolSpec};
@@ -179,12 +181,25 @@ pub(crate) enum Command {
 }
 
 /// How busy the engine is.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct EngineLoad {
     pub active: usize,
     pub queued: usize,
     /// KV cells held by slots for finished work (the prompt cache).
     pub cached_tokens: usize,
+    pub slots: Vec<SlotReport>,
+}
+
+/// One slot, as the engine accounts for it and as llama.cpp's memory sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SlotReport {
+    pub seq: i32,
+    pub busy: bool,
+    /// Tokens the slot believes its cells hold.
+    pub tokens: usize,
+    /// Highest position llama.cpp holds for the sequence (-1 when empty):
+    /// `tokens - 1` when the accounting is right.
+    pub kv_pos_max: i32,
 }
 
 /// The `Send` side of the engine: queue work, read model facts.

@@ -30,12 +30,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     ChatFormat, Command, Completion, EngineError, EngineHandle, EngineLoad, EngineSettings, FinishReason,
-    GenerationEvent, GenerationRequest, Message, ModelInfo, SamplingParams, TextDecoder, Usage,
+    GenerationEvent, GenerationRequest, Message, ModelInfo, SamplingParams, SlotReport, TextDecoder, Usage,
 };
 
 /// Smallest and largest prompt chunk one step may decode.
 const MIN_CHUNK: usize = 8;
 const MAX_CHUNK: usize = 128;
+/// Yields between two decode steps (a yield costs microseconds).
+const YIELDS_PER_STEP: usize = 8;
 /// Tokens a penalty sampler looks back over.
 const PENALTY_LAST_N: i32 = 64;
 
@@ -305,7 +307,12 @@ impl Engine {
             self.reap_cancelled();
             self.assign_slots();
             self.step();
-            tokio::task::yield_now().await;
+            // Let every request that arrived during the step run its course
+            // (read, dispatch, answer, write) before the next step: each hop
+            // is a task woken in turn, and one yield only lets one round run.
+            for _ in 0..YIELDS_PER_STEP {
+                tokio::task::yield_now().await;
+            }
         }
     }
 
@@ -334,10 +341,21 @@ impl Engine {
     }
 
     fn load_report(&self) -> EngineLoad {
+        self.assert_owner_thread();
         EngineLoad {
             active: self.slots.iter().filter(|s| s.job.is_some()).count(),
             queued: self.queue.len(),
             cached_tokens: self.slots.iter().filter(|s| s.job.is_none()).map(|s| s.cached.len()).sum(),
+            slots: self
+                .slots
+                .iter()
+                .map(|s| SlotReport {
+                    seq: s.seq,
+                    busy: s.job.is_some(),
+                    tokens: s.cached.len(),
+                    kv_pos_max: self.ctx.kv_cache_seq_pos_max(s.seq),
+                })
+                .collect(),
         }
     }
 
@@ -604,6 +622,7 @@ impl Engine {
             return;
         }
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        tracing::trace!(n_tokens, prompt_tokens, elapsed_ms, "decode step");
         if prompt_tokens > 0 {
             self.budget.observe(n_tokens, elapsed_ms);
         }

@@ -1,0 +1,313 @@
+//! `elpis-server bench`: the numbers behind the scheduler's targets, measured
+//! in one run on one machine and model: the raw llama-cpp-2 floor against
+//! the server over stdio, quick-call latency while decoding and during a long
+//! prefill, cold vs grown-prompt time to first token, aggregate throughput
+//! with 1, 2 and 4 streams, and peak memory. Prints a table, writes JSON.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::client::{percentiles, tool_result_object, McpClient};
+use crate::config::Config;
+use crate::engine::{raw_speed, RawSpeed};
+
+const TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Options of a benchmark run.
+pub struct BenchOptions {
+    pub runs: usize,
+    pub out: PathBuf,
+    /// Extra environment for the server (e.g. ELPIS_MODEL_PARALLEL=4).
+    pub env: Vec<(String, String)>,
+}
+
+/// One run's numbers (all f64 so medians are taken field by field).
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct BenchRun {
+    pub raw_prompt_tps: f64,
+    pub raw_decode_tps: f64,
+    pub server_prompt_tps: f64,
+    pub server_decode_tps: f64,
+    pub decode_ratio: f64,
+    pub prompt_ratio: f64,
+    pub step_ms: f64,
+    pub decoding_quick_p50_ms: f64,
+    pub decoding_quick_p99_ms: f64,
+    pub decoding_p99_over_step: f64,
+    pub prefill_quick_p50_ms: f64,
+    pub prefill_quick_p99_ms: f64,
+    pub prefill_p99_over_max_step: f64,
+    pub prefill_prompt_tokens: f64,
+    pub ttft_cold_ms: f64,
+    pub ttft_grown_ms: f64,
+    pub ttft_ratio: f64,
+    pub grown_cached_tokens: f64,
+    pub aggregate_tps_1: f64,
+    pub aggregate_tps_2: f64,
+    pub aggregate_tps_4: f64,
+    pub aggregate_ratio_4: f64,
+    pub peak_rss_mib: f64,
+    pub model_file_mib: f64,
+    pub rss_over_model: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub machine_cores: usize,
+    pub threads: u32,
+    pub slots: u32,
+    pub max_step_ms: u32,
+    pub runs: Vec<BenchRun>,
+    pub median: BenchRun,
+}
+
+/// A long, unique prompt (~2,000 tokens): the idle-thinking system prompt's size.
+fn long_prompt(nonce: u64) -> String {
+    let mut text = format!("Session {nonce}. You are Psyche, a reflective assistant. ");
+    for i in 0..110 {
+        text.push_str(&format!(
+            "Note {i}: the user mentioned their garden, a parser bug and a book about stars on day {}. ",
+            i % 30
+        ));
+    }
+    text
+}
+
+fn messages(system: &str, user: &str) -> Value {
+    json!([{"role": "system", "content": system}, {"role": "user", "content": user}])
+}
+
+pub async fn bench(config: &Config, options: &BenchOptions) -> anyhow::Result<BenchReport> {
+    let settings = crate::serve::engine_settings(config);
+    let binary = std::env::current_exe()?;
+    let mut runs = Vec::new();
+    let mut info = (0, 0, 0);
+    for run in 0..options.runs.max(1) {
+        eprintln!("bench: run {} of {}", run + 1, options.runs.max(1));
+        let raw = raw_speed(&settings, &long_prompt(run as u64 + 1000), 128, 128)?;
+        let (r, i) = bench_server(&binary, &options.env, raw, run as u64, &config.model_path()).await?;
+        info = i;
+        runs.push(r);
+    }
+    let median = median_run(&runs);
+    let report = BenchReport {
+        machine_cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        threads: info.0,
+        slots: info.1,
+        max_step_ms: info.2,
+        runs,
+        median,
+    };
+    std::fs::write(&options.out, serde_json::to_string_pretty(&report)?)?;
+    print_table(&report);
+    println!("JSON written to {}", options.out.display());
+    Ok(report)
+}
+
+async fn tool(client: &mut McpClient, name: &str, args: Value) -> anyhow::Result<Value> {
+    let v = client.tool(name, args, TIMEOUT).await.map_err(anyhow::Error::msg)?;
+    if let Some(e) = v.get("error") {
+        anyhow::bail!("{name} failed: {e}");
+    }
+    Ok(v)
+}
+
+/// Run a generate with a progress token; returns (result, time to first
+/// token, (progress, time) of each notification).
+async fn generate_timed(client: &mut McpClient, args: Value, token: &str) -> anyhow::Result<(Value, f64, Vec<(f64, Instant)>)> {
+    let before = client.notifications().len();
+    let sent = Instant::now();
+    let (_, rx) = client
+        .request("tools/call", json!({"name": "generate", "arguments": args, "_meta": {"progressToken": token}}))
+        .await?;
+    let (response, _) = tokio::time::timeout(TIMEOUT, rx).await??;
+    let result = tool_result_object(&response["result"]).map_err(anyhow::Error::msg)?;
+    let marks: Vec<(f64, Instant)> = client.notifications()[before..]
+        .iter()
+        .filter(|(n, _)| n["params"]["progressToken"] == token)
+        .map(|(n, at)| (n["params"]["progress"].as_f64().unwrap_or(0.0), *at))
+        .collect();
+    let ttft = marks.first().map_or(f64::NAN, |(_, at)| (*at - sent).as_secs_f64() * 1000.0);
+    Ok((result, ttft, marks))
+}
+
+async fn bench_server(
+    binary: &Path,
+    env: &[(String, String)],
+    raw: RawSpeed,
+    run: u64,
+    model_path: &Path,
+) -> anyhow::Result<(BenchRun, (u32, u32, u32))> {
+    let mut env = env.to_vec();
+    env.push(("ELPIS_LOGGING_LEVEL".into(), "warn".into()));
+    let mut client = McpClient::spawn(binary, &[], &env, None)?;
+    client.initialize(Duration::from_secs(60)).await.map_err(anyhow::Error::msg)?;
+    let caps = tool(&mut client, "get_capabilities", json!({})).await?;
+    let max_step_ms = caps["max_step_ms"].as_f64().unwrap_or(50.0);
+    let info = (
+        caps["threads"].as_u64().unwrap_or(0) as u32,
+        caps["slots"].as_u64().unwrap_or(0) as u32,
+        max_step_ms as u32,
+    );
+    let mut r = BenchRun { raw_prompt_tps: raw.prompt_tokens_per_s, raw_decode_tps: raw.decode_tokens_per_s, ..Default::default() };
+    tool(&mut client, "generate", json!({"messages": messages("Warm up.", "Hi"), "max_tokens": 8})).await?;
+
+    // Decode speed: tokens between the first and the last progress notification.
+    let args = json!({"messages": messages("You are a storyteller.", "Write a long story about a lighthouse keeper."),
+                      "max_tokens": 128, "temperature": 0});
+    let (_, _, marks) = generate_timed(&mut client, args, "decode").await?;
+    if let (Some(first), Some(last)) = (marks.first(), marks.last()) {
+        let secs = (last.1 - first.1).as_secs_f64();
+        if secs > 0.0 {
+            r.server_decode_tps = (last.0 - first.0) / secs;
+        }
+    }
+    r.decode_ratio = r.server_decode_tps / r.raw_decode_tps;
+    r.step_ms = 1000.0 / r.server_decode_tps;
+
+    // A cold ~2,000-token prompt, with get_emotion every 10 ms during its prefill.
+    let system = long_prompt(run * 7 + 1);
+    let cold_args = json!({"messages": messages(&system, "What do you remember?"), "max_tokens": 1, "temperature": 0});
+    let sent = Instant::now();
+    let (_, rx) = client
+        .request("tools/call", json!({"name": "generate", "arguments": cold_args, "_meta": {"progressToken": "cold"}}))
+        .await?;
+    let mut prefill_latencies = Vec::new();
+    let mut rx = rx;
+    let cold = loop {
+        if let Ok(done) = rx.try_recv() {
+            break done;
+        }
+        let t = Instant::now();
+        tool(&mut client, "get_emotion", json!({})).await?;
+        prefill_latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let cold_ms = sent.elapsed().as_secs_f64() * 1000.0;
+    let cold_result = tool_result_object(&cold.0["result"]).map_err(anyhow::Error::msg)?;
+    let prompt_tokens = cold_result["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
+    r.prefill_prompt_tokens = prompt_tokens as f64;
+    r.ttft_cold_ms = cold_ms;
+    r.server_prompt_tps = prompt_tokens as f64 / (cold_ms / 1000.0);
+    r.prompt_ratio = r.server_prompt_tps / r.raw_prompt_tps;
+    (r.prefill_quick_p50_ms, r.prefill_quick_p99_ms) = percentiles(&prefill_latencies);
+    r.prefill_p99_over_max_step = r.prefill_quick_p99_ms / max_step_ms;
+
+    // The same conversation, grown by a turn (the idle-react pattern).
+    let grown = json!([
+        {"role": "system", "content": system},
+        {"role": "user", "content": "What do you remember?"},
+        {"role": "assistant", "content": "The garden and the parser bug."},
+        {"role": "user", "content": "Tell me more about the parser bug."}
+    ]);
+    let (grown_result, ttft_grown, _) =
+        generate_timed(&mut client, json!({"messages": grown, "max_tokens": 1, "temperature": 0}), "grown").await?;
+    r.ttft_grown_ms = ttft_grown;
+    r.grown_cached_tokens = grown_result["usage"]["cached_tokens"].as_f64().unwrap_or(0.0);
+    r.ttft_ratio = r.ttft_grown_ms / r.ttft_cold_ms;
+
+    // Quick calls while a stream decodes.
+    let start = tool(
+        &mut client,
+        "generate_stream_start",
+        json!({"messages": messages("You are a storyteller.", "Tell a long tale of the sea."), "max_tokens": 200, "temperature": 0.8}),
+    )
+    .await?;
+    let id = start["stream_id"].as_str().unwrap_or_default().to_string();
+    let mut decoding_latencies = Vec::new();
+    loop {
+        let t = Instant::now();
+        tool(&mut client, "get_emotion", json!({})).await?;
+        decoding_latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+        let t = Instant::now();
+        let read = tool(&mut client, "generate_stream_read", json!({"stream_id": id})).await?;
+        decoding_latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+        if read["is_complete"] == true {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (r.decoding_quick_p50_ms, r.decoding_quick_p99_ms) = percentiles(&decoding_latencies);
+    r.decoding_p99_over_step = r.decoding_quick_p99_ms / r.step_ms;
+
+    // Aggregate throughput with 1, 2 and 4 concurrent streams.
+    for k in [1usize, 2, 4] {
+        let began = Instant::now();
+        let mut ids = Vec::new();
+        for i in 0..k {
+            let args = json!({"messages": messages("You are a storyteller.", &format!("Tell story number {i} about a fox.")),
+                              "max_tokens": 64, "temperature": 0.8});
+            let s = tool(&mut client, "generate_stream_start", args).await?;
+            ids.push(s["stream_id"].as_str().unwrap_or_default().to_string());
+        }
+        let mut tokens = 0;
+        while !ids.is_empty() {
+            let mut open = Vec::new();
+            for id in ids {
+                let read = tool(&mut client, "generate_stream_read", json!({"stream_id": id})).await?;
+                if read["is_complete"] == true {
+                    tokens += read["total_tokens"].as_u64().unwrap_or(0);
+                } else {
+                    open.push(id);
+                }
+            }
+            ids = open;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let tps = tokens as f64 / began.elapsed().as_secs_f64();
+        match k {
+            1 => r.aggregate_tps_1 = tps,
+            2 => r.aggregate_tps_2 = tps,
+            _ => r.aggregate_tps_4 = tps,
+        }
+    }
+    r.aggregate_ratio_4 = r.aggregate_tps_4 / r.aggregate_tps_1;
+
+    r.peak_rss_mib = client.peak_rss_kib().unwrap_or(0) as f64 / 1024.0;
+    r.model_file_mib = std::fs::metadata(model_path).map(|m| m.len()).unwrap_or(0) as f64 / (1024.0 * 1024.0);
+    r.rss_over_model = r.peak_rss_mib / r.model_file_mib;
+    client.close_stdin();
+    client.wait_exit(Duration::from_secs(10)).await;
+    Ok((r, info))
+}
+
+fn median_run(runs: &[BenchRun]) -> BenchRun {
+    let values: Vec<Value> = runs.iter().filter_map(|r| serde_json::to_value(r).ok()).collect();
+    let mut out = serde_json::Map::new();
+    if let Some(Value::Object(first)) = values.first() {
+        for key in first.keys() {
+            let mut xs: Vec<f64> = values.iter().filter_map(|v| v[key].as_f64()).collect();
+            xs.sort_by(|a, b| a.total_cmp(b));
+            let m = if xs.is_empty() { 0.0 } else { xs[xs.len() / 2] };
+            out.insert(key.clone(), json!(m));
+        }
+    }
+    serde_json::from_value(Value::Object(out)).unwrap_or_default()
+}
+
+fn print_table(report: &BenchReport) {
+    let m = &report.median;
+    println!(
+        "elpis bench: {} cores, {} threads, {} slots, max_step_ms {}, median of {} runs",
+        report.machine_cores,
+        report.threads,
+        report.slots,
+        report.max_step_ms,
+        report.runs.len()
+    );
+    let rows: Vec<(&str, String, &str)> = vec![
+        ("decode tok/s: raw / server", format!("{:.1} / {:.1} = {:.2}x", m.raw_decode_tps, m.server_decode_tps, m.decode_ratio), "target >= 0.95x"),
+        ("prompt tok/s: raw / server", format!("{:.0} / {:.0} = {:.2}x", m.raw_prompt_tps, m.server_prompt_tps, m.prompt_ratio), "small chunks cost speed"),
+        ("quick calls while decoding p50 / p99", format!("{:.1} / {:.1} ms = {:.2} steps", m.decoding_quick_p50_ms, m.decoding_quick_p99_ms, m.decoding_p99_over_step), "target p99 <= 2 steps"),
+        ("quick calls during prefill p50 / p99", format!("{:.1} / {:.1} ms = {:.2} x max_step_ms", m.prefill_quick_p50_ms, m.prefill_quick_p99_ms, m.prefill_p99_over_max_step), "target <= 2x"),
+        ("TTFT cold / grown prompt", format!("{:.0} / {:.0} ms = {:.3}x ({} prompt tokens, {} cached)", m.ttft_cold_ms, m.ttft_grown_ms, m.ttft_ratio, m.prefill_prompt_tokens, m.grown_cached_tokens), "target <= 0.25x"),
+        ("aggregate tok/s 1 / 2 / 4 streams", format!("{:.1} / {:.1} / {:.1} = {:.2}x", m.aggregate_tps_1, m.aggregate_tps_2, m.aggregate_tps_4, m.aggregate_ratio_4), "target 4 >= 1.5x 1"),
+        ("peak RSS / model file", format!("{:.0} / {:.0} MiB = {:.2}x", m.peak_rss_mib, m.model_file_mib, m.rss_over_model), ""),
+    ];
+    for (name, value, target) in rows {
+        println!("  {name:<40} {value:<56} {target}");
+    }
+}

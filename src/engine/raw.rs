@@ -1,0 +1,76 @@
+//! The floor for the benchmark: a minimal llama-cpp-2 loop (no MCP, no
+//! scheduler, no yields) on the same model and thread count. Prompt speed is
+//! one batch per chunk of the same size the server may use; decode speed is
+//! one token per `decode`, greedy.
+
+use std::num::NonZeroU32;
+use std::time::Instant;
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::sampling::LlamaSampler;
+use serde::Serialize;
+
+use super::{EngineError, EngineSettings};
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct RawSpeed {
+    pub prompt_tokens: usize,
+    pub prompt_tokens_per_s: f64,
+    pub decode_tokens: usize,
+    pub decode_tokens_per_s: f64,
+}
+
+/// Read `prompt` (chunks of `chunk` tokens), then decode `decode_tokens`.
+pub fn raw_speed(settings: &EngineSettings, prompt: &str, chunk: usize, decode_tokens: usize) -> Result<RawSpeed, EngineError> {
+    let backend = LlamaBackend::init().map_err(|e| EngineError::Backend(e.to_string()))?;
+    let model = LlamaModel::load_from_file(&backend, &settings.model_path, &LlamaModelParams::default())
+        .map_err(|_| EngineError::ModelLoad(settings.model_path.clone()))?;
+    let threads = match settings.n_threads {
+        0 => std::thread::available_parallelism().map(|n| n.get() as i32).unwrap_or(1),
+        n => n as i32,
+    };
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(settings.context_length))
+        .with_n_batch(chunk.max(1) as u32)
+        .with_n_ubatch(chunk.max(1) as u32)
+        .with_swa_full(settings.swa_full)
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads);
+    let mut ctx = model.new_context(&backend, params).map_err(|_| EngineError::Context(settings.context_length))?;
+    let tokens = model.vocab().tokenize(prompt.as_bytes(), true, true);
+    let mut batch = LlamaBatch::new(chunk.max(1), 1);
+    let started = Instant::now();
+    for (c, piece) in tokens.chunks(chunk.max(1)).enumerate() {
+        batch.clear();
+        for (i, &t) in piece.iter().enumerate() {
+            let pos = c * chunk + i;
+            let last = pos + 1 == tokens.len();
+            batch.add(t, pos as i32, &[0], last).map_err(|e| EngineError::Decode(e.to_string()))?;
+        }
+        ctx.decode(&mut batch).map_err(|e| EngineError::Decode(e.to_string()))?;
+    }
+    let prompt_s = started.elapsed().as_secs_f64();
+    let mut sampler = LlamaSampler::greedy();
+    let mut pos = tokens.len();
+    let mut last_index = batch.n_tokens() - 1;
+    let started = Instant::now();
+    for _ in 0..decode_tokens {
+        let token = sampler.sample(&ctx, last_index);
+        batch.clear();
+        batch.add(token, pos as i32, &[0], true).map_err(|e| EngineError::Decode(e.to_string()))?;
+        ctx.decode(&mut batch).map_err(|e| EngineError::Decode(e.to_string()))?;
+        pos += 1;
+        last_index = 0;
+    }
+    let decode_s = started.elapsed().as_secs_f64();
+    Ok(RawSpeed {
+        prompt_tokens: tokens.len(),
+        prompt_tokens_per_s: tokens.len() as f64 / prompt_s,
+        decode_tokens,
+        decode_tokens_per_s: decode_tokens as f64 / decode_s,
+    })
+}

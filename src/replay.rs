@@ -1,0 +1,680 @@
+//! Session files: record what a client sent, and replay it against a freshly
+//! spawned server, checking what `shared/docs/sessions.md` requires of every
+//! session (no crash and exit 0, one well-formed answer per request, every
+//! stream ended and consistent, quick calls answered between tokens).
+//!
+//! # Format
+//!
+//! JSON lines; each line is one step, run `after` seconds after the previous
+//! step finished:
+//!
+//! - `{"after": 0.1, "send": <JSON-RPC message>}`: send it (a request's
+//!   answer is collected in the background).
+//! - `{"send_raw": "text"}`: send a line as is (malformed input).
+//! - `{"wait": {"response": <id>}}`: wait for the answer to request `<id>`.
+//! - `{"cancel": <id>}`: send `notifications/cancelled` for request `<id>`.
+//! - `{"poll": {"stream_of": <id>, "every": 0.05, "cancel_after": 1.5}}`:
+//!   read the stream that request `<id>` started until complete, like Psyche
+//!   (cancel it after `cancel_after` seconds if given).
+//!   With `"stop_after": s` it stops polling after `s` seconds, cancelling nothing.
+//! - `{"poll_all": {"streams_of": [<id>, ...], "every": 0.05, "cancel": [<id>]}}`:
+//!   read several streams round-robin until all are complete; those in
+//!   `cancel` are cancelled after their first read.
+//! - `{"background": {"every": 1.0, "tool": "get_emotion", "args": {}}}`:
+//!   call a tool periodically until the session ends.
+//! - `{"stream": {"request": <id>, "stream_id": "..."}}`: written by the
+//!   recorder: request `<id>` started that stream, so later messages naming
+//!   it are rewritten to the replay's own stream id.
+//! - `{"close": true}`: close stdin (Psyche exiting), then the server must exit 0.
+//!
+//! Request ids are the recorded ones. A session without `close` ends with
+//! a `get_capabilities` check that no stream is left, then closes stdin.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+use crate::client::{id_key, percentiles, tool_result_object, McpClient, Response};
+
+/// Tools that must be answered between tokens.
+const QUICK_TOOLS: [&str; 6] =
+    ["get_emotion", "generate_stream_read", "generate_stream_cancel", "update_emotion", "reset_emotion", "get_capabilities"];
+/// A quick call slower than this is a gross stall.
+const STALL: Duration = Duration::from_secs(5);
+/// Longest wait for any one answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long the server may take to exit after stdin closed.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub after: f64,
+    #[serde(flatten)]
+    pub action: Action,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Send(Value),
+    SendRaw(String),
+    Wait { response: Value },
+    Cancel(Value),
+    Poll {
+        stream_of: Value,
+        #[serde(default = "default_poll")]
+        every: f64,
+        #[serde(default)]
+        cancel_after: Option<f64>,
+        /// Stop polling (without cancelling) after this many seconds.
+        #[serde(default)]
+        stop_after: Option<f64>,
+    },
+    PollAll {
+        streams_of: Vec<Value>,
+        #[serde(default = "default_poll")]
+        every: f64,
+        /// Streams to cancel after their first read.
+        #[serde(default)]
+        cancel: Vec<Value>,
+    },
+    Background {
+        every: f64,
+        tool: String,
+        #[serde(default)]
+        args: Value,
+    },
+    Stream { request: Value, stream_id: String },
+    Close(bool),
+}
+
+fn default_poll() -> f64 {
+    0.05
+}
+
+/// Parse a session file's text.
+pub fn parse_session(text: &str) -> Result<Vec<Step>, String> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(n, line)| serde_json::from_str(line).map_err(|e| format!("line {}: {e}", n + 1)))
+        .collect()
+}
+
+/// What a replay found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub session: String,
+    pub requests: usize,
+    pub responses: usize,
+    pub streams: usize,
+    pub quick_calls: usize,
+    pub quick_p50_ms: f64,
+    pub quick_p99_ms: f64,
+    pub quick_max_ms: f64,
+    pub exit_code: Option<i32>,
+    pub duration_s: f64,
+    /// Everything that broke a rule; empty means the session passed.
+    pub violations: Vec<String>,
+}
+
+/// One request the replay sent.
+struct Sent {
+    id: Value,
+    method: String,
+    tool: String,
+    sent_at: Instant,
+    rx: Option<oneshot::Receiver<Response>>,
+    response: Option<Response>,
+    cancelled: bool,
+    /// Still unanswered when stdin was closed: no answer is owed.
+    open_at_close: bool,
+}
+
+#[derive(Default)]
+struct StreamTrack {
+    /// The replay's stream id, once the start was answered.
+    actual: Option<String>,
+    /// Read request ids, in sending order.
+    reads: Vec<Value>,
+    cancelled: bool,
+}
+
+struct Replay {
+    client: Arc<tokio::sync::Mutex<McpClient>>,
+    sent: Arc<Mutex<Vec<Sent>>>,
+    /// By the request id that started the stream.
+    streams: HashMap<String, StreamTrack>,
+    /// Recorded stream id to the request that started it.
+    recorded: HashMap<String, Value>,
+    violations: Vec<String>,
+    speed: f64,
+    closed: bool,
+    /// The session itself closed stdin (Psyche exiting), perhaps mid-stream.
+    closed_by_session: bool,
+    next_id: u64,
+}
+
+/// Options of a replay.
+pub struct ReplayOptions {
+    pub binary: PathBuf,
+    /// Extra environment for the server.
+    pub env: Vec<(String, String)>,
+    /// Waits are divided by this.
+    pub speed: f64,
+    pub stderr_to: Option<PathBuf>,
+}
+
+/// Play `steps` against a fresh server and check the rules.
+pub async fn replay(name: &str, steps: &[Step], options: &ReplayOptions) -> Report {
+    let started = Instant::now();
+    let mut report = Report { session: name.to_string(), ..Report::default() };
+    let client = match McpClient::spawn(&options.binary, &[], &options.env, options.stderr_to.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            report.violations.push(format!("cannot spawn {}: {e}", options.binary.display()));
+            return report;
+        }
+    };
+    let mut r = Replay {
+        client: Arc::new(tokio::sync::Mutex::new(client)),
+        sent: Arc::default(),
+        streams: HashMap::new(),
+        recorded: HashMap::new(),
+        violations: Vec::new(),
+        speed: options.speed.max(0.001),
+        closed: false,
+        closed_by_session: false,
+        next_id: 9_000_000,
+    };
+    if let Err(e) = r.client.lock().await.initialize(Duration::from_secs(60)).await {
+        report.violations.push(format!("initialize failed: {e}"));
+    }
+    let stop_background = tokio_util::sync::CancellationToken::new();
+    for step in steps {
+        if step.after > 0.0 {
+            tokio::time::sleep(Duration::from_secs_f64(step.after / r.speed)).await;
+        }
+        if let Err(e) = r.run(step, &stop_background).await {
+            r.violations.push(e);
+            break;
+        }
+        if r.closed {
+            break;
+        }
+    }
+    stop_background.cancel();
+    if !r.closed {
+        r.final_checks().await;
+        r.close().await;
+    }
+    let exit = r.client.lock().await.wait_exit(EXIT_TIMEOUT).await;
+    match exit {
+        Some(status) => {
+            report.exit_code = status.code();
+            if !status.success() {
+                r.violations.push(format!("server exited with {status}"));
+            }
+        }
+        None => r.violations.push(format!("server did not exit within {EXIT_TIMEOUT:?} of stdin closing")),
+    }
+    r.check_answers(&mut report).await;
+    report.violations = r.violations;
+    report.duration_s = started.elapsed().as_secs_f64();
+    report
+}
+
+impl Replay {
+    async fn send(&mut self, msg: &Value) -> Result<(), String> {
+        let msg = self.rewrite_stream_ids(msg.clone()).await?;
+        let rx = self.client.lock().await.send(&msg).await.map_err(|e| format!("send failed: {e}"))?;
+        if let Some(rx) = rx {
+            let method = msg["method"].as_str().unwrap_or("").to_string();
+            let tool = msg["params"]["name"].as_str().unwrap_or("").to_string();
+            let id = msg["id"].clone();
+            if tool == "generate_stream_start" {
+                self.streams.entry(id_key(&id)).or_default();
+            }
+            if tool == "generate_stream_read" {
+                if let Some(track) = self.stream_named(msg["params"]["arguments"]["stream_id"].as_str()) {
+                    track.reads.push(id.clone());
+                }
+            }
+            if tool == "generate_stream_cancel" {
+                if let Some(track) = self.stream_named(msg["params"]["arguments"]["stream_id"].as_str()) {
+                    track.cancelled = true;
+                }
+            }
+            lock(&self.sent).push(Sent {
+                id,
+                method,
+                tool,
+                sent_at: Instant::now(),
+                rx: Some(rx),
+                response: None,
+                cancelled: false,
+                open_at_close: false,
+            });
+        }
+        Ok(())
+    }
+
+    fn stream_named(&mut self, actual: Option<&str>) -> Option<&mut StreamTrack> {
+        let actual = actual?;
+        self.streams.values_mut().find(|t| t.actual.as_deref() == Some(actual))
+    }
+
+    /// Replace recorded stream ids in a message by this replay's ids.
+    async fn rewrite_stream_ids(&mut self, mut msg: Value) -> Result<Value, String> {
+        let Some(recorded) = msg["params"]["arguments"]["stream_id"].as_str().map(str::to_string) else {
+            return Ok(msg);
+        };
+        let Some(start) = self.recorded.get(&recorded).cloned() else { return Ok(msg) };
+        let actual = self.stream_id_of(&start).await?;
+        msg["params"]["arguments"]["stream_id"] = json!(actual);
+        Ok(msg)
+    }
+
+    /// Wait for the answer to request `id` and return it.
+    async fn await_response(&mut self, id: &Value) -> Result<Response, String> {
+        let rx = {
+            let mut sent = lock(&self.sent);
+            let s = sent
+                .iter_mut()
+                .find(|s| s.id == *id)
+                .ok_or_else(|| format!("session waits for request {id}, which it never sent"))?;
+            if let Some(r) = &s.response {
+                return Ok(r.clone());
+            }
+            s.rx.take()
+        };
+        let rx = rx.ok_or_else(|| format!("request {id} is already being waited for"))?;
+        let response = tokio::time::timeout(ANSWER_TIMEOUT, rx)
+            .await
+            .map_err(|_| format!("no answer to request {id} within {ANSWER_TIMEOUT:?}"))?
+            .map_err(|_| format!("server closed stdout before answering request {id}"))?;
+        if let Some(s) = lock(&self.sent).iter_mut().find(|s| s.id == *id) {
+            s.response = Some(response.clone());
+        }
+        Ok(response)
+    }
+
+    /// The stream id that request `start` obtained.
+    async fn stream_id_of(&mut self, start: &Value) -> Result<String, String> {
+        if let Some(id) = self.streams.get(&id_key(start)).and_then(|t| t.actual.clone()) {
+            return Ok(id);
+        }
+        let (response, _) = self.await_response(start).await?;
+        let object = tool_result_object(&response["result"])?;
+        let id = object["stream_id"]
+            .as_str()
+            .ok_or_else(|| format!("stream start {start} failed: {object}"))?
+            .to_string();
+        self.streams.entry(id_key(start)).or_default().actual = Some(id.clone());
+        Ok(id)
+    }
+
+    fn fresh_id(&mut self) -> Value {
+        self.next_id += 1;
+        json!(self.next_id)
+    }
+
+    async fn tool_request(&mut self, tool: &str, args: Value) -> Result<Value, String> {
+        let id = self.fresh_id();
+        self.send(&json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": tool, "arguments": args}}))
+            .await?;
+        Ok(id)
+    }
+
+    async fn run(&mut self, step: &Step, stop_background: &tokio_util::sync::CancellationToken) -> Result<(), String> {
+        match &step.action {
+            // The replay makes its own handshake; a recorded one is skipped.
+            Action::Send(msg) if msg["method"] == "initialize" || msg["method"] == "notifications/initialized" => Ok(()),
+            Action::Send(msg) => self.send(msg).await,
+            Action::SendRaw(line) => {
+                self.client.lock().await.send_line(line).await.map_err(|e| format!("send failed: {e}"))
+            }
+            Action::Wait { response } => self.await_response(response).await.map(|_| ()),
+            Action::Cancel(id) => {
+                if let Some(s) = lock(&self.sent).iter_mut().find(|s| s.id == *id) {
+                    s.cancelled = true;
+                }
+                let note = json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                                  "params": {"requestId": id, "reason": "replay: client cancelled"}});
+                self.client.lock().await.send(&note).await.map(|_| ()).map_err(|e| e.to_string())
+            }
+            Action::Stream { request, stream_id } => {
+                self.recorded.insert(stream_id.clone(), request.clone());
+                Ok(())
+            }
+            Action::Poll { stream_of, every, cancel_after, stop_after } => {
+                self.poll(stream_of, *every, *cancel_after, *stop_after).await
+            }
+            Action::PollAll { streams_of, every, cancel } => self.poll_all(streams_of, *every, cancel).await,
+            Action::Background { every, tool, args } => {
+                self.background(*every, tool.clone(), args.clone(), stop_background.clone());
+                Ok(())
+            }
+            Action::Close(_) => {
+                self.closed_by_session = true;
+                self.close().await;
+                Ok(())
+            }
+        }
+    }
+
+    async fn poll(&mut self, start: &Value, every: f64, cancel_after: Option<f64>, stop_after: Option<f64>) -> Result<(), String> {
+        let stream_id = self.stream_id_of(start).await?;
+        let began = Instant::now();
+        loop {
+            let elapsed = began.elapsed().as_secs_f64() * self.speed;
+            if cancel_after.is_some_and(|c| elapsed >= c) {
+                return self.cancel_stream(&stream_id).await;
+            }
+            if stop_after.is_some_and(|s| elapsed >= s) {
+                return Ok(());
+            }
+            if self.read_stream(&stream_id).await? {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_secs_f64(every / self.speed)).await;
+        }
+    }
+
+    async fn poll_all(&mut self, starts: &[Value], every: f64, cancel: &[Value]) -> Result<(), String> {
+        let mut open = Vec::new();
+        for start in starts {
+            open.push((start.clone(), self.stream_id_of(start).await?));
+        }
+        let mut first_read = true;
+        while !open.is_empty() {
+            let mut still = Vec::new();
+            for (start, stream_id) in open {
+                if self.read_stream(&stream_id).await? {
+                    continue;
+                }
+                if first_read && cancel.contains(&start) {
+                    self.cancel_stream(&stream_id).await?;
+                    continue;
+                }
+                still.push((start, stream_id));
+            }
+            first_read = false;
+            open = still;
+            tokio::time::sleep(Duration::from_secs_f64(every / self.speed)).await;
+        }
+        Ok(())
+    }
+
+    /// One read; true when it reported completion.
+    async fn read_stream(&mut self, stream_id: &str) -> Result<bool, String> {
+        let id = self.tool_request("generate_stream_read", json!({"stream_id": stream_id})).await?;
+        let (response, _) = self.await_response(&id).await?;
+        let object = tool_result_object(&response["result"])?;
+        if object.get("error").is_some() && object.get("is_complete").is_none() {
+            return Err(format!("stream read failed: {object}"));
+        }
+        Ok(object["is_complete"] == true)
+    }
+
+    async fn cancel_stream(&mut self, stream_id: &str) -> Result<(), String> {
+        let id = self.tool_request("generate_stream_cancel", json!({"stream_id": stream_id})).await?;
+        let (response, _) = self.await_response(&id).await?;
+        let object = tool_result_object(&response["result"])?;
+        if object["status"] != "cancelled" {
+            return Err(format!("stream cancel failed: {object}"));
+        }
+        Ok(())
+    }
+
+    fn background(&mut self, every: f64, tool: String, args: Value, stop: tokio_util::sync::CancellationToken) {
+        let client = Arc::clone(&self.client);
+        let sent = Arc::clone(&self.sent);
+        let period = Duration::from_secs_f64(every / self.speed);
+        let mut next_id = self.next_id + 5_000_000;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(period) => {}
+                }
+                next_id += 1;
+                let id = json!(next_id);
+                let msg = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": tool, "arguments": args}});
+                let mut c = client.lock().await;
+                if c.stdout_closed() {
+                    return;
+                }
+                let Ok(Some(rx)) = c.send(&msg).await else { return };
+                drop(c);
+                lock(&sent).push(Sent {
+                    id,
+                    method: "tools/call".into(),
+                    tool: tool.clone(),
+                    sent_at: Instant::now(),
+                    rx: Some(rx),
+                    response: None,
+                    cancelled: false,
+                    open_at_close: false,
+                });
+            }
+        });
+    }
+
+    async fn final_checks(&mut self) {
+        // Answers still owed (generates the session did not wait for) come first.
+        let ids: Vec<Value> = lock(&self.sent).iter().filter(|s| !s.cancelled).map(|s| s.id.clone()).collect();
+        for id in ids {
+            if let Err(e) = self.await_response(&id).await {
+                self.violations.push(e);
+            }
+        }
+        match self.tool_request("get_capabilities", json!({})).await {
+            Ok(id) => match self.await_response(&id).await.and_then(|(r, _)| tool_result_object(&r["result"])) {
+                Ok(caps) => {
+                    if caps["active_streams"] != 0 {
+                        self.violations.push(format!("{} streams left registered at the end", caps["active_streams"]));
+                    }
+                }
+                Err(e) => self.violations.push(e),
+            },
+            Err(e) => self.violations.push(e),
+        }
+    }
+
+    async fn close(&mut self) {
+        for s in lock(&self.sent).iter_mut() {
+            s.open_at_close = s.response.is_none() && !self.client_has_answer(&s.id);
+        }
+        self.client.lock().await.close_stdin();
+        self.closed = true;
+    }
+
+    fn client_has_answer(&self, id: &Value) -> bool {
+        self.client.try_lock().map(|c| c.response_count(id) > 0).unwrap_or(false)
+    }
+
+    /// After the server exited: every answer, well-formed, once; streams
+    /// consistent; quick-call latency.
+    async fn check_answers(&mut self, report: &mut Report) {
+        let client = self.client.lock().await;
+        if !client.garbage().is_empty() {
+            self.violations.push(format!("non-protocol output on stdout: {:?}", client.garbage()));
+        }
+        let mut sent = lock(&self.sent);
+        let mut latencies = Vec::new();
+        report.requests = sent.len();
+        for s in sent.iter_mut() {
+            if s.response.is_none() {
+                if let Some(mut rx) = s.rx.take() {
+                    s.response = rx.try_recv().ok();
+                }
+            }
+            let count = client.response_count(&s.id);
+            report.responses += count;
+            let excused = s.cancelled || s.open_at_close;
+            if count > 1 || (count == 0 && !excused) {
+                self.violations.push(format!("request {} ({} {}) got {count} answers", s.id, s.method, s.tool));
+            }
+            let Some((response, at)) = &s.response else { continue };
+            if s.method == "tools/call" {
+                if let Err(e) = tool_result_object(&response["result"]) {
+                    if response.get("error").is_none() {
+                        self.violations.push(format!("request {}: malformed tool result: {e}", s.id));
+                    }
+                }
+                if QUICK_TOOLS.contains(&s.tool.as_str()) {
+                    let ms = at.saturating_duration_since(s.sent_at).as_secs_f64() * 1000.0;
+                    latencies.push(ms);
+                    if ms > STALL.as_secs_f64() * 1000.0 {
+                        self.violations.push(format!("{} took {ms:.0} ms: a stall", s.tool));
+                    }
+                }
+            }
+        }
+        report.quick_calls = latencies.len();
+        (report.quick_p50_ms, report.quick_p99_ms) = percentiles(&latencies);
+        report.quick_max_ms = latencies.iter().copied().fold(0.0, f64::max);
+        report.streams = self.streams.len();
+        let by_id: HashMap<String, Value> = sent
+            .iter()
+            .filter_map(|s| s.response.as_ref().map(|(r, _)| (id_key(&s.id), r["result"].clone())))
+            .collect();
+        for (start, track) in &self.streams {
+            let mut text = String::new();
+            let mut complete = false;
+            for read in &track.reads {
+                let Some(object) = by_id.get(&id_key(read)).and_then(|r| tool_result_object(r).ok()) else { continue };
+                text.push_str(object["new_content"].as_str().unwrap_or(""));
+                if object["is_complete"] == true {
+                    complete = true;
+                    if object.get("error").is_none() && object["full_content"].as_str() != Some(text.as_str()) {
+                        self.violations.push(format!("stream of request {start}: reads do not add up to full_content"));
+                    }
+                }
+            }
+            // Streams still running when the session closed stdin end with the server.
+            if !complete && !track.cancelled && !self.closed_by_session {
+                self.violations.push(format!("stream of request {start} was neither completed nor cancelled"));
+            }
+        }
+    }
+
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Appends what a client sends to a session file (`ELPIS_RECORD=path`).
+pub struct Recorder {
+    state: Mutex<RecorderState>,
+}
+
+struct RecorderState {
+    file: std::fs::File,
+    last: Instant,
+    /// Bytes of an incomplete line.
+    partial: Vec<u8>,
+}
+
+impl Recorder {
+    pub fn create(path: &Path) -> std::io::Result<Recorder> {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(Recorder { state: Mutex::new(RecorderState { file, last: Instant::now(), partial: Vec::new() }) })
+    }
+
+    fn write_step(state: &mut RecorderState, action: Action) {
+        let now = Instant::now();
+        let after = (now - state.last).as_secs_f64();
+        state.last = now;
+        let step = Step { after: (after * 1000.0).round() / 1000.0, action };
+        if let Ok(line) = serde_json::to_string(&step) {
+            let _ = writeln!(state.file, "{line}");
+        }
+    }
+
+    /// Bytes the server read from stdin.
+    pub fn incoming(&self, bytes: &[u8]) {
+        let mut state = lock(&self.state);
+        state.partial.extend_from_slice(bytes);
+        while let Some(end) = state.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = state.partial.drain(..=end).collect();
+            let text = String::from_utf8_lossy(&line[..line.len() - 1]).trim_end_matches('\r').to_string();
+            if text.trim().is_empty() {
+                continue;
+            }
+            let action = match serde_json::from_str::<Value>(&text) {
+                Ok(msg) => Action::Send(msg),
+                Err(_) => Action::SendRaw(text),
+            };
+            Self::write_step(&mut state, action);
+        }
+    }
+
+    /// Request `request` started stream `stream_id`.
+    pub fn stream_started(&self, request: Value, stream_id: &str) {
+        Self::write_step(&mut lock(&self.state), Action::Stream { request, stream_id: stream_id.to_string() });
+    }
+
+    /// Stdin closed.
+    pub fn closed(&self) {
+        Self::write_step(&mut lock(&self.state), Action::Close(true));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_parse_in_every_form() {
+        let text = r#"
+{"after": 0.5, "send": {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "get_emotion", "arguments": {}}}}
+{"send_raw": "{not json"}
+{"wait": {"response": 1}}
+{"cancel": 1}
+{"poll": {"stream_of": 2}}
+{"poll": {"stream_of": 3, "every": 0.1, "cancel_after": 1.5}}
+{"background": {"every": 1.0, "tool": "get_emotion"}}
+{"stream": {"request": 2, "stream_id": "abc"}}
+{"after": 1, "close": true}
+"#;
+        let steps = parse_session(text).unwrap();
+        assert_eq!(steps.len(), 9);
+        assert_eq!(steps[0].after, 0.5);
+        assert!(matches!(steps[4].action, Action::Poll { every, cancel_after: None, stop_after: None, .. } if every == 0.05));
+        assert!(matches!(steps[8].action, Action::Close(true)));
+        assert!(parse_session("{\"bogus\": 1}").unwrap_err().contains("line 1"));
+    }
+
+    #[test]
+    fn recorder_writes_replayable_steps() {
+        let path = std::env::temp_dir().join(format!("elpis-record-{}.jsonl", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let rec = Recorder::create(&path).unwrap();
+        rec.incoming(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\"}\n{\"jsonrpc\":");
+        rec.incoming(b"\"2.0\",\"method\":\"notifications/initialized\"}\nnot json\n");
+        rec.stream_started(json!(4), "s-1");
+        rec.closed();
+        let steps = parse_session(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(steps.len(), 5);
+        assert!(matches!(&steps[0].action, Action::Send(m) if m["method"] == "ping"));
+        assert!(matches!(&steps[1].action, Action::Send(m) if m["method"] == "notifications/initialized"));
+        assert_eq!(steps[2].action, Action::SendRaw("not json".into()));
+        assert_eq!(steps[3].action, Action::Stream { request: json!(4), stream_id: "s-1".into() });
+        assert_eq!(steps[4].action, Action::Close(true));
+    }
+}

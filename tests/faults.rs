@@ -1,0 +1,141 @@
+//! Faults against the real binary and model: each gives a clear error or a
+//! clean exit, and never loses an answer to another request.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+/// One decode thread per server: tests run two at a time on two cores.
+const ONE_THREAD: (&str, &str) = ("ELPIS_MODEL_N_THREADS", "1");
+
+#[test]
+fn sigterm_during_a_long_prompt_exits_zero() {
+    let mut s = Server::start(&[ONE_THREAD]);
+    let long = "The river bends and the light changes. ".repeat(250); // ~2,000 tokens
+    let _id = s.request_tool("generate", json!({"messages": user(&long), "max_tokens": 16}));
+    std::thread::sleep(Duration::from_millis(400));
+    let caps = s.tool("get_capabilities", json!({})).ok();
+    assert_eq!(caps["active_generations"], 1, "still reading the prompt: {caps}");
+    let sent = Instant::now();
+    s.kill_signal("TERM");
+    let status = s.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}\n{}", s.stderr());
+    eprintln!("SIGTERM during prefill: exit 0 after {:?}", sent.elapsed());
+}
+
+#[test]
+fn stdin_closed_mid_stream_exits_zero() {
+    let mut s = Server::start(&[ONE_THREAD]);
+    let start = s.tool("generate_stream_start", json!({"messages": user("Write a long story."), "max_tokens": 2000})).ok();
+    let id = start["stream_id"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_millis(300));
+    s.tool("generate_stream_read", json!({"stream_id": id})).ok();
+    let closed = Instant::now();
+    s.close_stdin();
+    let status = s.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}\n{}", s.stderr());
+    eprintln!("stdin closed mid-stream: exit 0 after {:?}", closed.elapsed());
+}
+
+#[test]
+fn the_101st_stream_is_refused_and_the_rest_survive() {
+    let mut s = Server::start(&[ONE_THREAD]);
+    let mut ids = Vec::new();
+    for i in 0..100 {
+        let start = s
+            .tool("generate_stream_start", json!({"messages": user(&format!("Number {i}")), "max_tokens": 2}))
+            .ok();
+        ids.push(start["stream_id"].as_str().unwrap().to_string());
+    }
+    let err = s.tool("generate_stream_start", json!({"messages": user("one too many"), "max_tokens": 2})).err();
+    assert!(err.contains("too many streams") && err.contains("100"), "{err}");
+    // Every one of the hundred still completes and reads consistently.
+    for id in &ids {
+        let (text, last) = poll_stream(&mut s, id, Duration::from_millis(5));
+        assert_eq!(last["full_content"].as_str().unwrap(), text);
+    }
+    let caps = s.tool("get_capabilities", json!({})).ok();
+    assert_eq!(caps["active_streams"], 0);
+    // Room again.
+    s.tool("generate_stream_start", json!({"messages": user("now there is room"), "max_tokens": 2})).ok();
+    s.shutdown();
+}
+
+#[test]
+fn a_stream_expired_by_age_while_being_read() {
+    let mut s = Server::start(&[ONE_THREAD, ("ELPIS_SERVER_STREAM_MAX_AGE_S", "1.0")]);
+    let old = s
+        .tool("generate_stream_start", json!({"messages": user("Write a long story."), "max_tokens": 2000}))
+        .ok()["stream_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let read = s.tool("generate_stream_read", json!({"stream_id": old})).ok();
+    assert_eq!(read["is_complete"], false);
+    std::thread::sleep(Duration::from_millis(1200));
+    // Still readable until the next start expires it.
+    s.tool("generate_stream_read", json!({"stream_id": old})).ok();
+    let new = s.tool("generate_stream_start", json!({"messages": user("Hi"), "max_tokens": 4})).ok();
+    let err = s.tool("generate_stream_read", json!({"stream_id": old})).err();
+    assert!(err.contains("unknown stream_id") && err.contains("expired"), "{err}");
+    // The expired stream's generation was stopped: the new one completes promptly.
+    let (text, last) = poll_stream(&mut s, new["stream_id"].as_str().unwrap(), Duration::from_millis(20));
+    assert_eq!(last["full_content"].as_str().unwrap(), text);
+    let caps = s.tool("get_capabilities", json!({})).ok();
+    assert_eq!((caps["active_streams"].as_u64(), caps["active_generations"].as_u64()), (Some(0), Some(0)), "{caps}");
+    s.shutdown();
+}
+
+#[test]
+fn a_thousand_quick_calls_during_one_generation() {
+    let mut s = Server::start(&[ONE_THREAD]);
+    let generate = s.request_tool("generate", json!({"messages": user("Write about mountains."), "max_tokens": 64, "temperature": 0}));
+    let started = Instant::now();
+    let ids: Vec<Value> = (0..1000)
+        .map(|i| match i % 4 {
+            0 => s.request_tool("get_emotion", json!({})),
+            1 => s.request_tool("get_capabilities", json!({})),
+            2 => s.request("resources/read", json!({"uri": "emotion://state"})),
+            _ => s.request_tool("generate_stream_read", json!({"stream_id": format!("nope-{i}")})),
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let (response, at) = s.wait_timed(id, Duration::from_secs(60));
+        latencies.push((at - started).as_secs_f64() * 1000.0);
+        assert!(response.get("error").is_none(), "{response}");
+        if i % 4 != 2 {
+            let r = parse_tool_response(&response);
+            assert_eq!(r.is_error, i % 4 == 3, "{response}");
+        }
+    }
+    let all_answered_ms = latencies.iter().copied().fold(0.0, f64::max);
+    let out = parse_tool_response(&s.wait(&generate)).ok();
+    let generate_ms = started.elapsed().as_secs_f64() * 1000.0;
+    eprintln!("1000 quick calls answered within {all_answered_ms:.0} ms; the generation took {generate_ms:.0} ms");
+    // The same greedy prompt, alone, gives the same text: the flood changed nothing.
+    let again = s.tool("generate", json!({"messages": user("Write about mountains."), "max_tokens": 64, "temperature": 0})).ok();
+    assert_eq!(out["content"], again["content"]);
+    s.shutdown();
+}
+
+#[test]
+fn a_failed_request_never_disturbs_a_running_stream() {
+    let mut s = Server::start(&[ONE_THREAD]);
+    let start = s.tool("generate_stream_start", json!({"messages": user("Tell a story."), "max_tokens": 48})).ok();
+    let id = start["stream_id"].as_str().unwrap().to_string();
+    // Bad requests of every kind while it runs.
+    s.send_line("{garbage");
+    s.tool("generate", json!({"messages": []})).err();
+    s.tool("generate_stream_start", json!({"messages": user("x"), "max_tokens": -1})).err();
+    s.tool("function_call", json!({"messages": user("x"), "tools": [{"type": "function"}]})).err();
+    s.tool("generate_stream_cancel", json!({"stream_id": "bogus"})).err();
+    s.tool("update_emotion", json!({"event_type": 12})).err();
+    let (text, last) = poll_stream(&mut s, &id, Duration::from_millis(50));
+    assert_eq!(last["full_content"].as_str().unwrap(), text);
+    assert!(last.get("error").is_none(), "{last}");
+    s.shutdown();
+}

@@ -1,0 +1,174 @@
+//! Hostile input, property-based: random raw lines and random tool arguments
+//! against one real server. Every request gets exactly one well-formed
+//! answer and the server stays up. The case budget is fixed for CI
+//! (ELPIS_FUZZ_CASES raises it; scripts/fuzz.sh runs a long one).
+
+mod common;
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use common::*;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+use serde_json::{json, Value};
+
+fn cases() -> u32 {
+    std::env::var("ELPIS_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(300)
+}
+
+/// Arbitrary JSON, biased toward the awkward: huge and negative numbers,
+/// deep nesting, odd strings.
+fn json_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
+        Just(json!(1e308)),
+        Just(json!(-1)),
+        Just(json!(u64::MAX)),
+        "\\PC{0,20}".prop_map(Value::from),
+        Just(json!("NaN")),
+        Just(json!("Infinity")),
+        Just(json!("\u{0}\u{feff}\u{202e}")),
+    ];
+    leaf.prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+            proptest::collection::btree_map("[a-z_]{1,12}", inner, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+const TOOLS: [&str; 11] = [
+    "generate",
+    "generate_stream_start",
+    "generate_stream_read",
+    "generate_stream_cancel",
+    "function_call",
+    "update_emotion",
+    "reset_emotion",
+    "get_emotion",
+    "get_capabilities",
+    "no_such_tool",
+    "",
+];
+const KEYS: [&str; 10] =
+    ["messages", "max_tokens", "temperature", "emotional_modulation", "stream_id", "event_type", "intensity", "context", "tools", "tool_choice"];
+
+/// Tool arguments built from the real argument names with random values
+/// (messages sometimes well-formed, so validation past the types is reached).
+fn tool_args() -> impl Strategy<Value = Value> {
+    let message = (prop_oneof![Just("user"), Just("system"), Just("assistant"), Just("wizard"), Just("")], "\\PC{0,30}")
+        .prop_map(|(role, content)| json!({"role": role, "content": content}));
+    let messages = prop_oneof![proptest::collection::vec(message, 0..3).prop_map(Value::from), json_value()];
+    (proptest::collection::btree_map(proptest::sample::select(KEYS.to_vec()), json_value(), 0..5), messages, any::<bool>())
+        .prop_map(|(mut map, messages, with_messages)| {
+            if with_messages {
+                map.insert("messages", messages);
+            }
+            // Keep any generation the fuzzer makes valid short.
+            if map.get("max_tokens").is_some_and(|v| v.as_i64().is_some_and(|n| n > 8)) {
+                map.insert("max_tokens", json!(8));
+            }
+            Value::Object(map.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+        })
+}
+
+#[derive(Debug, Clone)]
+enum Input {
+    RawLine(String),
+    Json(Value),
+    Tool(&'static str, Value),
+}
+
+fn input() -> impl Strategy<Value = Input> {
+    prop_oneof![
+        "[^\\n\\r]{0,200}".prop_map(Input::RawLine),
+        json_value().prop_map(Input::Json),
+        (proptest::sample::select(TOOLS.to_vec()), tool_args()).prop_map(|(t, a)| Input::Tool(t, a)),
+    ]
+}
+
+#[test]
+fn random_lines_and_arguments_never_break_the_server() {
+    let server = Mutex::new(Server::start(&[("ELPIS_MODEL_N_THREADS", "1"), ("ELPIS_MODEL_MAX_TOKENS", "8"), ("ELPIS_LOGGING_LEVEL", "warn")]));
+    let mut runner = TestRunner::new(Config { cases: cases(), failure_persistence: None, ..Config::default() });
+    let requests = std::cell::Cell::new(0u64);
+    let outcome = runner.run(&input(), |case| {
+        let mut s = server.lock().unwrap();
+        match case {
+            Input::RawLine(line) => s.send_line(&line),
+            Input::Json(value) => s.send(&value),
+            Input::Tool(name, args) => {
+                requests.set(requests.get() + 1);
+                let id = s.request_tool(name, args);
+                let response = s.wait_timed(&id, Duration::from_secs(60)).0;
+                if response.get("error").is_none() {
+                    let result = &response["result"];
+                    let text = result["content"][0]["text"].as_str().expect("one text block");
+                    let value: Value = serde_json::from_str(text).expect("JSON text");
+                    prop_assert!(value.is_object());
+                    if result["isError"] == true {
+                        prop_assert!(value["error"].is_string());
+                    }
+                }
+            }
+        }
+        // Still answering, between every case.
+        let ping = s.request_tool("get_emotion", json!({}));
+        requests.set(requests.get() + 1);
+        let response = s.wait_timed(&ping, Duration::from_secs(60)).0;
+        prop_assert!(parse_tool_response(&response).value.get("valence").is_some());
+        Ok(())
+    });
+    let server = server.into_inner().unwrap();
+    eprintln!("hostile input: {} cases, {} requests, all answered", cases(), requests.get());
+    if let Err(e) = outcome {
+        panic!("{e}\nstderr:\n{}", server.stderr());
+    }
+    server.shutdown();
+}
+
+#[test]
+fn named_hostile_inputs() {
+    let mut s = Server::start(&[("ELPIS_MODEL_N_THREADS", "1"), ("ELPIS_MODEL_MAX_TOKENS", "8")]);
+    for line in [
+        "",
+        "   ",
+        "null",
+        "42",
+        "\"just a string\"",
+        "{\"jsonrpc\": \"1.0\", \"id\": 1, \"method\": \"tools/list\"}",
+        "{\"jsonrpc\": \"2.0\", \"method\": \"tools/call\"}",
+        "{\"jsonrpc\": \"2.0\", \"id\": null, \"method\": \"tools/list\"}",
+        "{\"jsonrpc\": \"2.0\", \"id\": {\"a\": 1}, \"method\": \"tools/list\"}",
+        "\u{feff}{\"jsonrpc\": \"2.0\"}",
+    ] {
+        s.send_line(line);
+    }
+    let checks = [
+        ("generate", json!({"messages": user("x"), "max_tokens": 1e300}), "max_tokens"),
+        ("generate", json!({"messages": user("x"), "max_tokens": -9223372036854775808i64}), "max_tokens"),
+        ("generate", json!({"messages": user("x"), "temperature": -0.0001}), "temperature"),
+        ("generate", json!({"messages": user("x"), "temperature": "NaN"}), "temperature"),
+        ("generate", json!({"messages": [{"role": "user", "content": "x"}, 7]}), "messages"),
+        ("generate", json!({"messages": [{"role": "user", "content": null}]}), "content"),
+        ("update_emotion", json!({"event_type": "success", "intensity": f64::MAX}), ""),
+        ("generate_stream_read", json!({"stream_id": "../../etc/passwd"}), "unknown stream_id"),
+        ("generate_stream_read", json!({"stream_id": ""}), "unknown stream_id"),
+        ("function_call", json!({"messages": user("x"), "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}}]}), ""),
+    ];
+    for (tool, args, word) in checks {
+        let r = s.tool(tool, args.clone());
+        if r.is_error {
+            assert!(r.value["error"].as_str().unwrap().contains(word), "{tool} {args}: {}", r.value);
+        }
+    }
+    // Empty content is fine; the server still serves.
+    let out = s.tool("generate", json!({"messages": user(""), "max_tokens": 2})).ok();
+    assert!(out["content"].is_string());
+    s.shutdown();
+}
