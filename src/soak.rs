@@ -66,8 +66,10 @@ struct InFlight {
 
 pub async fn soak(binary: PathBuf, seconds: f64, seed: u64) -> SoakReport {
     let mut report = SoakReport { seed, ..SoakReport::default() };
-    let env = vec![("ELPIS_LOGGING_LEVEL".to_string(), "warn".to_string())];
-    let mut client = match McpClient::spawn(&binary, &[], &env, None) {
+    let env = vec![("ELPIS_LOGGING_LEVEL".to_string(), "info".to_string())];
+    let stderr_path = std::env::temp_dir().join(format!("elpis-soak-{}.log", std::process::id()));
+    eprintln!("soak: server log at {}", stderr_path.display());
+    let mut client = match McpClient::spawn(&binary, &[], &env, Some(&stderr_path)) {
         Ok(c) => c,
         Err(e) => {
             report.violations.push(format!("cannot spawn server: {e}"));
@@ -89,6 +91,15 @@ pub async fn soak(binary: PathBuf, seconds: f64, seed: u64) -> SoakReport {
             report.rss_after_warmup_kib = client.rss_kib().unwrap_or(0);
         }
         report.operations += 1;
+        if report.operations % 200 == 0 {
+            eprintln!(
+                "soak: {:.0} s, {} operations, {} open streams, {} generates in flight",
+                started.elapsed().as_secs_f64(),
+                report.operations,
+                open_streams.len(),
+                in_flight.len()
+            );
+        }
         let prompt = prompts[rng.below(prompts.len() as u64) as usize];
         let max_tokens = 4 + rng.below(40);
         let result = match rng.below(10) {
@@ -161,6 +172,7 @@ pub async fn soak(binary: PathBuf, seconds: f64, seed: u64) -> SoakReport {
         tokio::time::sleep(Duration::from_millis(rng.below(30))).await;
     }
     // Wind down: every outstanding answer, every stream read to its end.
+    eprintln!("soak: winding down: {} generates in flight, {} open streams", in_flight.len(), open_streams.len());
     collect_finished(&mut in_flight, &mut report, true).await;
     for id in std::mem::take(&mut open_streams) {
         loop {
@@ -231,7 +243,9 @@ async fn collect_finished(in_flight: &mut Vec<InFlight>, report: &mut SoakReport
     let mut still = Vec::new();
     for mut f in in_flight.drain(..) {
         let outcome = if wait_all {
-            match tokio::time::timeout(CALL_TIMEOUT, &mut f.rx).await {
+            // A cancelled request may never be answered: wait briefly for those.
+            let limit = if f.cancelled { Duration::from_secs(2) } else { CALL_TIMEOUT };
+            match tokio::time::timeout(limit, &mut f.rx).await {
                 Ok(r) => Some(r.ok()),
                 Err(_) => Some(None),
             }
