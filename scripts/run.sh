@@ -7,10 +7,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash scripts/setup.sh
-if [ -z "${ELPIS_MODEL_PATH:-}" ] && [ -z "${ELPIS_MODEL__PATH:-}" ]; then
-    ELPIS_MODEL_PATH="$(bash scripts/fetch-model.sh)"
-    export ELPIS_MODEL_PATH
-fi
-cargo build --release --quiet --bin elpis-server >&2
+source scripts/prepare.sh
 exec target/release/elpis-server "$@"

@@ -6,10 +6,6 @@
 #   scripts/soak.sh [--seconds 600] [--seed 7]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-if [ -z "${ELPIS_MODEL_PATH:-}" ]; then
-    ELPIS_MODEL_PATH="$(bash scripts/fetch-model.sh)"
-    export ELPIS_MODEL_PATH
-fi
-cargo build --release --quiet --bin elpis-server
+
+source scripts/prepare.sh
 exec target/release/elpis-server soak "$@"
