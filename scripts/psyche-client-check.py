@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Drive elpis-server with the official MCP Python SDK, exactly as Psyche's
+client does (stdio_client + ClientSession, result.content[0].text parsed with
+json.loads), through connect, emotion, generate, a polled stream, a function
+call and the resources. Exits non-zero on any mismatch.
+
+    python3 -m venv /tmp/mcp && /tmp/mcp/bin/pip install mcp
+    ELPIS_MODEL_PATH=... /tmp/mcp/bin/python scripts/psyche-client-check.py target/release/elpis-server
+"""
+import asyncio
+import json
+import os
+import sys
+import time
+
+from mcp import ClientSession, StdioServerParameters
+from mcp.client.stdio import stdio_client
+
+
+def text_json(result):
+    assert len(result.content) == 1, result
+    return json.loads(result.content[0].text)
+
+
+async def main(binary):
+    env = dict(os.environ, ELPIS_QUIET="1")
+    params = StdioServerParameters(command=binary, args=[], env=env)
+    async with stdio_client(params) as (read, write):
+        async with ClientSession(read, write) as session:
+            init = await session.initialize()
+            print("protocol", getattr(init, "protocol_version", None) or getattr(init, "protocolVersion", None))
+            tools = await session.list_tools()
+            names = sorted(t.name for t in tools.tools)
+            assert len(names) == 9, names
+            caps = text_json(await session.call_tool("get_capabilities", {}))
+            assert caps["backend"] == "llama-cpp" and caps["context_length"] > 0, caps
+            mood = text_json(await session.call_tool("get_emotion", {}))
+            assert "valence" in mood and "trajectory" in mood, mood
+            messages = [{"role": "system", "content": "You are Psyche."},
+                        {"role": "user", "content": "Reflect briefly."}]
+            out = text_json(await session.call_tool(
+                "generate", {"messages": messages, "max_tokens": 24, "temperature": 0.7, "emotional_modulation": True}))
+            assert "error" not in out and isinstance(out["content"], str), out
+            start = text_json(await session.call_tool("generate_stream_start", {"messages": messages, "max_tokens": 24}))
+            sid = start["stream_id"]
+            text = ""
+            while True:
+                r = text_json(await session.call_tool("generate_stream_read", {"stream_id": sid}))
+                text += r["new_content"]
+                if r["is_complete"]:
+                    assert r["full_content"] == text, (r, text)
+                    break
+                await asyncio.sleep(0.05)
+            again = await session.call_tool("generate_stream_read", {"stream_id": sid})
+            assert "error" in text_json(again), again
+            fc = text_json(await session.call_tool("function_call", {
+                "messages": [{"role": "user", "content": "Weather in Oslo?"}],
+                "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {
+                    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}],
+                "tool_choice": "required"}))
+            assert fc["tool_calls"][0]["function"]["name"] == "get_weather", fc
+            upd = text_json(await session.call_tool("update_emotion", {"event_type": "success", "intensity": 0.3}))
+            assert upd["update_count"] >= 1, upd
+            bad = text_json(await session.call_tool("generate", {"messages": []}))
+            assert "error" in bad, bad
+            res = await session.list_resources()
+            assert sorted(str(r.uri) for r in res.resources) == ["emotion://events", "emotion://state"], res
+            state = await session.read_resource("emotion://state")
+            assert "valence" in json.loads(state.contents[0].text)
+            print("ok: tools, stream, function call, emotion, resources")
+
+
+if __name__ == "__main__":
+    t = time.time()
+    asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else "target/release/elpis-server"))
+    print(f"done in {time.time() - t:.1f} s")
