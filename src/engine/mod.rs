@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 pub use chat_format::{ChatFormat, Message, ROLES};
 pub use raw::{raw_speed, RawSpeed};
 pub use scheduler::{route_llama_logs, Engine};
-pub use text::{Decoded, TextDecoder};
+pub use text::TextDecoder;
 pub use tool_calls::{apply_tool_choice, openai_call, parse_reply, parse_tools, reply_schema, tools_prompt, ToolSpec};
 
 /// Settings the engine is built from (the `[model]` section, resolved).
@@ -239,20 +239,5 @@ impl EngineHandle {
             .send(Command::SchemaGrammar(schema.to_string(), tx))
             .map_err(|_| EngineError::Stopped)?;
         rx.await.map_err(|_| EngineError::Stopped)?
-    }
-}
-
-impl Generation {
-    /// Wait for the end, collecting the text (what `generate` does).
-    pub async fn finish(mut self, mut on_text: impl FnMut(&str)) -> Result<Completion, EngineError> {
-        while let Some(event) = self.events.recv().await {
-            match event {
-                GenerationEvent::Text(t) => on_text(&t),
-                GenerationEvent::Tokens(_) => {}
-                GenerationEvent::Done(c) => return Ok(c),
-                GenerationEvent::Failed(e) => return Err(e),
-            }
-        }
-        Err(EngineError::Stopped)
     }
 }
