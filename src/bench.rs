@@ -87,7 +87,8 @@ pub async fn bench(config: &Config, options: &BenchOptions) -> anyhow::Result<Be
     let mut info = (0, 0, 0);
     for run in 0..options.runs.max(1) {
         eprintln!("bench: run {} of {}", run + 1, options.runs.max(1));
-        let raw = raw_speed(&settings, &long_prompt(run as u64 + 1000), 128, 128)?;
+        let short = "<start_of_turn>user\nYou are a storyteller.\n\nWrite a long story about a lighthouse keeper.<end_of_turn>\n<start_of_turn>model\n";
+        let raw = raw_speed(&settings, &long_prompt(run as u64 + 1000), short, 128, 128)?;
         let (r, i) = bench_server(&binary, &options.env, raw, run as u64, &config.model_path()).await?;
         info = i;
         runs.push(r);

@@ -24,8 +24,15 @@ pub struct RawSpeed {
     pub decode_tokens_per_s: f64,
 }
 
-/// Read `prompt` (chunks of `chunk` tokens), then decode `decode_tokens`.
-pub fn raw_speed(settings: &EngineSettings, prompt: &str, chunk: usize, decode_tokens: usize) -> Result<RawSpeed, EngineError> {
+/// Read `prompt` (chunks of `chunk` tokens); then, from an empty cache,
+/// read `short_prompt` and decode `decode_tokens` after it.
+pub fn raw_speed(
+    settings: &EngineSettings,
+    prompt: &str,
+    short_prompt: &str,
+    chunk: usize,
+    decode_tokens: usize,
+) -> Result<RawSpeed, EngineError> {
     let backend = LlamaBackend::init().map_err(|e| EngineError::Backend(e.to_string()))?;
     let model = LlamaModel::load_from_file(&backend, &settings.model_path, &LlamaModelParams::default())
         .map_err(|_| EngineError::ModelLoad(settings.model_path.clone()))?;
@@ -54,8 +61,16 @@ pub fn raw_speed(settings: &EngineSettings, prompt: &str, chunk: usize, decode_t
         ctx.decode(&mut batch).map_err(|e| EngineError::Decode(e.to_string()))?;
     }
     let prompt_s = started.elapsed().as_secs_f64();
+    // Decode speed after a short prompt, as the server is measured.
+    ctx.clear_kv_cache();
+    let short = model.vocab().tokenize(short_prompt.as_bytes(), true, true);
+    batch.clear();
+    for (i, &t) in short.iter().enumerate() {
+        batch.add(t, i as i32, &[0], i + 1 == short.len()).map_err(|e| EngineError::Decode(e.to_string()))?;
+    }
+    ctx.decode(&mut batch).map_err(|e| EngineError::Decode(e.to_string()))?;
     let mut sampler = LlamaSampler::greedy();
-    let mut pos = tokens.len();
+    let mut pos = short.len();
     let mut last_index = batch.n_tokens() - 1;
     let started = Instant::now();
     for _ in 0..decode_tokens {

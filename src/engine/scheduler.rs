@@ -36,6 +36,9 @@ use super::{
 /// Smallest and largest prompt chunk one step may decode.
 const MIN_CHUNK: usize = 8;
 const MAX_CHUNK: usize = 128;
+/// Steps are planned at this share of `max_step_ms`: the estimate lags, and
+/// later prompt tokens cost more than earlier ones (attention grows).
+const STEP_HEADROOM: f64 = 0.8;
 /// Yields between two decode steps (a yield costs microseconds).
 const YIELDS_PER_STEP: usize = 8;
 /// Tokens a penalty sampler looks back over.
@@ -267,7 +270,7 @@ impl Engine {
             slots,
             queue: VecDeque::new(),
             commands: rx,
-            budget: StepBudget { target_ms: settings.max_step_ms as f64, ms_per_token: 2.0 },
+            budget: StepBudget { target_ms: settings.max_step_ms as f64 * STEP_HEADROOM, ms_per_token: 2.0 },
             tick: 0,
             next_job_id: 0,
             _not_send: PhantomData,
