@@ -35,11 +35,15 @@ pub async fn chat(
     let result = inference.generate(args, CancellationToken::new(), Some(tx)).await;
     let _ = printer.await;
     let result = result.map_err(|e| anyhow::anyhow!(e.0))?;
-    println!();
-    println!();
-    println!("finish: {}  usage: {}", result["finish_reason"], result["usage"]);
-    println!("sampling: {}", result["modulated_params"]);
-    println!("emotional state: {}", serde_json::to_string_pretty(&result["emotional_state"])?);
+    let summary = format!(
+        "\n\nfinish: {}  usage: {}\nsampling: {}\nemotional state: {}\n",
+        result["finish_reason"],
+        result["usage"],
+        result["modulated_params"],
+        serde_json::to_string_pretty(&result["emotional_state"])?
+    );
+    // A closed pipe (`| head`) is not an error worth a panic.
+    let _ = std::io::stdout().write_all(summary.as_bytes());
     Ok(())
 }
 
