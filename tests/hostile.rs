@@ -42,19 +42,10 @@ fn json_value() -> impl Strategy<Value = Value> {
     })
 }
 
-const TOOLS: [&str; 11] = [
-    "generate",
-    "generate_stream_start",
-    "generate_stream_read",
-    "generate_stream_cancel",
-    "function_call",
-    "update_emotion",
-    "reset_emotion",
-    "get_emotion",
-    "get_capabilities",
-    "no_such_tool",
-    "",
-];
+/// The real tools, plus names no tool has.
+fn tool_names() -> Vec<&'static str> {
+    TOOL_NAMES.iter().copied().chain(["no_such_tool", ""]).collect()
+}
 const KEYS: [&str; 10] =
     ["messages", "max_tokens", "temperature", "emotional_modulation", "stream_id", "event_type", "intensity", "context", "tools", "tool_choice"];
 
@@ -88,7 +79,7 @@ fn input() -> impl Strategy<Value = Input> {
     prop_oneof![
         "[^\\n\\r]{0,200}".prop_map(Input::RawLine),
         json_value().prop_map(Input::Json),
-        (proptest::sample::select(TOOLS.to_vec()), tool_args()).prop_map(|(t, a)| Input::Tool(t, a)),
+        (proptest::sample::select(tool_names()), tool_args()).prop_map(|(t, a)| Input::Tool(t, a)),
     ]
 }
 

@@ -8,18 +8,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{json, Value};
 
-const TOOL_NAMES: [&str; 9] = [
-    "generate",
-    "generate_stream_start",
-    "generate_stream_read",
-    "generate_stream_cancel",
-    "function_call",
-    "update_emotion",
-    "reset_emotion",
-    "get_emotion",
-    "get_capabilities",
-];
-
 fn assert_emotional_state(v: &Value) {
     for key in ["valence", "arousal", "quadrant", "last_update", "update_count", "baseline", "steering_coefficients", "trajectory"] {
         assert!(v.get(key).is_some(), "emotional state lacks {key}: {v}");

@@ -15,6 +15,19 @@ use serde_json::{json, Value};
 
 pub const TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The nine tools of wire.md.
+pub const TOOL_NAMES: [&str; 9] = [
+    "generate",
+    "generate_stream_start",
+    "generate_stream_read",
+    "generate_stream_cancel",
+    "function_call",
+    "update_emotion",
+    "reset_emotion",
+    "get_emotion",
+    "get_capabilities",
+];
+
 /// The GGUF model the tests run on: ELPIS_MODEL_PATH, else the fetch script's cache.
 pub fn model_path() -> PathBuf {
     if let Some(p) = std::env::var_os("ELPIS_MODEL_PATH") {
