@@ -57,10 +57,6 @@ impl Inference {
         Inference { engine, mood, streams: Arc::new(Mutex::new(streams)), defaults }
     }
 
-    pub fn mood(&self) -> &Mood {
-        &self.mood
-    }
-
     fn streams(&self) -> std::sync::MutexGuard<'_, StreamRegistry> {
         self.streams.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -181,10 +181,6 @@ impl EmotionalState {
         }
     }
 
-    pub fn params(&self) -> &EmotionParams {
-        &self.params
-    }
-
     /// Move the state's decay forward to `now`. A clock that went backwards
     /// changes nothing.
     fn decay_to(&mut self, now: f64) {

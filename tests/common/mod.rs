@@ -203,11 +203,6 @@ impl Server {
         self.wait_timed(id, TIMEOUT).0
     }
 
-    /// Whether a response to `id` has arrived (without removing it).
-    pub fn has_response(&self, id: &Value) -> bool {
-        self.inbox.0.lock().unwrap().responses.contains_key(&id_key(id))
-    }
-
     /// A request's result; panics on a JSON-RPC error.
     pub fn call(&mut self, method: &str, params: Value) -> Value {
         let id = self.request(method, params);
