@@ -23,7 +23,8 @@ def text_json(result):
 
 
 async def main(binary):
-    env = dict(os.environ, ELPIS_QUIET="1")
+    # A fixed seed: every sampled reply is the same on every run.
+    env = dict(os.environ, ELPIS_QUIET="1", ELPIS_MODEL_SEED="20261127")
     params = StdioServerParameters(command=binary, args=[], env=env)
     async with stdio_client(params) as (read, write):
         async with ClientSession(read, write) as session:
@@ -56,8 +57,8 @@ async def main(binary):
             fc = text_json(await session.call_tool("function_call", {
                 "messages": [{"role": "user", "content": "Weather in Oslo?"}],
                 "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {
-                    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}],
-                "tool_choice": "required"}))
+                    "type": "object", "properties": {"city": {"type": "string", "maxLength": 40}}, "required": ["city"]}}}],
+                "tool_choice": "required", "temperature": 0}))
             assert fc["tool_calls"][0]["function"]["name"] == "get_weather", fc
             upd = text_json(await session.call_tool("update_emotion", {"event_type": "success", "intensity": 0.3}))
             assert upd["update_count"] >= 1, upd

@@ -241,7 +241,18 @@ impl Inference {
             "finish_reason": completion.finish_reason,
             "usage": completion.usage,
         });
-        match engine::parse_reply(&completion.text, &tools) {
+        // A constrained reply cut by the token limit is a runaway (a string
+        // or array the model never closed), not a call: say so plainly.
+        let parsed = match engine::parse_reply(&completion.text, &tools) {
+            Err(_) if completion.finish_reason == FinishReason::Length => Err(format!(
+                "the reply hit the token limit ({} tokens) inside a call, before the JSON was complete: \
+                 the model ran away (for example an unbounded string or array); retry, lower the temperature, \
+                 or bound the schema (maxLength, maxItems)",
+                completion.usage.completion_tokens
+            )),
+            other => other,
+        };
+        match parsed {
             Ok(calls) => {
                 let calls: Vec<Value> = calls
                     .iter()

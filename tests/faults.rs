@@ -29,7 +29,7 @@ fn sigterm_during_a_long_prompt_exits_zero() {
 #[test]
 fn stdin_closed_mid_stream_exits_zero() {
     let mut s = Server::start(&[ONE_THREAD]);
-    let start = s.tool("generate_stream_start", json!({"messages": user("Write a long story."), "max_tokens": 2000})).ok();
+    let start = s.tool("generate_stream_start", greedy_args("Write a long story.", 2000)).ok();
     let id = start["stream_id"].as_str().unwrap().to_string();
     std::thread::sleep(Duration::from_millis(300));
     s.tool("generate_stream_read", json!({"stream_id": id})).ok();
@@ -68,7 +68,7 @@ fn the_101st_stream_is_refused_and_the_rest_survive() {
 fn a_stream_expired_by_age_while_being_read() {
     let mut s = Server::start(&[ONE_THREAD, ("ELPIS_SERVER_STREAM_MAX_AGE_S", "1.0")]);
     let old = s
-        .tool("generate_stream_start", json!({"messages": user("Write a long story."), "max_tokens": 2000}))
+        .tool("generate_stream_start", greedy_args("Write a long story.", 2000))
         .ok()["stream_id"]
         .as_str()
         .unwrap()
@@ -128,7 +128,7 @@ fn a_thousand_quick_calls_during_one_generation() {
 #[test]
 fn a_failed_request_never_disturbs_a_running_stream() {
     let mut s = Server::start(&[ONE_THREAD]);
-    let start = s.tool("generate_stream_start", json!({"messages": user("Tell a story."), "max_tokens": 48})).ok();
+    let start = s.tool("generate_stream_start", greedy_args("Tell a story.", 48)).ok();
     let id = start["stream_id"].as_str().unwrap().to_string();
     // Bad requests of every kind while it runs.
     s.send_line("{garbage");

@@ -57,6 +57,7 @@ fn all_sessions_replay_cleanly() {
                 .args(group)
                 .env("ELPIS_MODEL_PATH", common::model_path())
                 .env("ELPIS_MODEL_N_THREADS", "1")
+                .env("ELPIS_MODEL_SEED", common::SEED)
                 .env("ELPIS_LOGGING_LEVEL", "warn")
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
@@ -126,6 +127,7 @@ fn a_recorded_session_replays() {
         .arg(&path)
         .env("ELPIS_MODEL_PATH", common::model_path())
         .env("ELPIS_MODEL_N_THREADS", "1")
+        .env("ELPIS_MODEL_SEED", common::SEED)
         .output()
         .unwrap();
     let _ = std::fs::remove_file(&path);

@@ -208,7 +208,7 @@ fn truncate_overflow_drops_old_turns() {
 fn stream_reads_concatenate_to_full_content() {
     let mut s = Server::start(&[]);
     let start = s
-        .tool("generate_stream_start", json!({"messages": user("Tell a short story about a fox."), "max_tokens": 48}))
+        .tool("generate_stream_start", greedy_args("Tell a short story about a fox.", 48))
         .ok();
     assert_eq!(start["status"], "started");
     assert_emotional_state(&start["emotional_state"]);
@@ -262,11 +262,10 @@ fn get_emotion_is_answered_while_a_stream_decodes() {
     let mut s = Server::start(&[]);
     let mut latencies = Vec::new();
     let mut answered_before_end = 0;
-    // A sampled stream may end early on an end-of-turn token: try again then.
+    // Greedy, so the reply's length is the same on every run; should the
+    // stream still end before a call lands (a slow machine), try again.
     for _attempt in 0..3 {
-        let start = s
-            .tool("generate_stream_start", json!({"messages": user("Write a long essay about rivers."), "max_tokens": 200, "temperature": 0.8}))
-            .ok();
+        let start = s.tool("generate_stream_start", greedy_args("Write a long essay about rivers.", 200)).ok();
         let id = start["stream_id"].as_str().unwrap().to_string();
         std::thread::sleep(Duration::from_millis(200));
         for _ in 0..10 {
@@ -297,15 +296,13 @@ fn get_emotion_is_answered_while_a_stream_decodes() {
 #[test]
 fn overlapping_generations_all_complete() {
     let mut s = Server::start(&[]);
-    let ids: Vec<Value> = (0..3)
-        .map(|i| s.request_tool("generate", json!({"messages": user(&format!("Say the number {i}.")), "max_tokens": 16})))
-        .collect();
-    let stream = s.tool("generate_stream_start", json!({"messages": user("Say hello."), "max_tokens": 16})).ok();
+    let ids: Vec<Value> = (0..3).map(|i| s.request_tool("generate", greedy_args(&format!("Say the number {i}."), 16))).collect();
+    let stream = s.tool("generate_stream_start", greedy_args("Say hello.", 16)).ok();
     let stream_id = stream["stream_id"].as_str().unwrap().to_string();
     let fc = s.request_tool(
         "function_call",
-        json!({"messages": user("What's the weather in Paris?"), "tool_choice": "required", "tools": [
-            {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]}),
+        json!({"messages": user("What's the weather in Paris?"), "tool_choice": "required", "temperature": 0, "tools": [
+            {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}}, "required": ["city"]}}}]}),
     );
     for id in &ids {
         let out = parse_tool_response(&s.wait(id)).ok();
@@ -314,7 +311,7 @@ fn overlapping_generations_all_complete() {
     let (text, last) = poll_stream(&mut s, &stream_id, Duration::from_millis(50));
     assert_eq!(last["full_content"].as_str().unwrap(), text);
     let calls = parse_tool_response(&s.wait(&fc)).ok();
-    assert_eq!(calls["tool_calls"][0]["function"]["name"], "get_weather");
+    assert_eq!(calls["tool_calls"][0]["function"]["name"], "get_weather", "{calls}");
     s.shutdown();
 }
 
@@ -339,6 +336,9 @@ fn schema_valid(value: &Value, schema: &Value) -> bool {
     }
 }
 
+/// Greedy, and every string and array bounded: the grammar then guarantees a
+/// complete call within the token limit whatever the model picks (an
+/// unbounded array once let a sampled reply count up to the limit).
 #[test]
 fn function_call_returns_schema_valid_calls() {
     let mut s = Server::start(&[]);
@@ -346,7 +346,7 @@ fn function_call_returns_schema_valid_calls() {
         (
             "What is the weather in Oslo?",
             json!({"name": "get_weather", "description": "Current weather for a city",
-                   "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}, "required": ["city", "unit"]}}),
+                   "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}, "required": ["city", "unit"]}}),
         ),
         (
             "Add 2 and 3.",
@@ -356,13 +356,14 @@ fn function_call_returns_schema_valid_calls() {
         (
             "Remind me to buy milk, urgently.",
             json!({"name": "create_reminder", "description": "Create a reminder",
-                   "parameters": {"type": "object", "properties": {"text": {"type": "string"}, "urgent": {"type": "boolean"}, "tags": {"type": "array", "items": {"type": "string"}}}, "required": ["text", "urgent"]}}),
+                   "parameters": {"type": "object", "properties": {"text": {"type": "string", "maxLength": 60}, "urgent": {"type": "boolean"},
+                                  "tags": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 3}}, "required": ["text", "urgent"]}}),
         ),
     ];
     for (prompt, function) in &cases {
         let tools = json!([{"type": "function", "function": function}]);
         let out = s
-            .tool("function_call", json!({"messages": user(prompt), "tools": tools, "tool_choice": "required", "temperature": 0.2}))
+            .tool("function_call", json!({"messages": user(prompt), "tools": tools, "tool_choice": "required", "temperature": 0}))
             .ok();
         assert!(out.get("parse_error").is_none(), "{out}");
         assert_emotional_state(&out["emotional_state"]);
@@ -378,7 +379,7 @@ fn function_call_returns_schema_valid_calls() {
     }
     // Two tools, auto choice: a list (possibly empty), every call to a given tool.
     let tools: Vec<Value> = cases.iter().map(|(_, f)| json!({"type": "function", "function": f})).collect();
-    let out = s.tool("function_call", json!({"messages": user("Add 40 and 2."), "tools": tools})).ok();
+    let out = s.tool("function_call", json!({"messages": user("Add 40 and 2."), "tools": tools, "temperature": 0})).ok();
     for call in out["tool_calls"].as_array().unwrap() {
         let name = call["function"]["name"].as_str().unwrap();
         assert!(["get_weather", "add", "create_reminder"].contains(&name));
@@ -387,6 +388,27 @@ fn function_call_returns_schema_valid_calls() {
     assert!(err.contains("tools"), "{err}");
     let err = s.tool("function_call", json!({"messages": user("x")})).err();
     assert!(err.contains("tools"), "{err}");
+    s.shutdown();
+}
+
+/// A constrained reply that runs out of tokens inside a call is a runaway:
+/// `finish_reason: "length"`, no calls, and a parse_error that says so. With
+/// an 8-token limit no call to this tool can be complete, whatever the model
+/// picks (the grammar forces the call's opening and requires one call).
+#[test]
+fn function_call_cut_by_the_token_limit_is_a_runaway() {
+    let mut s = Server::start(&[("ELPIS_MODEL_MAX_TOKENS", "8")]);
+    let tools = json!([{"type": "function", "function": {"name": "create_reminder",
+        "parameters": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}}}]);
+    let out = s
+        .tool("function_call", json!({"messages": user("Remind me to buy milk."), "tools": tools, "tool_choice": "required", "temperature": 0}))
+        .ok();
+    assert_eq!(out["finish_reason"], "length", "{out}");
+    assert_eq!(out["tool_calls"], json!([]), "{out}");
+    assert_eq!(out["usage"]["completion_tokens"], 8, "{out}");
+    let error = out["parse_error"].as_str().unwrap_or_else(|| panic!("no parse_error: {out}"));
+    assert!(error.contains("hit the token limit (8 tokens) inside a call"), "{error}");
+    assert!(out["raw_content"].as_str().unwrap().starts_with("[{"), "{out}");
     s.shutdown();
 }
 
@@ -419,7 +441,7 @@ fn progress_notifications_stream_generate_text() {
 #[test]
 fn cancelled_notification_stops_an_inflight_generate() {
     let mut s = Server::start(&[]);
-    let id = s.request_tool("generate", json!({"messages": user("Write a very long poem."), "max_tokens": 2000, "temperature": 0.9}));
+    let id = s.request_tool("generate", greedy_args("Write a very long poem.", 2000));
     std::thread::sleep(Duration::from_millis(400));
     s.notify("notifications/cancelled", json!({"requestId": id, "reason": "user typed"}));
     let sent = Instant::now();
@@ -454,7 +476,7 @@ fn malformed_lines_get_errors_and_serving_continues() {
 #[test]
 fn stdin_closed_mid_generate_exits_zero_promptly() {
     let mut s = Server::start(&[]);
-    let _id = s.request_tool("generate", json!({"messages": user("Write a long story."), "max_tokens": 2000}));
+    let _id = s.request_tool("generate", greedy_args("Write a long story.", 2000));
     std::thread::sleep(Duration::from_millis(500));
     let closed = Instant::now();
     s.close_stdin();
@@ -466,7 +488,7 @@ fn stdin_closed_mid_generate_exits_zero_promptly() {
 #[test]
 fn sigterm_mid_stream_exits_zero() {
     let mut s = Server::start(&[]);
-    s.tool("generate_stream_start", json!({"messages": user("Write a long story."), "max_tokens": 2000})).ok();
+    s.tool("generate_stream_start", greedy_args("Write a long story.", 2000)).ok();
     std::thread::sleep(Duration::from_millis(300));
     s.kill_signal("TERM");
     let status = s.wait_exit(Duration::from_secs(10));

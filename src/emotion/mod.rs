@@ -536,6 +536,9 @@ mod tests {
     }
 
     proptest! {
+        // Fixed cases: CI passes or fails on the code, never on the draw.
+        #![proptest_config(ProptestConfig { rng_seed: proptest::test_runner::RngSeed::Fixed(20261127), ..ProptestConfig::default() })]
+
         #[test]
         fn values_stay_in_unit_square(
             events in proptest::collection::vec((event_name(), -5.0f64..5.0, 0.0f64..100.0), 0..60),

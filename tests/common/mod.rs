@@ -17,6 +17,12 @@ use serde_json::{json, Value};
 /// shared two-core machine can take minutes.
 pub const TIMEOUT: Duration = Duration::from_secs(300);
 
+/// Every test server samples with this seed: a test that samples at a
+/// temperature (to exercise the emotional modulation) still sees the same
+/// tokens on every run. Tests that assert on what the model wrote also ask
+/// for greedy decoding (`temperature: 0`).
+pub const SEED: &str = "20261127";
+
 /// The nine tools of wire.md.
 pub const TOOL_NAMES: [&str; 9] = [
     "generate",
@@ -99,6 +105,7 @@ impl Server {
             // Tests run two servers at once on two cores: one thread each,
             // or llama.cpp's threads stall waiting for each other.
             .env("ELPIS_MODEL_N_THREADS", "1")
+            .env("ELPIS_MODEL_SEED", SEED)
             .env_remove("ELPIS_QUIET")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -290,6 +297,11 @@ fn uuid_like() -> String {
 
 pub fn user(text: &str) -> Value {
     json!([{"role": "user", "content": text}])
+}
+
+/// `generate` arguments for a greedy reply of at most `max_tokens`.
+pub fn greedy_args(text: &str, max_tokens: u32) -> Value {
+    json!({"messages": user(text), "max_tokens": max_tokens, "temperature": 0})
 }
 
 /// Poll a stream until complete, like Psyche (every `interval`). Returns the
