@@ -408,7 +408,8 @@ fn function_call_cut_by_the_token_limit_is_a_runaway() {
     assert_eq!(out["usage"]["completion_tokens"], 8, "{out}");
     let error = out["parse_error"].as_str().unwrap_or_else(|| panic!("no parse_error: {out}"));
     assert!(error.contains("hit the token limit (8 tokens) inside a call"), "{error}");
-    assert!(out["raw_content"].as_str().unwrap().starts_with("[{"), "{out}");
+    let raw: String = out["raw_content"].as_str().unwrap().split_whitespace().collect();
+    assert!(raw.starts_with("[{"), "the grammar opens a call: {out}");
     s.shutdown();
 }
 
