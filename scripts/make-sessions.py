@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write the replay sessions of tests/sessions/ (see src/replay.rs for the format).
+"""Write the replay sessions of tests/sessions/ (see src/session.rs for the format).
 
 Each session reproduces one pattern of shared/docs/sessions.md with Psyche's
 own messages: a long system prompt (persona and tool descriptions, about 1.5k

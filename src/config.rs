@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::emotion::EmotionParams;
+use crate::engine::{ChatFormat, EngineSettings};
 
 /// Where the config file is looked for when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "configs/elpis.toml";
@@ -257,11 +258,11 @@ impl Config {
                 m.hardware_backend
             ));
         }
-        if crate::engine::ChatFormat::parse(&m.chat_format).is_none() {
+        if ChatFormat::parse(&m.chat_format).is_none() {
             return bad(format!(
                 "model.chat_format = {:?} is unknown: expected one of {}",
                 m.chat_format,
-                crate::engine::ChatFormat::NAMES.join(", ")
+                ChatFormat::NAMES.join(", ")
             ));
         }
         self.emotion.validate().map_err(ConfigError::Invalid)?;
@@ -295,6 +296,22 @@ impl Config {
             default_model_path()
         } else {
             PathBuf::from(&self.model.path)
+        }
+    }
+
+    /// What the engine needs of this config to load the model and schedule.
+    pub fn engine_settings(&self) -> EngineSettings {
+        let m = &self.model;
+        EngineSettings {
+            model_path: self.model_path(),
+            context_length: m.context_length,
+            gpu_layers: m.gpu_layers,
+            n_threads: m.n_threads,
+            chat_format: ChatFormat::parse(&m.chat_format).unwrap_or(ChatFormat::Auto),
+            parallel: m.parallel,
+            max_step_ms: m.max_step_ms,
+            swa_full: m.swa_full,
+            truncate_overflow: m.overflow == Overflow::Truncate,
         }
     }
 }

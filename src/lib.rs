@@ -8,39 +8,32 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: the TOML file and `ELPIS_*` environment, validated.
-//! - [`logging`]: tracing to stderr or `~/.elpis/elpis-server.log`.
-//! - [`emotion`]: the emotional state model, pure, time injected.
-//! - [`mood`]: the live emotional state (the model plus the wall clock and a lock).
+//! Imports run one way: `main` → [`cli`] → [`server`] / [`harness`] →
+//! [`engine`], [`emotion`], [`config`].
+//!
+//! - [`cli`]: the command line: arguments, the runtime, and the dispatch to
+//!   serving or to a person's commands (`chat`, and `replay`, `soak`,
+//!   `bench`, which print the harness's reports).
+//! - [`server`]: the process Psyche spawns and the request path:
+//!   `serve` (stdio, lifecycle) → `mcp` (tools, resources) → `wire`
+//!   (argument types) → `inference` (what each tool does) → `streams`
+//!   (polled streams) and `mood` (the live emotional state).
 //! - [`engine`]: the one owner of llama.cpp: model, context, scheduler
 //!   (slots, batches, prompt cache), sampling, chat formats, tool-call
 //!   grammar, detokenisation.
-//! - [`streams`]: the registry of polled streams.
-//! - [`inference`]: what each tool does, from validated arguments to the
-//!   result object.
-//! - [`wire`]: tool argument types and their JSON schemas.
-//! - [`mcp`]: the rmcp server handler: tools and resources.
-//! - [`serve`]: process lifecycle: runtime, stdio, shutdown on EOF or signal.
-//! - [`replay`]: session files: recording (`ELPIS_RECORD`) and replay with
-//!   the checks every session must pass.
-//! - [`bench`]: the benchmark: raw llama.cpp floor vs the server over stdio.
-//! - [`soak`]: random mixed load against a spawned server, with its checks.
-//! - [`client`]: a stdio MCP client for a spawned server (replay, soak, bench).
-//! - [`cli`], [`chat`]: the command line and the `chat` subcommand.
+//! - [`emotion`]: the emotional state model, pure, time injected.
+//! - [`harness`]: what drives a spawned server to check it: `client`,
+//!   `replay`, `soak`, `bench`.
+//! - [`session`]: the session file format, and the recorder the server
+//!   writes it with (`ELPIS_RECORD`); the harness replays it.
+//! - [`config`]: the TOML file and `ELPIS_*` environment, validated.
+//! - [`logging`]: tracing to stderr or `~/.elpis/elpis-server.log`.
 
-pub mod bench;
-pub mod chat;
 pub mod cli;
-pub mod client;
 pub mod config;
 pub mod emotion;
 pub mod engine;
-pub mod inference;
+pub mod harness;
 pub mod logging;
-pub mod mcp;
-pub mod mood;
-pub mod replay;
-pub mod serve;
-pub mod soak;
-pub mod streams;
-pub mod wire;
+pub mod server;
+pub mod session;

@@ -6,7 +6,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = elpis::cli::Cli::parse();
-    match elpis::serve::main(cli) {
+    match elpis::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One clear line on stderr, even when logs go to a file.

@@ -1,5 +1,6 @@
 //! The threading promise, checked on the source: only the engine imports
-//! llama.cpp, and nothing in `src/` moves work to another thread.
+//! llama.cpp, and nothing in `src/` moves work to another thread; and the
+//! layout's promise: imports between modules run one way.
 
 use std::path::{Path, PathBuf};
 
@@ -52,7 +53,51 @@ fn no_work_leaves_the_runtime_thread() {
 
 #[test]
 fn the_runtime_is_current_thread() {
-    let serve = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/serve.rs")).unwrap();
-    assert!(serve.contains("new_current_thread()"));
-    assert!(!serve.contains("new_multi_thread"));
+    let cli = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/cli/mod.rs")).unwrap();
+    assert!(cli.contains("new_current_thread()"));
+    for (path, text) in sources() {
+        assert!(!text.contains("new_multi_thread"), "{} builds a multi-thread runtime", path.display());
+    }
+}
+
+/// The top-level module a source file belongs to (`src/server/mcp.rs` -> `server`).
+fn module_of(path: &Path) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let rel = path.strip_prefix(&root).unwrap();
+    let first = rel.components().next().unwrap().as_os_str().to_string_lossy().to_string();
+    first.trim_end_matches(".rs").to_string()
+}
+
+/// Imports run one way: main -> cli -> server / harness -> engine, emotion,
+/// config. Each module may use only those of lower rank (or its own).
+#[test]
+fn imports_run_one_way() {
+    let rank = |m: &str| match m {
+        "main" | "lib" => 5,
+        "cli" => 4,
+        "server" | "harness" => 3,
+        "session" | "logging" => 2,
+        "config" => 1,
+        "engine" | "emotion" => 0,
+        other => panic!("module {other} has no place in the layering: add it to this test and to lib.rs's # Layout"),
+    };
+    let mut offenders = Vec::new();
+    for (path, text) in sources() {
+        let from = module_of(&path);
+        for (n, line) in text.lines().enumerate() {
+            let mut rest = line;
+            while let Some(at) = rest.find("crate::") {
+                let tail = &rest[at + "crate::".len()..];
+                let to: String = tail.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                rest = &tail[to.len()..];
+                if to.is_empty() || to == from {
+                    continue;
+                }
+                if rank(&to) >= rank(&from) {
+                    offenders.push(format!("{}:{}: {from} uses {to}", path.display(), n + 1));
+                }
+            }
+        }
+    }
+    assert!(offenders.is_empty(), "imports against the layering:\n{}", offenders.join("\n"));
 }

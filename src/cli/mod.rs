@@ -1,8 +1,19 @@
-//! Command-line arguments (raw values; `main` turns them into settings).
+//! The command line: its arguments (raw values), and [`run`], which loads
+//! the configuration and logging, builds the one current_thread runtime and
+//! dispatches to the chosen command: serving (the default), or a command a
+//! person runs in a terminal ([`chat`], and the harness's [`reports`]).
+
+pub mod chat;
+pub mod reports;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::server::serve;
 
 #[derive(Debug, Parser)]
 #[command(name = "elpis-server", version, about = "Local LLM inference over MCP (stdio), with an emotional state")]
@@ -57,4 +68,35 @@ pub enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+}
+
+/// Run the command line: load config and logging, then the chosen command
+/// on a current_thread runtime (with a LocalSet: the engine is `!Send`).
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let (config, warnings) = Config::load(cli.config.as_deref())?;
+    crate::logging::init(&config.logging)?;
+    crate::engine::route_llama_logs();
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    let local = tokio::task::LocalSet::new();
+    let result = local.block_on(&runtime, async move {
+        match cli.command {
+            None | Some(Command::Serve) => serve::serve(config).await,
+            Some(Command::Chat { message, system, max_tokens, temperature }) => {
+                let (inference, _engine) = serve::start(&config)?;
+                chat::chat(&inference, message, system, max_tokens, temperature).await
+            }
+            Some(Command::Replay { files, speed, json }) => reports::replay_files(&files, speed, json).await,
+            Some(Command::Soak { seconds, seed }) => reports::soak(seconds, seed).await,
+            Some(Command::Bench { runs, out }) => reports::bench(&config, runs, out).await,
+        }
+    });
+    // Don't wait for the runtime's blocking pool (a stdin read may be parked there).
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    result
 }

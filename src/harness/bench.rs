@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::client::{percentiles, tool_result_object, McpClient};
+use crate::harness::client::{percentiles, tool_result_object, McpClient};
 use crate::config::Config;
 use crate::engine::{raw_speed, RawSpeed};
 
@@ -81,7 +81,7 @@ fn messages(system: &str, user: &str) -> Value {
 }
 
 pub async fn bench(config: &Config, options: &BenchOptions) -> anyhow::Result<BenchReport> {
-    let settings = crate::serve::engine_settings(config);
+    let settings = config.engine_settings();
     let binary = std::env::current_exe()?;
     let mut runs = Vec::new();
     let mut info = (0, 0, 0);

@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
-use crate::client::{tool_result_object, McpClient, Response};
+use crate::harness::client::{tool_result_object, McpClient, Response};
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// Most generations in flight at once.

@@ -16,9 +16,9 @@ use crate::engine::{
     self, Completion, EngineHandle, FinishReason, Generation, GenerationEvent, GenerationRequest, Message,
     SamplingParams, ROLES,
 };
-use crate::mood::Mood;
-use crate::streams::{StreamEnd, StreamRegistry};
-use crate::wire::{FunctionCallArgs, GenerateArgs, UpdateEmotionArgs};
+use crate::server::mood::Mood;
+use crate::server::streams::{StreamEnd, StreamRegistry};
+use crate::server::wire::{FunctionCallArgs, GenerateArgs, UpdateEmotionArgs};
 
 /// A failure reported to the client as `{"error": message}`.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -31,8 +31,8 @@ impl From<engine::EngineError> for ToolError {
     }
 }
 
-impl From<crate::streams::StreamError> for ToolError {
-    fn from(e: crate::streams::StreamError) -> Self {
+impl From<crate::server::streams::StreamError> for ToolError {
+    fn from(e: crate::server::streams::StreamError) -> Self {
         ToolError(e.to_string())
     }
 }

@@ -15,9 +15,9 @@ use rmcp::{ErrorData, RoleServer, ServerHandler};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::inference::{Inference, Progress, ToolError};
-use crate::replay::Recorder;
-use crate::wire::{parse_args, schema_of, FunctionCallArgs, GenerateArgs, NoArgs, StreamArgs, UpdateEmotionArgs};
+use crate::server::inference::{Inference, Progress, ToolError};
+use crate::session::Recorder;
+use crate::server::wire::{parse_args, schema_of, FunctionCallArgs, GenerateArgs, NoArgs, StreamArgs, UpdateEmotionArgs};
 
 pub const EMOTION_STATE_URI: &str = "emotion://state";
 pub const EMOTION_EVENTS_URI: &str = "emotion://events";

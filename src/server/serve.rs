@@ -1,6 +1,6 @@
-//! Process lifecycle: build the single-threaded runtime, load the engine on
-//! it, serve MCP over stdio, and stop promptly (exit 0) when stdin closes or
-//! SIGTERM/SIGINT arrives, even in the middle of a generation.
+//! Serving: load the engine on the runtime's one thread, serve MCP over
+//! stdio, and stop promptly (exit 0) when stdin closes or SIGTERM/SIGINT
+//! arrives, even in the middle of a generation.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -12,76 +12,27 @@ use rmcp::ServiceExt;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{Cli, Command};
-use crate::config::{Config, Overflow};
-use crate::engine::{self, ChatFormat, Engine, EngineSettings};
-use crate::inference::Inference;
-use crate::mcp::ElpisServer;
-use crate::mood::Mood;
-use crate::replay::Recorder;
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::server::inference::Inference;
+use crate::server::mcp::ElpisServer;
+use crate::server::mood::Mood;
+use crate::session::Recorder;
 
 /// How long in-flight answers may still be written after stdin closed.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
-/// Run the command line: load config and logging, then the chosen command
-/// on a current_thread runtime.
-pub fn main(cli: Cli) -> anyhow::Result<()> {
-    let (config, warnings) = Config::load(cli.config.as_deref())?;
-    crate::logging::init(&config.logging)?;
-    engine::route_llama_logs();
-    for warning in warnings {
-        tracing::warn!("{warning}");
-    }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the tokio runtime")?;
-    let local = tokio::task::LocalSet::new();
-    let result = local.block_on(&runtime, async move {
-        match cli.command {
-            None | Some(Command::Serve) => serve(config).await,
-            Some(Command::Chat { message, system, max_tokens, temperature }) => {
-                let (inference, _engine) = start(&config)?;
-                crate::chat::chat(&inference, message, system, max_tokens, temperature).await
-            }
-            Some(Command::Replay { files, speed, json }) => crate::chat::replay_files(&files, speed, json).await,
-            Some(Command::Soak { seconds, seed }) => crate::chat::soak(seconds, seed).await,
-            Some(Command::Bench { runs, out }) => {
-                let options = crate::bench::BenchOptions { runs, out, env: Vec::new() };
-                crate::bench::bench(&config, &options).await.map(|_| ())
-            }
-        }
-    });
-    // Don't wait for the runtime's blocking pool (a stdin read may be parked there).
-    runtime.shutdown_timeout(Duration::from_millis(100));
-    result
-}
-
-/// The engine settings of a config.
-pub fn engine_settings(config: &Config) -> EngineSettings {
-    let m = &config.model;
-    EngineSettings {
-        model_path: config.model_path(),
-        context_length: m.context_length,
-        gpu_layers: m.gpu_layers,
-        n_threads: m.n_threads,
-        chat_format: ChatFormat::parse(&m.chat_format).unwrap_or(ChatFormat::Auto),
-        parallel: m.parallel,
-        max_step_ms: m.max_step_ms,
-        swa_full: m.swa_full,
-        truncate_overflow: m.overflow == Overflow::Truncate,
-    }
-}
-
-/// Load the model on this thread and spawn the engine loop on the LocalSet.
-fn start(config: &Config) -> anyhow::Result<(Arc<Inference>, tokio::task::JoinHandle<()>)> {
-    let (engine, handle) = Engine::load(&engine_settings(config))?;
+/// Load the model on this thread and spawn the engine loop on the LocalSet
+/// (the caller runs inside one). The `chat` command uses it too.
+pub fn start(config: &Config) -> anyhow::Result<(Arc<Inference>, tokio::task::JoinHandle<()>)> {
+    let (engine, handle) = Engine::load(&config.engine_settings())?;
     let task = tokio::task::spawn_local(engine.run());
     let mood = Arc::new(Mood::new(config.emotion.clone()));
     Ok((Arc::new(Inference::new(handle, mood, config.model.clone(), &config.server)), task))
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+/// Serve MCP on stdio until the client goes, stdin closes or a signal comes.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
     let (inference, engine_task) = start(&config)?;
     let stdin_closed = CancellationToken::new();
     let recorder = match std::env::var_os("ELPIS_RECORD") {
