@@ -1,82 +1,201 @@
-//! Logging through `tracing`: stderr by default, a file when ELPIS_QUIET=1
-//! (Psyche's TUI owns the terminal) or when `logging.output_file` is set.
-//! Never stdout: stdout is the protocol channel. llama.cpp's own log lines
-//! are routed into the same subscriber by the engine.
+//! Logging through `tracing`. Logs always go to stderr, or, when
+//! ELPIS_QUIET=1 (Psyche's TUI owns the terminal), to
+//! `~/.elpis/elpis-server.log`; `logging.output_file` adds a second sink,
+//! its folder created and the file rotated by size, as the Python
+//! predecessor did. Never stdout: stdout is the protocol channel. llama.cpp's
+//! own log lines are routed into the same subscriber by the engine.
+//!
+//! Nothing here refuses to serve: a level nobody can read or a log file
+//! that cannot be written is a warning, and logging goes on without it.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
-use tracing_subscriber::EnvFilter;
+use file_rotate::compression::Compression;
+use file_rotate::suffix::AppendCount;
+use file_rotate::{ContentLimit, FileRotate};
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::{Layered, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 use crate::config::LoggingConfig;
 
-#[derive(Debug, thiserror::Error)]
-pub enum LogError {
-    #[error("logging.level = {0:?} is not a valid level: use trace, debug, info, warn or error")]
-    Level(String),
-    #[error("cannot open log file {path}: {source}: set logging.output_file to a writable path")]
-    File { path: PathBuf, source: std::io::Error },
-}
+/// A log file is rotated once it passes this size...
+const ROTATE_BYTES: usize = 10 * 1024 * 1024;
+/// ...keeping this many old files (`elpis.log.1` is the newest).
+const ROTATED_FILES: usize = 5;
+
+type Subscriber = Layered<EnvFilter, Registry>;
+type Sink = Box<dyn Layer<Subscriber> + Send + Sync>;
 
 /// Whether ELPIS_QUIET asks for a silent terminal.
 pub fn quiet() -> bool {
     std::env::var("ELPIS_QUIET").is_ok_and(|v| !v.is_empty() && v != "0" && v.to_ascii_lowercase() != "false")
 }
 
-/// The log file used with ELPIS_QUIET=1 when none is configured.
+/// The log file used with ELPIS_QUIET=1.
 pub fn default_log_file() -> PathBuf {
     let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
     home.join(".elpis").join("elpis-server.log")
 }
 
-/// Install the global subscriber.
-pub fn init(config: &LoggingConfig) -> Result<(), LogError> {
-    let level = config.level.trim().to_ascii_lowercase();
-    let mut filter = match std::env::var("RUST_LOG") {
-        Ok(directives) if !directives.is_empty() => EnvFilter::try_new(directives),
-        _ => EnvFilter::try_new(&level),
-    }
-    .map_err(|_| LogError::Level(config.level.clone()))?;
-    // llama.cpp narrates every load at info level: keep it to warnings
-    // unless debugging.
-    if !matches!(level.as_str(), "debug" | "trace") {
-        if let Ok(d) = "llama-cpp-2=warn".parse() {
-            filter = filter.add_directive(d);
+/// `logging.level` as a tracing filter: tracing's level names and Python's
+/// (`WARNING`, `CRITICAL`, `NOTSET`...), in any case, or a tracing filter
+/// directive (`info,elpis=debug`). None when it is neither.
+pub fn level_filter(level: &str) -> Option<String> {
+    let trimmed = level.trim();
+    let lower = trimmed.to_ascii_lowercase();
+    let name = match lower.as_str() {
+        "" | "info" => "info",
+        "trace" | "notset" => "trace",
+        "debug" => "debug",
+        "warn" | "warning" => "warn",
+        "error" | "critical" | "fatal" => "error",
+        "off" => "off",
+        // A directive names targets: keep its case.
+        _ if trimmed.contains('=') || trimmed.contains(',') => {
+            return EnvFilter::try_new(trimmed).is_ok().then(|| trimmed.to_string());
         }
-    }
-    let file = if !config.output_file.is_empty() {
-        Some(PathBuf::from(&config.output_file))
-    } else if quiet() {
-        Some(default_log_file())
-    } else {
-        None
+        _ => return None,
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match file {
-        Some(path) => {
-            if let Some(dir) = path.parent() {
-                let _ = std::fs::create_dir_all(dir);
-            }
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(|source| LogError::File { path: path.clone(), source })?;
-            let builder = builder.with_ansi(false).with_writer(Arc::new(file));
-            if config.format == "json" {
-                builder.json().init();
-            } else {
-                builder.init();
-            }
-        }
-        None => {
-            let builder = builder.with_writer(std::io::stderr);
-            if config.format == "json" {
-                builder.json().init();
-            } else {
-                builder.init();
+    Some(name.to_string())
+}
+
+/// Install the global subscriber. Returns warnings to log once it is up.
+pub fn init(config: &LoggingConfig) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let level = level_filter(&config.level).unwrap_or_else(|| {
+        warnings.push(format!(
+            "logging.level = {:?} is not a level: using info (levels: trace, debug, info, warning, error, \
+             critical, in any case)",
+            config.level
+        ));
+        "info".to_string()
+    });
+    let mut filter = match std::env::var("RUST_LOG") {
+        Ok(directives) if !directives.trim().is_empty() => EnvFilter::try_new(&directives).unwrap_or_else(|_| {
+            warnings.push(format!("RUST_LOG = {directives:?} is not a tracing filter: using logging.level"));
+            EnvFilter::new(&level)
+        }),
+        _ => EnvFilter::new(&level),
+    };
+    // llama.cpp narrates every load at info level: keep it to warnings
+    // unless debugging (and quieter still when the level is).
+    let llama = match level.as_str() {
+        "info" => Some("warn"),
+        "warn" | "error" | "off" => Some(level.as_str()),
+        _ => None,
+    };
+    if let Some(d) = llama.and_then(|l| format!("llama-cpp-2={l}").parse().ok()) {
+        filter = filter.add_directive(d);
+    }
+    let json = config.format == "json";
+    let mut sinks: Vec<Sink> = Vec::new();
+    let quiet_file = quiet().then(default_log_file);
+    match &quiet_file {
+        Some(path) => match open_rotating(path) {
+            Ok(file) => sinks.push(sink(Mutex::new(file), false, json)),
+            // Nowhere to say it in quiet mode but the extra file, if any.
+            Err(e) => warnings.push(format!("cannot write the quiet-mode log file {}: {e}", path.display())),
+        },
+        None => sinks.push(sink(std::io::stderr, std::io::stderr().is_terminal(), json)),
+    }
+    let extra = config.output_file.trim();
+    if !extra.is_empty() {
+        let path = absolute(Path::new(extra));
+        if quiet_file.as_ref().is_some_and(|q| absolute(q) == path) {
+            // Already the quiet-mode sink.
+        } else {
+            match open_rotating(&path) {
+                Ok(file) => sinks.push(sink(Mutex::new(file), false, json)),
+                Err(e) => warnings.push(format!(
+                    "logging.output_file = {extra:?} cannot be written ({e}): logging to {} only",
+                    if quiet_file.is_some() { "the quiet-mode file" } else { "stderr" }
+                )),
             }
         }
     }
-    Ok(())
+    let _ = tracing_subscriber::registry().with(filter).with(sinks).try_init();
+    warnings
+}
+
+/// One formatting layer over `writer`.
+fn sink<W>(writer: W, ansi: bool, json: bool) -> Sink
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let layer = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(ansi);
+    if json {
+        layer.json().boxed()
+    } else {
+        layer.boxed()
+    }
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().map(|d| d.join(path)).unwrap_or_else(|_| path.to_path_buf())
+    }
+}
+
+/// A size-rotated log file at `path`, its folder created. Checked here
+/// first, because the rotating writer panics on a folder it cannot create.
+fn open_rotating(path: &Path) -> std::io::Result<FileRotate<AppendCount>> {
+    let path = absolute(path);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+    Ok(FileRotate::new(
+        path,
+        AppendCount::new(ROTATED_FILES),
+        ContentLimit::BytesSurpassed(ROTATE_BYTES),
+        Compression::None,
+        None,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_level_names_in_any_case() {
+        for (given, wanted) in [
+            ("WARNING", "warn"),
+            ("warning", "warn"),
+            ("CRITICAL", "error"),
+            ("Error", "error"),
+            ("DEBUG", "debug"),
+            ("INFO", "info"),
+            ("NOTSET", "trace"),
+            ("", "info"),
+            (" warn ", "warn"),
+        ] {
+            assert_eq!(level_filter(given).as_deref(), Some(wanted), "{given}");
+        }
+        assert_eq!(level_filter("info,elpis=debug").as_deref(), Some("info,elpis=debug"));
+        assert_eq!(level_filter("loud"), None);
+    }
+
+    #[test]
+    fn a_rotating_file_is_created_with_its_folder_and_rotates() {
+        let dir = std::env::temp_dir().join(format!("elpis-log-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("nested/elpis.log");
+        let mut file = open_rotating(&path).unwrap();
+        use std::io::Write;
+        let line = vec![b'x'; 1024];
+        for _ in 0..(ROTATE_BYTES / 1024 + 2) {
+            file.write_all(&line).unwrap();
+        }
+        file.flush().unwrap();
+        assert!(path.exists() && dir.join("nested/elpis.log.1").exists());
+        assert!(open_rotating(Path::new("/proc/elpis-cannot-write/x.log")).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

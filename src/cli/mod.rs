@@ -73,8 +73,8 @@ pub enum Command {
 /// Run the command line: load config and logging, then the chosen command
 /// on a current_thread runtime (with a LocalSet: the engine is `!Send`).
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    let (config, warnings) = Config::load(cli.config.as_deref())?;
-    crate::logging::init(&config.logging)?;
+    let (config, mut warnings) = Config::load(cli.config.as_deref())?;
+    warnings.extend(crate::logging::init(&config.logging));
     crate::engine::route_llama_logs();
     for warning in warnings {
         tracing::warn!("{warning}");
