@@ -4,7 +4,14 @@
 //! Loading happens in two stages, as in ripgrep: the raw layers (file table,
 //! then `ELPIS_SECTION_KEY` / `ELPIS_SECTION__KEY` variables on top) are merged
 //! into one TOML table, which serde turns into typed settings; then
-//! [`Config::validate`] checks every range. Errors name the key and the fix.
+//! [`Config::validate`] checks every range. Errors name the key (or the
+//! variable) and the fix.
+//!
+//! Configs written for the Python predecessor keep working: its documented
+//! values are accepted (mapped where they mean something here, else warned
+//! about once, naming what happens instead), variable names match in any
+//! case as its settings did, and cross-field conflicts it tolerated are
+//! clamped with a warning instead of refusing to start.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,6 +36,16 @@ pub enum ConfigError {
     #[error("bad configuration: {0}")]
     Invalid(String),
 }
+
+/// `ELPIS_*` variables that are not config keys (never warned about).
+const NON_CONFIG_VARS: &[&str] =
+    &["ELPIS_QUIET", "ELPIS_RECORD", "ELPIS_CACHE_DIR", "ELPIS_TEST_THREADS", "ELPIS_FUZZ_CASES", "ELPIS_FUZZ_SEED"];
+
+/// The config sections, as in the file.
+const SECTIONS: [&str; 4] = ["model", "emotion", "logging", "server"];
+
+/// `model.hardware_backend` values the predecessor documented.
+const HARDWARE_BACKENDS: [&str; 8] = ["auto", "cpu", "cuda", "rocm", "hip", "metal", "mps", "vulkan"];
 
 /// Keys of the predecessor's transformers backend: accepted and ignored.
 const TRANSFORMERS_KEYS: &[&str] = &[
@@ -191,25 +208,37 @@ impl Config {
             Some(p) => (p.to_path_buf(), true),
             None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
         };
-        let mut table = match std::fs::read_to_string(&file_path) {
-            Ok(text) => text.parse::<toml::Table>().map_err(|e| ConfigError::Parse {
-                path: file_path.clone(),
-                message: e.to_string(),
-            })?,
-            Err(e) if !must_exist && e.kind() == std::io::ErrorKind::NotFound => toml::Table::new(),
+        let (mut table, file_read) = match std::fs::read_to_string(&file_path) {
+            Ok(text) => {
+                let table = text.parse::<toml::Table>().map_err(|e| ConfigError::Parse {
+                    path: file_path.clone(),
+                    message: e.to_string(),
+                })?;
+                (table, true)
+            }
+            Err(e) if !must_exist && e.kind() == std::io::ErrorKind::NotFound => (toml::Table::new(), false),
             Err(source) => return Err(ConfigError::Read { path: file_path, source }),
         };
-        apply_env(&mut table, env);
-        let config: Config = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Invalid(format!("{e} (in {})", file_path.display())))?;
-        let warnings = config.validate()?;
+        let mut warnings = apply_env(&mut table, env)?;
+        // Variables are checked against each key's type above, so what fails
+        // here came from the file: name it (and only when there is one).
+        let mut config: Config = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
+            if file_read {
+                ConfigError::Invalid(format!("{e} (in {})", file_path.display()))
+            } else {
+                ConfigError::Invalid(e.to_string())
+            }
+        })?;
+        warnings.extend(config.validate()?);
         Ok((config, warnings))
     }
 
-    /// Check every value; returns warnings for ignored keys.
-    pub fn validate(&self) -> Result<Vec<String>, ConfigError> {
-        let m = &self.model;
+    /// Check every value. Conflicts between two keys that the predecessor
+    /// tolerated are clamped here; returns warnings (ignored keys, values
+    /// mapped or clamped) to log once logging is up.
+    pub fn validate(&mut self) -> Result<Vec<String>, ConfigError> {
+        let mut warnings = Vec::new();
+        let m = &mut self.model;
         let bad = |msg: String| Err(ConfigError::Invalid(msg));
         match m.backend.as_str() {
             "llama-cpp" | "llama_cpp" | "llamacpp" | "" => {}
@@ -223,11 +252,15 @@ impl Config {
         if !(256..=1_048_576).contains(&m.context_length) {
             return bad(format!("model.context_length = {} is out of range: expected 256 to 1048576", m.context_length));
         }
-        if m.max_tokens == 0 || m.max_tokens > m.context_length {
-            return bad(format!(
-                "model.max_tokens = {} is out of range: expected 1 to context_length ({})",
-                m.max_tokens, m.context_length
+        if m.max_tokens == 0 {
+            return bad("model.max_tokens = 0 is out of range: expected at least 1".into());
+        }
+        if m.max_tokens > m.context_length {
+            warnings.push(format!(
+                "model.max_tokens = {} is larger than model.context_length ({}): using {}",
+                m.max_tokens, m.context_length, m.context_length
             ));
+            m.max_tokens = m.context_length;
         }
         if m.n_threads > 512 {
             return bad(format!("model.n_threads = {} is out of range: expected 0 (auto) to 512", m.n_threads));
@@ -252,20 +285,34 @@ impl Config {
         if !(5..=10_000).contains(&m.max_step_ms) {
             return bad(format!("model.max_step_ms = {} is out of range: expected 5 to 10000", m.max_step_ms));
         }
-        if !["auto", "cpu", "cuda", "metal", "vulkan"].contains(&m.hardware_backend.as_str()) {
+        m.hardware_backend = m.hardware_backend.trim().to_ascii_lowercase();
+        if !HARDWARE_BACKENDS.contains(&m.hardware_backend.as_str()) {
             return bad(format!(
-                "model.hardware_backend = {:?} is unknown: expected auto, cpu, cuda, metal or vulkan",
-                m.hardware_backend
+                "model.hardware_backend = {:?} is unknown: expected one of {}",
+                m.hardware_backend,
+                HARDWARE_BACKENDS.join(", ")
             ));
+        }
+        if let Some(warning) = hardware_backend_meaning(m) {
+            warnings.push(warning);
         }
         if ChatFormat::parse(&m.chat_format).is_none() {
-            return bad(format!(
-                "model.chat_format = {:?} is unknown: expected one of {}",
-                m.chat_format,
-                ChatFormat::NAMES.join(", ")
-            ));
+            if ChatFormat::is_foreign(&m.chat_format) {
+                warnings.push(format!(
+                    "model.chat_format = {:?} (a llama-cpp-python format) has no equivalent here: \
+                     using auto (the model's own template, else one chosen by its architecture)",
+                    m.chat_format
+                ));
+            } else {
+                return bad(format!(
+                    "model.chat_format = {:?} is unknown: expected one of {}",
+                    m.chat_format,
+                    ChatFormat::NAMES.join(", ")
+                ));
+            }
         }
-        self.emotion.validate().map_err(ConfigError::Invalid)?;
+        warnings.extend(self.emotion.validate().map_err(ConfigError::Invalid)?);
+        let m = &self.model;
         if !(1..=100_000).contains(&self.server.max_streams) {
             return bad(format!("server.max_streams = {} is out of range: expected 1 to 100000", self.server.max_streams));
         }
@@ -276,17 +323,13 @@ impl Config {
         if !["text", "json"].contains(&self.logging.format.as_str()) {
             return bad(format!("logging.format = {:?} is unknown: expected \"text\" or \"json\"", self.logging.format));
         }
-        let warnings = m
-            .ignored
-            .keys()
-            .map(|key| {
-                if TRANSFORMERS_KEYS.contains(&key.as_str()) {
-                    format!("model.{key} belongs to the old transformers backend and is ignored")
-                } else {
-                    format!("model.{key} is not a known setting and is ignored")
-                }
-            })
-            .collect();
+        warnings.extend(m.ignored.keys().map(|key| {
+            if TRANSFORMERS_KEYS.contains(&key.as_str()) {
+                format!("model.{key} belongs to the old transformers backend and is ignored")
+            } else {
+                format!("model.{key} is not a known setting and is ignored")
+            }
+        }));
         Ok(warnings)
     }
 
@@ -316,48 +359,139 @@ impl Config {
     }
 }
 
-/// Overlay `ELPIS_<SECTION>_<KEY>` and `ELPIS_<SECTION>__<KEY>` variables on
-/// the table. Values parse as TOML scalars (42, 0.5, true) or else strings.
-fn apply_env(table: &mut toml::Table, env: &[(String, String)]) {
-    const SECTIONS: [&str; 4] = ["model", "emotion", "logging", "server"];
-    for (name, raw) in env {
-        let Some(rest) = name.strip_prefix("ELPIS_") else { continue };
-        for section in SECTIONS {
-            let Some(key) = rest
-                .strip_prefix(&section.to_ascii_uppercase())
-                .and_then(|k| k.strip_prefix('_'))
-                .map(|k| k.strip_prefix('_').unwrap_or(k))
-            else {
-                continue;
-            };
-            if key.is_empty() {
-                continue;
-            }
-            let value = parse_env_value(raw);
-            let entry = table
-                .entry(section.to_string())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            if let toml::Value::Table(section_table) = entry {
-                section_table.insert(key.to_ascii_lowercase(), value);
-            }
+/// What `model.hardware_backend` means for this build, as a warning when
+/// the value cannot be honoured; `cpu` (and a GPU this build cannot drive)
+/// keep every layer on the CPU.
+fn hardware_backend_meaning(m: &mut ModelConfig) -> Option<String> {
+    let cuda_built = cfg!(feature = "cuda");
+    match m.hardware_backend.as_str() {
+        "auto" => None,
+        "cpu" if m.gpu_layers > 0 => {
+            let layers = std::mem::take(&mut m.gpu_layers);
+            Some(format!("model.hardware_backend = \"cpu\": model.gpu_layers = {layers} is ignored, every layer runs on the CPU"))
+        }
+        "cpu" => None,
+        "cuda" if cuda_built => None,
+        "cuda" => Some(
+            "model.hardware_backend = \"cuda\", but this build has no CUDA support (build with --features cuda): \
+             running on the CPU"
+                .into(),
+        ),
+        other => {
+            m.gpu_layers = 0;
+            Some(format!(
+                "model.hardware_backend = {other:?} is not supported by this build (Elpis offloads to NVIDIA GPUs \
+                 through a CUDA build only): running on the CPU"
+            ))
         }
     }
 }
 
-fn parse_env_value(raw: &str) -> toml::Value {
-    let trimmed = raw.trim();
-    if let Ok(i) = trimmed.parse::<i64>() {
-        return toml::Value::Integer(i);
-    }
-    if let Ok(b) = trimmed.parse::<bool>() {
-        return toml::Value::Boolean(b);
-    }
-    if let Ok(f) = trimmed.parse::<f64>() {
-        if f.is_finite() {
-            return toml::Value::Float(f);
+/// The type a config key's value has, to read a variable's text as.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum ValueKind {
+    Text,
+    Integer,
+    Number,
+    Boolean,
+}
+
+impl ValueKind {
+    /// The variable's text as a value of this kind; the error says what was expected.
+    fn read(self, raw: &str) -> Result<toml::Value, &'static str> {
+        let number = || -> Option<f64> {
+            let t = raw.trim().replace('_', "");
+            let t = t.strip_prefix('+').unwrap_or(&t);
+            t.parse::<f64>().ok().filter(|f| f.is_finite())
+        };
+        match self {
+            ValueKind::Text => Ok(toml::Value::String(raw.to_string())),
+            ValueKind::Integer => {
+                let t = raw.trim().replace('_', "");
+                if let Ok(i) = t.strip_prefix('+').unwrap_or(&t).parse::<i64>() {
+                    return Ok(toml::Value::Integer(i));
+                }
+                match number() {
+                    Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(toml::Value::Integer(f as i64)),
+                    _ => Err("expected a whole number"),
+                }
+            }
+            ValueKind::Number => number().map(toml::Value::Float).ok_or("expected a number"),
+            ValueKind::Boolean => match raw.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => Ok(toml::Value::Boolean(true)),
+                "false" | "0" | "no" | "off" => Ok(toml::Value::Boolean(false)),
+                _ => Err("expected true or false"),
+            },
         }
     }
-    toml::Value::String(raw.to_string())
+}
+
+/// Every key a variable may set, with the type of its value, read off the
+/// defaults (so a new setting is settable from the environment at once).
+fn settable_keys() -> BTreeMap<(String, String), ValueKind> {
+    let mut keys = BTreeMap::new();
+    if let Ok(toml::Value::Table(sections)) = toml::Value::try_from(Config::default()) {
+        for (section, table) in sections {
+            let toml::Value::Table(table) = table else { continue };
+            for (key, value) in table {
+                let kind = match value {
+                    toml::Value::Integer(_) => ValueKind::Integer,
+                    toml::Value::Float(_) => ValueKind::Number,
+                    toml::Value::Boolean(_) => ValueKind::Boolean,
+                    _ => ValueKind::Text,
+                };
+                keys.insert((section.clone(), key), kind);
+            }
+        }
+    }
+    // Optional keys, absent from the defaults.
+    keys.insert(("model".into(), "seed".into()), ValueKind::Integer);
+    keys
+}
+
+/// Overlay `ELPIS_<SECTION>_<KEY>` and `ELPIS_<SECTION>__<KEY>` variables
+/// (names in any case) on the table. Each value is read as its key's type:
+/// a text key takes any text, a number key any number spelling. A variable
+/// that names no key is a warning; a value that does not fit its key is an
+/// error naming the variable.
+fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> Result<Vec<String>, ConfigError> {
+    let keys = settable_keys();
+    let mut warnings = Vec::new();
+    for (name, raw) in env {
+        let upper = name.to_ascii_uppercase();
+        let Some(rest) = upper.strip_prefix("ELPIS_") else { continue };
+        if NON_CONFIG_VARS.contains(&upper.as_str()) {
+            continue;
+        }
+        let target = SECTIONS.iter().find_map(|section| {
+            let key = rest.strip_prefix(&section.to_ascii_uppercase())?.strip_prefix('_')?;
+            let key = key.strip_prefix('_').unwrap_or(key).to_ascii_lowercase();
+            (!key.is_empty()).then(|| (section.to_string(), key))
+        });
+        let kind = target.as_ref().and_then(|t| keys.get(t).copied());
+        let (section, key, kind) = match (target, kind) {
+            (Some((section, key)), Some(kind)) => (section, key, kind),
+            // Old transformers keys are ignored with their own warning, as in the file.
+            (Some((section, key)), None) if section == "model" && TRANSFORMERS_KEYS.contains(&key.as_str()) => {
+                (section, key, ValueKind::Text)
+            }
+            _ => {
+                warnings.push(format!(
+                    "environment variable {name} names no setting and is ignored \
+                     (settings are ELPIS_<SECTION>_<KEY>, for example ELPIS_MODEL_PATH)"
+                ));
+                continue;
+            }
+        };
+        let value = kind.read(raw).map_err(|expected| {
+            ConfigError::Invalid(format!("environment variable {name} = {raw:?} does not fit {section}.{key}: {expected}"))
+        })?;
+        let entry = table.entry(section).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if let toml::Value::Table(section_table) = entry {
+            section_table.insert(key, value);
+        }
+    }
+    Ok(warnings)
 }
 
 #[cfg(test)]
@@ -445,6 +579,74 @@ mod tests {
         let f = write_config("[emotion]\nbogus = 1\n");
         let err = Config::load_with_env(Some(&f.0), &[]).unwrap_err().to_string();
         assert!(err.contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn env_values_take_their_key_type_and_names_any_case() {
+        let e = env(&[
+            ("ELPIS_MODEL_PATH", "12345"),
+            ("elpis_model_n_threads", " 3 "),
+            ("Elpis_Model__Temperature", "1"),
+            ("ELPIS_MODEL_CONTEXT_LENGTH", "8e3"),
+            ("ELPIS_MODEL_SWA_FULL", "no"),
+            ("ELPIS_MODEL_SEED", "1_000"),
+            ("ELPIS_LOGGING_LEVEL", "true"),
+        ]);
+        let (c, warnings) = Config::load_with_env(None, &e).unwrap();
+        assert_eq!(c.model.path, "12345");
+        assert_eq!(c.model.n_threads, 3);
+        assert_eq!(c.model.temperature, 1.0);
+        assert_eq!(c.model.context_length, 8000);
+        assert!(!c.model.swa_full);
+        assert_eq!(c.model.seed, Some(1000));
+        assert_eq!(c.logging.level, "true");
+        assert!(warnings.is_empty(), "{warnings:?}");
+    }
+
+    #[test]
+    fn env_errors_name_the_variable_and_unknown_names_warn() {
+        let err = Config::load_with_env(None, &env(&[("ELPIS_MODEL_CONTEXT_LENGTH", "big")])).unwrap_err().to_string();
+        assert!(err.contains("ELPIS_MODEL_CONTEXT_LENGTH") && err.contains("whole number"), "{err}");
+        assert!(!err.contains("configs/elpis.toml"), "no file was read: {err}");
+        let err = Config::load_with_env(None, &env(&[("ELPIS_MODEL_N_THREADS", "2.5")])).unwrap_err().to_string();
+        assert!(err.contains("ELPIS_MODEL_N_THREADS"), "{err}");
+        let e = env(&[("ELPIS_QUIET", "1"), ("ELPIS_RECORD", "/tmp/x"), ("ELPIS_CACHE_DIR", "/tmp"), ("ELPIS_MODEL_FROBNICATE", "1"), ("ELPIS_NOPE", "x")]);
+        let (_, warnings) = Config::load_with_env(None, &e).unwrap();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings.iter().any(|w| w.contains("ELPIS_MODEL_FROBNICATE") && w.contains("names no setting")));
+        assert!(warnings.iter().any(|w| w.contains("ELPIS_NOPE")));
+        let (_, warnings) = Config::load_with_env(None, &env(&[("ELPIS_MODEL_TORCH_DTYPE", "float16")])).unwrap();
+        assert!(warnings[0].contains("model.torch_dtype") && warnings[0].contains("transformers"), "{warnings:?}");
+    }
+
+    #[test]
+    fn the_predecessors_documented_values_are_accepted() {
+        let f = write_config("[model]\nhardware_backend = \"ROCm\"\ngpu_layers = 20\nchat_format = \"llama-2\"\n");
+        let (c, warnings) = Config::load_with_env(Some(&f.0), &[]).unwrap();
+        assert_eq!(c.model.gpu_layers, 0);
+        assert_eq!(c.engine_settings().chat_format, ChatFormat::Llama2);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("hardware_backend = \"rocm\"") && warnings[0].contains("CPU"), "{warnings:?}");
+        for (format, expected) in [("alpaca", ChatFormat::Alpaca), ("vicuna", ChatFormat::Vicuna), ("zephyr", ChatFormat::Zephyr)] {
+            let (c, w) = Config::load_with_env(None, &env(&[("ELPIS_MODEL_CHAT_FORMAT", format)])).unwrap();
+            assert_eq!((c.engine_settings().chat_format, w.len()), (expected, 0));
+        }
+        let (c, w) = Config::load_with_env(None, &env(&[("ELPIS_MODEL_CHAT_FORMAT", "saiga")])).unwrap();
+        assert_eq!(c.engine_settings().chat_format, ChatFormat::Auto);
+        assert!(w[0].contains("saiga") && w[0].contains("auto"), "{w:?}");
+        let (c, w) = Config::load_with_env(None, &env(&[("ELPIS_MODEL_HARDWARE_BACKEND", "cpu"), ("ELPIS_MODEL_GPU_LAYERS", "99")])).unwrap();
+        assert_eq!(c.model.gpu_layers, 0);
+        assert!(w[0].contains("gpu_layers = 99"), "{w:?}");
+    }
+
+    #[test]
+    fn cross_field_conflicts_are_clamped_with_warnings() {
+        let f = write_config("[model]\ncontext_length = 1024\nmax_tokens = 4096\n[emotion]\ntrajectory_history_size = 4\n");
+        let (c, warnings) = Config::load_with_env(Some(&f.0), &[]).unwrap();
+        assert_eq!(c.model.max_tokens, 1024);
+        assert_eq!(c.emotion.spiral_history_count, 4);
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].contains("model.max_tokens = 4096") && warnings[0].contains("using 1024"), "{warnings:?}");
     }
 
     #[test]

@@ -64,7 +64,9 @@ impl Default for EmotionParams {
 
 impl EmotionParams {
     /// Check every value; the error names the key and the accepted range.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Counts that conflict with each other (which the predecessor accepted)
+    /// are clamped to fit instead; the warnings say to what.
+    pub fn validate(&mut self) -> Result<Vec<String>, String> {
         let in_range = |key: &str, value: f64, lo: f64, hi: f64| {
             if value.is_finite() && (lo..=hi).contains(&value) {
                 Ok(())
@@ -87,20 +89,30 @@ impl EmotionParams {
                 self.trajectory_history_size
             ));
         }
-        if !(2..=self.trajectory_history_size).contains(&self.spiral_history_count) {
-            return Err(format!(
-                "emotion.spiral_history_count = {} is out of range: expected 2 to trajectory_history_size ({})",
-                self.spiral_history_count, self.trajectory_history_size
-            ));
+        if self.spiral_history_count < 2 {
+            return Err(format!("emotion.spiral_history_count = {} is out of range: expected at least 2", self.spiral_history_count));
         }
-        if !(1..self.spiral_history_count).contains(&self.spiral_increasing_threshold) {
-            return Err(format!(
-                "emotion.spiral_increasing_threshold = {} is out of range: expected 1 to spiral_history_count - 1 ({})",
+        if self.spiral_increasing_threshold < 1 {
+            return Err("emotion.spiral_increasing_threshold = 0 is out of range: expected at least 1".into());
+        }
+        let mut warnings = Vec::new();
+        if self.spiral_history_count > self.trajectory_history_size {
+            warnings.push(format!(
+                "emotion.spiral_history_count = {} is larger than emotion.trajectory_history_size ({}): using {}",
+                self.spiral_history_count, self.trajectory_history_size, self.trajectory_history_size
+            ));
+            self.spiral_history_count = self.trajectory_history_size;
+        }
+        if self.spiral_increasing_threshold >= self.spiral_history_count {
+            warnings.push(format!(
+                "emotion.spiral_increasing_threshold = {} must be below emotion.spiral_history_count ({}): using {}",
                 self.spiral_increasing_threshold,
+                self.spiral_history_count,
                 self.spiral_history_count - 1
             ));
+            self.spiral_increasing_threshold = self.spiral_history_count - 1;
         }
-        Ok(())
+        Ok(warnings)
     }
 }
 
@@ -115,6 +127,15 @@ pub enum Quadrant {
 }
 
 impl Quadrant {
+    /// The quadrant of a point, read from the values as the wire reports
+    /// them (rounded to 3 decimals; −0 counts as 0): a mood decayed to
+    /// (−0.000, 0.000) is at the baseline's quadrant, not `frustrated` until
+    /// the exponential underflows hours later.
+    pub fn reported(valence: f64, arousal: f64) -> Quadrant {
+        Quadrant::of(round_to(valence, 3), round_to(arousal, 3))
+    }
+
+    /// The quadrant of exact values (−0 counts as 0, as IEEE compares it).
     pub fn of(valence: f64, arousal: f64) -> Quadrant {
         match (valence >= 0.0, arousal >= 0.0) {
             (true, true) => Quadrant::Excited,
@@ -176,7 +197,7 @@ impl EmotionalState {
             update_count: 0,
             history: VecDeque::with_capacity(params.trajectory_history_size),
             quadrant_since: now,
-            last_sample_quadrant: Quadrant::of(valence, arousal),
+            last_sample_quadrant: Quadrant::reported(valence, arousal),
             params,
         }
     }
@@ -212,7 +233,7 @@ impl EmotionalState {
     }
 
     fn push_sample(&mut self, now: f64) {
-        let quadrant = Quadrant::of(self.valence, self.arousal);
+        let quadrant = Quadrant::reported(self.valence, self.arousal);
         if quadrant != self.last_sample_quadrant {
             self.quadrant_since = now;
             self.last_sample_quadrant = quadrant;
@@ -271,10 +292,13 @@ impl EmotionalState {
         let steering_coefficients = self.steering(now);
         let history: Vec<Sample> = self.history.iter().copied().collect();
         let t = trajectory(&history, &self.params);
+        // Fewer than two samples: the neutral trajectory, no time in a quadrant.
+        let time_in_quadrant = if history.len() < 2 { 0.0 } else { (now - self.quadrant_since).max(0.0) };
         EmotionSnapshot {
-            valence: round_to(valence, 3),
-            arousal: round_to(arousal, 3),
-            quadrant: Quadrant::of(valence, arousal),
+            // `+ 0.0` turns −0 into 0, so the wire never says -0.0.
+            valence: round_to(valence, 3) + 0.0,
+            arousal: round_to(arousal, 3) + 0.0,
+            quadrant: Quadrant::reported(valence, arousal),
             last_update: self.last_update,
             update_count: self.update_count,
             baseline: Baseline {
@@ -288,7 +312,7 @@ impl EmotionalState {
                 trend: t.trend,
                 spiral_detected: t.spiral_detected,
                 spiral_direction: t.spiral_direction,
-                time_in_quadrant: round_to((now - self.quadrant_since).max(0.0), 1),
+                time_in_quadrant: round_to(time_in_quadrant, 1),
                 momentum: t.momentum,
             },
         }
@@ -486,13 +510,35 @@ mod tests {
     #[test]
     fn time_in_quadrant_counts_from_the_changing_sample() {
         let mut s = fresh();
-        assert_eq!(s.snapshot(T0 + 12.34).trajectory.time_in_quadrant, 12.3);
+        // Fewer than two samples: neutral, however long the server has run.
+        assert_eq!(s.snapshot(T0 + 12.34).trajectory.time_in_quadrant, 0.0);
         s.update("success", 1.0, T0 + 20.0); // excited, same quadrant as neutral (0,0)
-        assert_eq!(s.snapshot(T0 + 30.0).trajectory.time_in_quadrant, 30.0);
+        assert_eq!(s.snapshot(T0 + 30.0).trajectory.time_in_quadrant, 0.0);
         s.update("failure", 2.0, T0 + 40.0); // frustrated: quadrant changes here
         assert_eq!(s.snapshot(T0 + 45.0).trajectory.time_in_quadrant, 5.0);
         s.update("failure", 0.1, T0 + 50.0); // still frustrated
         assert_eq!(s.snapshot(T0 + 55.0).trajectory.time_in_quadrant, 15.0);
+    }
+
+    #[test]
+    fn a_mood_decayed_to_zero_reads_the_baseline_quadrant() {
+        let mut s = fresh();
+        s.update("failure", 1.0, T0);
+        assert_eq!(s.snapshot(T0).quadrant, Quadrant::Frustrated);
+        // 200 s at decay 0.1: about (-4e-10, 3e-10), reported as (0, 0).
+        let later = s.snapshot(T0 + 200.0);
+        assert_eq!((later.valence, later.arousal), (0.0, 0.0));
+        assert!(later.valence.is_sign_positive(), "the wire never says -0.0");
+        assert_eq!(later.quadrant, Quadrant::Excited);
+        assert_eq!(serde_json::to_value(&later).unwrap()["valence"].to_string(), "0.0");
+    }
+
+    #[test]
+    fn the_empty_event_is_an_unknown_event() {
+        let mut s = fresh();
+        s.update("", 1.0, T0);
+        let snap = s.snapshot(T0);
+        assert_eq!((snap.valence, snap.arousal, snap.update_count), (0.0, 0.05, 1));
     }
 
     #[test]
@@ -521,11 +567,24 @@ mod tests {
 
     #[test]
     fn default_params_are_valid_and_bad_ones_named() {
-        assert!(EmotionParams::default().validate().is_ok());
-        let bad = EmotionParams { steering_strength: 4.0, ..Default::default() };
+        assert_eq!(EmotionParams::default().validate(), Ok(vec![]));
+        let mut bad = EmotionParams { steering_strength: 4.0, ..Default::default() };
         assert!(bad.validate().unwrap_err().contains("emotion.steering_strength"));
-        let bad = EmotionParams { decay_rate: f64::NAN, ..Default::default() };
+        let mut bad = EmotionParams { decay_rate: f64::NAN, ..Default::default() };
         assert!(bad.validate().unwrap_err().contains("emotion.decay_rate"));
+    }
+
+    #[test]
+    fn conflicting_counts_are_clamped_with_a_warning() {
+        let mut p = EmotionParams { trajectory_history_size: 4, spiral_history_count: 5, ..Default::default() };
+        let warnings = p.validate().unwrap();
+        assert_eq!((p.spiral_history_count, p.spiral_increasing_threshold), (4, 3));
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("spiral_history_count = 5") && warnings[0].contains("using 4"), "{warnings:?}");
+        let mut p = EmotionParams { spiral_history_count: 3, spiral_increasing_threshold: 3, ..Default::default() };
+        let warnings = p.validate().unwrap();
+        assert_eq!(p.spiral_increasing_threshold, 2);
+        assert!(warnings[0].contains("using 2"), "{warnings:?}");
     }
 
     fn event_name() -> impl Strategy<Value = String> {

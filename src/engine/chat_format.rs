@@ -27,21 +27,68 @@ pub enum ChatFormat {
     Llama3,
     Mistral,
     Phi3,
+    /// Llama 2 chat: `[INST] <<SYS>> ... <</SYS>> ... [/INST]`.
+    Llama2,
+    /// `### Instruction:` / `### Response:` blocks.
+    Alpaca,
+    /// `USER: ... ASSISTANT: ...`.
+    Vicuna,
+    /// `<|system|>`, `<|user|>`, `<|assistant|>` turns ended by `</s>`.
+    Zephyr,
     /// Messages joined as plain text with role labels (for base models).
     Raw,
 }
 
+/// llama-cpp-python's chat format names that have no built-in here (the
+/// predecessor documented them): accepted, with a warning, as `auto`.
+const FOREIGN_FORMATS: [&str; 24] = [
+    "oasst_llama",
+    "baichuan",
+    "baichuan-2",
+    "openbuddy",
+    "redpajama-incite",
+    "snoozy",
+    "phind",
+    "intel",
+    "open-orca",
+    "mistrallite",
+    "pygmalion",
+    "chatglm3",
+    "openchat",
+    "saiga",
+    "functionary",
+    "functionary-v1",
+    "functionary-v2",
+    "llava-1-5",
+    "llava-1-6",
+    "obsidian",
+    "moondream2",
+    "nanollava",
+    "llama-3-vision-alpha",
+    "minicpm-v-2.6",
+];
+
 impl ChatFormat {
-    pub const NAMES: [&'static str; 7] = ["auto", "gemma", "chatml", "llama-3", "mistral", "phi-3", "raw"];
+    pub const NAMES: [&'static str; 11] =
+        ["auto", "gemma", "chatml", "llama-3", "mistral", "phi-3", "llama-2", "alpaca", "vicuna", "zephyr", "raw"];
+
+    /// A llama-cpp-python format name without a built-in equivalent.
+    pub fn is_foreign(name: &str) -> bool {
+        FOREIGN_FORMATS.contains(&name.trim().to_ascii_lowercase().as_str())
+    }
 
     pub fn parse(name: &str) -> Option<ChatFormat> {
-        Some(match name.to_ascii_lowercase().as_str() {
+        Some(match name.trim().to_ascii_lowercase().as_str() {
             "auto" | "" => ChatFormat::Auto,
             "gemma" | "gemma2" | "gemma3" => ChatFormat::Gemma,
-            "chatml" | "qwen" => ChatFormat::ChatMl,
+            "chatml" | "qwen" | "chatml-function-calling" => ChatFormat::ChatMl,
             "llama-3" | "llama3" => ChatFormat::Llama3,
             "mistral" | "mistral-instruct" => ChatFormat::Mistral,
             "phi-3" | "phi3" => ChatFormat::Phi3,
+            "llama-2" | "llama2" => ChatFormat::Llama2,
+            "alpaca" => ChatFormat::Alpaca,
+            "vicuna" => ChatFormat::Vicuna,
+            "zephyr" => ChatFormat::Zephyr,
             "raw" | "none" => ChatFormat::Raw,
             _ => return None,
         })
@@ -55,6 +102,10 @@ impl ChatFormat {
             ChatFormat::Llama3 => "llama-3",
             ChatFormat::Mistral => "mistral",
             ChatFormat::Phi3 => "phi-3",
+            ChatFormat::Llama2 => "llama-2",
+            ChatFormat::Alpaca => "alpaca",
+            ChatFormat::Vicuna => "vicuna",
+            ChatFormat::Zephyr => "zephyr",
             ChatFormat::Raw => "raw",
         }
     }
@@ -85,6 +136,10 @@ impl ChatFormat {
             ChatFormat::Llama3 => &["<|eot_id|>", "<|start_header_id|>"],
             ChatFormat::Mistral => &["</s>", "[INST]"],
             ChatFormat::Phi3 => &["<|end|>", "<|user|>", "<|assistant|>"],
+            ChatFormat::Llama2 => &["</s>", "[INST]"],
+            ChatFormat::Alpaca => &["### Instruction:", "### Response:"],
+            ChatFormat::Vicuna => &["</s>", "USER:"],
+            ChatFormat::Zephyr => &["</s>", "<|user|>"],
             ChatFormat::Raw | ChatFormat::Auto => &["\nUser:", "\nSystem:"],
         };
         stops.iter().map(|s| s.to_string()).collect()
@@ -157,6 +212,57 @@ impl ChatFormat {
                 }
                 out.push_str("<|assistant|>\n");
             }
+            ChatFormat::Llama2 => {
+                let system = system_text(messages);
+                let mut first = true;
+                for m in messages.iter().filter(|m| m.role != "system") {
+                    if m.role == "assistant" {
+                        out.push_str(&format!(" {} </s><s>", m.content));
+                        continue;
+                    }
+                    out.push_str("[INST] ");
+                    if first && !system.is_empty() {
+                        out.push_str(&format!("<<SYS>>\n{system}\n<</SYS>>\n\n"));
+                    }
+                    first = false;
+                    out.push_str(&format!("{} [/INST]", m.content));
+                }
+                if first {
+                    out.push_str(&format!("[INST] <<SYS>>\n{system}\n<</SYS>>\n\n [/INST]"));
+                }
+            }
+            ChatFormat::Alpaca => {
+                let system = system_text(messages);
+                if !system.is_empty() {
+                    out.push_str(&format!("{system}\n\n"));
+                }
+                for m in messages.iter().filter(|m| m.role != "system") {
+                    let label = if m.role == "assistant" { "### Response:" } else { "### Instruction:" };
+                    out.push_str(&format!("{label}\n{}\n\n", m.content));
+                }
+                out.push_str("### Response:\n");
+            }
+            ChatFormat::Vicuna => {
+                let system = system_text(messages);
+                if !system.is_empty() {
+                    out.push_str(&format!("{system} "));
+                }
+                for m in messages.iter().filter(|m| m.role != "system") {
+                    if m.role == "assistant" {
+                        out.push_str(&format!("ASSISTANT: {}</s>", m.content));
+                    } else {
+                        out.push_str(&format!("USER: {} ", m.content));
+                    }
+                }
+                out.push_str("ASSISTANT:");
+            }
+            ChatFormat::Zephyr => {
+                for m in messages {
+                    let role = if m.role == "tool" { "user" } else { m.role.as_str() };
+                    out.push_str(&format!("<|{role}|>\n{}</s>\n", m.content));
+                }
+                out.push_str("<|assistant|>\n");
+            }
             ChatFormat::Raw | ChatFormat::Auto => {
                 for m in messages {
                     out.push_str(&format!("{}: {}\n", capitalise(&m.role), m.content));
@@ -166,6 +272,11 @@ impl ChatFormat {
         }
         out
     }
+}
+
+/// The system messages' text, joined (formats with one system slot).
+fn system_text(messages: &[Message]) -> String {
+    messages.iter().filter(|m| m.role == "system").map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n\n")
 }
 
 fn capitalise(word: &str) -> String {
@@ -219,6 +330,20 @@ mod tests {
             let open = a.len() - format.render(&[]).len();
             assert!(b.starts_with(&a[..open]), "{format:?}");
         }
+    }
+
+    #[test]
+    fn llama2_alpaca_vicuna_zephyr() {
+        let m = msgs(&[("system", "S"), ("user", "U1"), ("assistant", "A1"), ("user", "U2")]);
+        assert_eq!(ChatFormat::Llama2.render(&m), "[INST] <<SYS>>\nS\n<</SYS>>\n\nU1 [/INST] A1 </s><s>[INST] U2 [/INST]");
+        assert_eq!(ChatFormat::Alpaca.render(&m), "S\n\n### Instruction:\nU1\n\n### Response:\nA1\n\n### Instruction:\nU2\n\n### Response:\n");
+        assert_eq!(ChatFormat::Vicuna.render(&m), "S USER: U1 ASSISTANT: A1</s>USER: U2 ASSISTANT:");
+        assert_eq!(
+            ChatFormat::Zephyr.render(&m),
+            "<|system|>\nS</s>\n<|user|>\nU1</s>\n<|assistant|>\nA1</s>\n<|user|>\nU2</s>\n<|assistant|>\n"
+        );
+        assert!(ChatFormat::is_foreign("Saiga") && !ChatFormat::is_foreign("zephyr"));
+        assert_eq!(ChatFormat::parse("LLAMA-2"), Some(ChatFormat::Llama2));
     }
 
     #[test]

@@ -278,9 +278,6 @@ impl Inference {
         if !intensity.is_finite() {
             return Err(ToolError(format!("intensity = {intensity} is invalid: give a number (clamped to 0..2)")));
         }
-        if args.event_type.is_empty() {
-            return Err(ToolError("event_type is empty: give an event name such as \"success\"".into()));
-        }
         if !crate::emotion::is_known_event(&args.event_type) {
             tracing::info!(event_type = %args.event_type, "unknown emotional event: small arousal rise");
         }

@@ -252,6 +252,11 @@ impl Server {
         }
     }
 
+    /// Everything the server wrote to stderr so far.
+    pub fn stderr_all(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
     pub fn stderr(&self) -> String {
         let text = std::fs::read_to_string(&self.stderr_path).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
