@@ -152,6 +152,21 @@ def interrupt_then_stream(with_cancel):
     return s
 
 
+def idle_thought_abandoned():
+    # Psyche's consumer stops iterating an idle-thought stream (the user
+    # typed) without cancelling it; the user's generate must not wait behind
+    # it, and after server.stream_idle_s (10 s) it stops, its text readable.
+    s = Session("idle-thought-abandoned")
+    s.connect()
+    thought = s.tool("generate_stream_start", gen_args(idle_messages(), 2000), after=0.5, wait=False)
+    s.step(poll={"stream_of": thought, "every": 0.05, "stop_after": 0.5})
+    s.tool("generate", gen_args(user_turn("I'm back. Quick question: what did I fix this morning?"), 64), after=0.1)
+    s.tool("get_capabilities", after=11.0)
+    s.step(poll={"stream_of": thought, "every": 0.05})
+    s.tool("get_emotion")
+    return s
+
+
 def stream_timeout_cancel():
     s = Session("stream-timeout-cancel")
     s.connect()
@@ -225,7 +240,7 @@ def dreaming():
 def main():
     os.makedirs(OUT, exist_ok=True)
     sessions = [connect_and_idle(), idle_react(), interrupt_then_stream(True), interrupt_then_stream(False),
-                stream_timeout_cancel(), mood_polling(), rapid_streams(), shutdown_mid_stream(),
+                idle_thought_abandoned(), stream_timeout_cancel(), mood_polling(), rapid_streams(), shutdown_mid_stream(),
                 shutdown_mid_generate(), dreaming()]
     for s in sessions:
         print(s.write())

@@ -81,11 +81,14 @@ pub struct ServerConfig {
     pub max_streams: usize,
     /// A stream older than this is stopped and removed when the next starts.
     pub stream_max_age_s: f64,
+    /// A stream nobody read for this long stops generating (its text so far
+    /// stays readable, ending with `finish_reason: "abandoned"`).
+    pub stream_idle_s: f64,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { max_streams: 100, stream_max_age_s: 600.0 }
+        ServerConfig { max_streams: 100, stream_max_age_s: 600.0, stream_idle_s: 10.0 }
     }
 }
 
@@ -319,6 +322,10 @@ impl Config {
         let age = self.server.stream_max_age_s;
         if !age.is_finite() || !(0.001..=31_536_000.0).contains(&age) {
             return bad(format!("server.stream_max_age_s = {age} is out of range: expected 0.001 to 31536000"));
+        }
+        let idle = self.server.stream_idle_s;
+        if !idle.is_finite() || !(0.05..=31_536_000.0).contains(&idle) {
+            return bad(format!("server.stream_idle_s = {idle} is out of range: expected 0.05 to 31536000"));
         }
         if !["text", "json"].contains(&self.logging.format.as_str()) {
             return bad(format!("logging.format = {:?} is unknown: expected \"text\" or \"json\"", self.logging.format));

@@ -29,6 +29,7 @@ fn every_named_session_is_recorded() {
         "idle-react",
         "interrupt-then-stream-cancel",
         "interrupt-then-stream-abandon",
+        "idle-thought-abandoned",
         "stream-timeout-cancel",
         "mood-polling",
         "rapid-streams",

@@ -20,7 +20,8 @@ mod text;
 mod tool_calls;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -68,6 +69,67 @@ pub struct GenerationRequest {
     pub sampling: SamplingParams,
     /// A GBNF grammar (root rule `root`) constraining the reply.
     pub grammar: Option<String>,
+    /// For a polled stream, how recently its reader showed up; None when a
+    /// client waits on the call itself (`generate`, `function_call`).
+    pub interest: Option<Interest>,
+}
+
+/// Shortest silence after which a polled stream counts as unattended...
+const MIN_ATTENTION_S: f64 = 0.25;
+/// ...or this many of its own poll intervals, if longer.
+const ATTENTION_INTERVALS: f64 = 4.0;
+/// Before its first poll a stream counts as attended this long.
+const FIRST_POLL_GRACE_S: f64 = 1.0;
+
+/// How recently a client read a stream, shared by the stream registry
+/// (which touches it on every poll) and the scheduler (which lets work a
+/// client is waiting on right now go before a stream nobody reads).
+#[derive(Debug, Clone)]
+pub struct Interest(Arc<Mutex<InterestState>>);
+
+#[derive(Debug)]
+struct InterestState {
+    last: Instant,
+    /// Moving average of the time between polls, once there was one.
+    interval_s: Option<f64>,
+}
+
+impl Interest {
+    pub fn new(now: Instant) -> Self {
+        Interest(Arc::new(Mutex::new(InterestState { last: now, interval_s: None })))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, InterestState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A poll at `now`.
+    pub fn touch(&self, now: Instant) {
+        let mut s = self.state();
+        let gap = now.saturating_duration_since(s.last).as_secs_f64();
+        s.interval_s = Some(match s.interval_s {
+            Some(avg) => 0.7 * avg + 0.3 * gap,
+            None => gap,
+        });
+        s.last = now;
+    }
+
+    /// Seconds since the last poll (or the start).
+    pub fn idle_s(&self, now: Instant) -> f64 {
+        now.saturating_duration_since(self.state().last).as_secs_f64()
+    }
+
+    /// Whether the reader is still there: it polled within a few of its own
+    /// intervals (at least [`MIN_ATTENTION_S`]).
+    pub fn attended(&self, now: Instant) -> bool {
+        let s = self.state();
+        let idle = now.saturating_duration_since(s.last).as_secs_f64();
+        let patience = match s.interval_s {
+            Some(interval) => (ATTENTION_INTERVALS * interval).max(MIN_ATTENTION_S),
+            None => FIRST_POLL_GRACE_S,
+        };
+        idle <= patience
+    }
 }
 
 /// Why a generation ended.
@@ -80,6 +142,9 @@ pub enum FinishReason {
     Length,
     /// Cancelled by the client.
     Cancelled,
+    /// A stream nobody read for `server.stream_idle_s`: stopped by the
+    /// server (never by the engine), its text so far kept readable.
+    Abandoned,
 }
 
 /// Token accounting of one generation.

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     ChatFormat, Command, Completion, EngineError, EngineHandle, EngineLoad, EngineSettings, FinishReason,
-    GenerationEvent, GenerationRequest, Message, ModelInfo, SamplingParams, SlotReport, TextDecoder, Usage,
+    GenerationEvent, GenerationRequest, Interest, Message, ModelInfo, SamplingParams, SlotReport, TextDecoder, Usage,
 };
 
 /// Smallest and largest prompt chunk one step may decode.
@@ -55,7 +55,15 @@ enum PromptFormat {
 struct Job {
     /// Admission order: prompt chunks are served oldest first.
     id: u64,
+    /// The tokens the slot must hold before the next sample: the prompt, or,
+    /// for a job that yielded its slot, the prompt and the reply so far.
     prompt: Vec<LlamaToken>,
+    /// Length of the prompt proper (cells kept as cache when the job ends).
+    prompt_len: usize,
+    /// Set once the job first had a slot (its cached-token count is final).
+    started: bool,
+    /// A polled stream's reader; None when a client waits on the call.
+    interest: Option<Interest>,
     max_tokens: usize,
     sampler: LlamaSampler,
     grammar: Option<GrammarSampler>,
@@ -72,6 +80,12 @@ struct Job {
 impl Job {
     fn cancelled(&self) -> bool {
         self.cancel.is_cancelled() || self.events.is_closed()
+    }
+
+    /// Whether a client is waiting on this job right now: a call always, a
+    /// stream while its reader keeps polling.
+    fn attended(&self, now: Instant) -> bool {
+        self.interest.as_ref().is_none_or(|i| i.attended(now))
     }
 }
 
@@ -308,8 +322,9 @@ impl Engine {
                 }
             }
             self.reap_cancelled();
-            self.assign_slots();
-            self.step();
+            let now = Instant::now();
+            self.assign_slots(now);
+            self.step(now);
             // Let every request that arrived during the step run its course
             // (read, dispatch, answer, write) before the next step: each hop
             // is a task woken in turn, and one yield only lets one round run.
@@ -418,7 +433,10 @@ impl Engine {
         Ok(Job {
             id,
             usage: Usage { prompt_tokens: prompt.len() as u32, ..Usage::default() },
+            prompt_len: prompt.len(),
             prompt,
+            started: false,
+            interest: request.interest,
             max_tokens: request.max_tokens.max(1) as usize,
             sampler,
             grammar,
@@ -493,7 +511,7 @@ impl Engine {
         for i in 0..self.slots.len() {
             let cancelled = self.slots[i].job.as_ref().is_some_and(Job::cancelled);
             if cancelled {
-                let prompt_len = self.slots[i].job.as_ref().map_or(0, |j| j.prompt.len());
+                let prompt_len = self.slots[i].job.as_ref().map_or(0, |j| j.prompt_len);
                 self.trim_slot(i, prompt_len.min(self.slots[i].cached.len()));
                 if let Some(mut job) = self.slots[i].job.take() {
                     let tail = job.decoder.finish();
@@ -535,12 +553,18 @@ impl Engine {
         }
     }
 
-    /// Give queued jobs free slots: the one whose cells share the longest
-    /// prefix with the prompt, else the least recently used.
-    fn assign_slots(&mut self) {
-        while !self.queue.is_empty() {
+    /// Give queued jobs slots, those a client waits on first: the free slot
+    /// whose cells share the longest prefix with the prompt, else the least
+    /// recently used. When none is free, a job a client waits on takes the
+    /// slot of a stream nobody is reading, which yields (see [`Self::park`]).
+    fn assign_slots(&mut self, now: Instant) {
+        loop {
+            let Some(q) = self.queue.iter().position(|j| j.attended(now)).or(if self.queue.is_empty() { None } else { Some(0) })
+            else {
+                return;
+            };
             let best = {
-                let job = &self.queue[0];
+                let job = &self.queue[q];
                 self.slots
                     .iter()
                     .enumerate()
@@ -548,12 +572,26 @@ impl Engine {
                     .max_by_key(|(_, s)| (common_prefix(&s.cached, &job.prompt), std::cmp::Reverse(s.last_used)))
                     .map(|(i, _)| i)
             };
-            let Some(i) = best else { return };
-            let Some(mut job) = self.queue.pop_front() else { return };
+            let i = match best {
+                Some(i) => i,
+                None if self.queue[q].attended(now) => match self.unattended_slot(now) {
+                    Some(i) => {
+                        self.park(i);
+                        i
+                    }
+                    None => return,
+                },
+                None => return,
+            };
+            // The parked job went to the back of the queue: `q` still points at ours.
+            let Some(mut job) = self.queue.remove(q) else { return };
             // Keep at least one prompt token to decode: its logits start the reply.
             let reuse = common_prefix(&self.slots[i].cached, &job.prompt).min(job.prompt.len() - 1);
             self.trim_slot(i, reuse);
-            job.usage.cached_tokens = self.slots[i].cached.len() as u32;
+            if !job.started {
+                job.usage.cached_tokens = self.slots[i].cached.len() as u32;
+                job.started = true;
+            }
             self.tick += 1;
             let slot = &mut self.slots[i];
             slot.last_used = self.tick;
@@ -562,14 +600,53 @@ impl Engine {
         }
     }
 
+    /// The busy slot whose stream has gone unread the longest, if any is unattended.
+    fn unattended_slot(&self, now: Instant) -> Option<usize> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let job = s.job.as_ref()?;
+                let interest = job.interest.as_ref()?;
+                (!interest.attended(now)).then(|| (i, interest.idle_s(now)))
+            })
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(i, _)| i)
+    }
+
+    /// Take slot `i`'s job off it and queue it again, resumable: its cells
+    /// stay as cache, and its prompt becomes everything decoded so far plus
+    /// the token it sampled last, so it continues exactly where it stopped
+    /// (sampler, grammar and decoder state travel with it).
+    fn park(&mut self, i: usize) {
+        let slot = &mut self.slots[i];
+        let Some(mut job) = slot.job.take() else { return };
+        if let Some(token) = job.pending.take() {
+            let mut tokens = slot.cached.clone();
+            tokens.push(token);
+            job.prompt = tokens;
+        }
+        tracing::debug!(seq = slot.seq, tokens = job.prompt.len(), "an unread stream yields its slot");
+        self.queue.push_back(job);
+    }
+
     /// One decode: a token from each generating slot, then prompt chunks.
-    fn step(&mut self) {
+    /// While any work a client waits on exists, streams nobody reads pause
+    /// (their tokens would only slow the batch down).
+    fn step(&mut self, now: Instant) {
         self.assert_owner_thread();
         self.batch.clear();
+        let urgent = self.queue.iter().any(|j| j.attended(now))
+            || self.slots.iter().any(|s| s.job.as_ref().is_some_and(|j| j.attended(now)));
+        let paused: Vec<bool> =
+            self.slots.iter().map(|s| urgent && s.job.as_ref().is_some_and(|j| !j.attended(now))).collect();
         // (slot index, batch index) of every position whose logits we sample.
         let mut sample_at: Vec<(usize, i32)> = Vec::new();
         let mut generating = 0;
         for (i, slot) in self.slots.iter_mut().enumerate() {
+            if paused[i] {
+                continue;
+            }
             let Some(job) = slot.job.as_mut() else { continue };
             let Some(token) = job.pending.take() else { continue };
             let pos = slot.cached.len() as i32;
@@ -586,6 +663,7 @@ impl Engine {
             .slots
             .iter()
             .enumerate()
+            .filter(|(i, _)| !paused[*i])
             .filter_map(|(i, s)| {
                 s.job.as_ref().filter(|j| j.pending.is_none() && s.cached.len() < j.prompt.len()).map(|j| (j.id, i))
             })

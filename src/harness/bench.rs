@@ -49,6 +49,11 @@ pub struct BenchRun {
     pub aggregate_tps_2: f64,
     pub aggregate_tps_4: f64,
     pub aggregate_ratio_4: f64,
+    /// The user's `generate` alone, and right after two streams were started,
+    /// read once and left (Psyche's interrupted idle thoughts).
+    pub user_generate_alone_ms: f64,
+    pub user_generate_after_abandoned_ms: f64,
+    pub abandoned_ratio: f64,
     pub peak_rss_mib: f64,
     pub model_file_mib: f64,
     pub rss_over_model: f64,
@@ -267,6 +272,30 @@ async fn bench_server(
     }
     r.aggregate_ratio_4 = r.aggregate_tps_4 / r.aggregate_tps_1;
 
+    // The user's turn after two idle-thought streams nobody reads any more.
+    let user_turn = json!({"messages": messages("You are Psyche.", "I'm back. Say hello in a few words."),
+                           "max_tokens": 64, "temperature": 0});
+    tool(&mut client, "generate", user_turn.clone()).await?;
+    let t = Instant::now();
+    tool(&mut client, "generate", user_turn.clone()).await?;
+    r.user_generate_alone_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let mut abandoned = Vec::new();
+    for topic in ["the sea", "a mountain"] {
+        let args = json!({"messages": messages("You are Psyche, thinking on your own.", &format!("Reflect at length on {topic}.")),
+                          "max_tokens": 2000, "temperature": 0});
+        let s = tool(&mut client, "generate_stream_start", args).await?;
+        let id = s["stream_id"].as_str().unwrap_or_default().to_string();
+        tool(&mut client, "generate_stream_read", json!({"stream_id": id})).await?;
+        abandoned.push(id);
+    }
+    let t = Instant::now();
+    tool(&mut client, "generate", user_turn).await?;
+    r.user_generate_after_abandoned_ms = t.elapsed().as_secs_f64() * 1000.0;
+    r.abandoned_ratio = r.user_generate_after_abandoned_ms / r.user_generate_alone_ms;
+    for id in abandoned {
+        tool(&mut client, "generate_stream_cancel", json!({"stream_id": id})).await?;
+    }
+
     r.peak_rss_mib = client.peak_rss_kib().unwrap_or(0) as f64 / 1024.0;
     r.model_file_mib = std::fs::metadata(model_path).map(|m| m.len()).unwrap_or(0) as f64 / (1024.0 * 1024.0);
     r.rss_over_model = r.peak_rss_mib / r.model_file_mib;
@@ -306,6 +335,7 @@ fn print_table(report: &BenchReport) {
         ("quick calls during prefill p50 / p99", format!("{:.1} / {:.1} ms = {:.2} x max_step_ms", m.prefill_quick_p50_ms, m.prefill_quick_p99_ms, m.prefill_p99_over_max_step), "target <= 2x"),
         ("TTFT cold / grown prompt", format!("{:.0} / {:.0} ms = {:.3}x ({} prompt tokens, {} cached)", m.ttft_cold_ms, m.ttft_grown_ms, m.ttft_ratio, m.prefill_prompt_tokens, m.grown_cached_tokens), "target <= 0.25x"),
         ("aggregate tok/s 1 / 2 / 4 streams", format!("{:.1} / {:.1} / {:.1} = {:.2}x", m.aggregate_tps_1, m.aggregate_tps_2, m.aggregate_tps_4, m.aggregate_ratio_4), "target 4 >= 1.5x 1"),
+        ("user generate after 2 abandoned streams", format!("{:.0} / {:.0} ms alone = {:.2}x", m.user_generate_after_abandoned_ms, m.user_generate_alone_ms, m.abandoned_ratio), "target <= 1.2x"),
         ("peak RSS / model file", format!("{:.0} / {:.0} MiB = {:.2}x", m.peak_rss_mib, m.model_file_mib, m.rss_over_model), ""),
     ];
     for (name, value, target) in rows {

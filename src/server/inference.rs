@@ -4,7 +4,7 @@
 //! arguments and calls one method here; the `chat` command uses it too.
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ModelConfig, ServerConfig};
 use crate::emotion::{Modulation, EVENTS};
 use crate::engine::{
-    self, Completion, EngineHandle, FinishReason, Generation, GenerationEvent, GenerationRequest, Message,
+    self, Completion, EngineHandle, FinishReason, Generation, GenerationEvent, GenerationRequest, Interest, Message,
     SamplingParams, ROLES,
 };
 use crate::server::mood::Mood;
@@ -49,12 +49,20 @@ pub struct Inference {
     streams: Arc<Mutex<StreamRegistry>>,
     /// Sampling and length defaults from `[model]`.
     defaults: ModelConfig,
+    /// A stream nobody reads this long is abandoned (`server.stream_idle_s`).
+    stream_idle: Duration,
 }
 
 impl Inference {
     pub fn new(engine: EngineHandle, mood: Arc<Mood>, defaults: ModelConfig, limits: &ServerConfig) -> Self {
-        let streams = StreamRegistry::new(limits.max_streams, std::time::Duration::from_secs_f64(limits.stream_max_age_s));
-        Inference { engine, mood, streams: Arc::new(Mutex::new(streams)), defaults }
+        let streams = StreamRegistry::new(limits.max_streams, Duration::from_secs_f64(limits.stream_max_age_s));
+        Inference {
+            engine,
+            mood,
+            streams: Arc::new(Mutex::new(streams)),
+            defaults,
+            stream_idle: Duration::from_secs_f64(limits.stream_idle_s),
+        }
     }
 
     fn streams(&self) -> std::sync::MutexGuard<'_, StreamRegistry> {
@@ -96,7 +104,7 @@ impl Inference {
             repeat_penalty: self.defaults.repeat_penalty,
             seed,
         };
-        Ok((GenerationRequest { messages, max_tokens, sampling, grammar: None }, used))
+        Ok((GenerationRequest { messages, max_tokens, sampling, grammar: None, interest: None }, used))
     }
 
     /// `generate`: run to the end (or until `cancel`), sending progress when asked.
@@ -127,15 +135,23 @@ impl Inference {
     /// pump its events into the registry in the background.
     pub fn stream_start(&self, args: GenerateArgs) -> Result<Value, ToolError> {
         let modulate = args.modulation();
-        let (request, used) = self.request(args.messages, args.max_tokens, args.temperature, modulate)?;
+        let (mut request, used) = self.request(args.messages, args.max_tokens, args.temperature, modulate)?;
         let cancel = CancellationToken::new();
-        let id = self.streams().start(cancel.clone(), Instant::now())?;
+        let interest = Interest::new(Instant::now());
+        request.interest = Some(interest.clone());
+        let id = self.streams().start(cancel.clone(), interest.clone(), Instant::now())?;
         let mut generation = self.engine.generate(request);
         let stream_cancel = generation.cancel.clone();
         let streams = Arc::clone(&self.streams);
         let mood = Arc::clone(&self.mood);
         let stream_id = id.clone();
+        let idle_limit = self.stream_idle;
         tokio::spawn(async move {
+            let mut abandoned = false;
+            // Checks whether anybody still reads the stream (an interval keeps
+            // its tick when another branch wins, unlike a fresh sleep per event).
+            let mut watch = tokio::time::interval(idle_limit.div_f64(4.0).min(Duration::from_secs(1)));
+            watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let event = tokio::select! {
                     event = generation.events.recv() => event,
@@ -143,12 +159,24 @@ impl Inference {
                         stream_cancel.cancel();
                         return;
                     }
+                    _ = watch.tick(), if !abandoned => {
+                        // Nobody read it for the idle limit: stop generating for nobody.
+                        if interest.idle_s(Instant::now()) >= idle_limit.as_secs_f64() {
+                            tracing::info!(stream_id = %stream_id, "stream unread for {:.1} s: abandoned, generation stopped", idle_limit.as_secs_f64());
+                            abandoned = true;
+                            stream_cancel.cancel();
+                        }
+                        continue;
+                    }
                 };
                 let mut registry = streams.lock().unwrap_or_else(|p| p.into_inner());
                 match event {
                     Some(GenerationEvent::Text(text)) => registry.push_text(&stream_id, &text),
                     Some(GenerationEvent::Tokens(n)) => registry.set_tokens(&stream_id, n),
-                    Some(GenerationEvent::Done(completion)) => {
+                    Some(GenerationEvent::Done(mut completion)) => {
+                        if abandoned && completion.finish_reason == FinishReason::Cancelled {
+                            completion.finish_reason = FinishReason::Abandoned;
+                        }
                         let finished = completion.finish_reason != FinishReason::Cancelled;
                         let text = completion.text.clone();
                         registry.end(&stream_id, StreamEnd::Finished(completion));

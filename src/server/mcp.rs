@@ -91,7 +91,9 @@ impl ElpisServer {
 
 /// When the request carries a progress token, a channel whose updates are
 /// sent as `notifications/progress` (message = the new text), and the task
-/// sending them (it ends when the channel's sender is dropped).
+/// sending them (it ends when the channel's sender is dropped). While a
+/// notification waits on a slow reader, the updates that arrive meanwhile
+/// are coalesced into the next one, so nothing piles up per token.
 fn progress_forwarder(
     ctx: &RequestContext<RoleServer>,
 ) -> Option<(mpsc::UnboundedSender<Progress>, tokio::task::JoinHandle<()>)> {
@@ -100,7 +102,11 @@ fn progress_forwarder(
     let (tx, mut rx) = mpsc::unbounded_channel::<Progress>();
     let task = tokio::spawn(async move {
         let mut count = 0.0;
-        while let Some((tokens, text)) = rx.recv().await {
+        while let Some((mut tokens, mut text)) = rx.recv().await {
+            while let Ok((more_tokens, more_text)) = rx.try_recv() {
+                tokens = more_tokens;
+                text.push_str(&more_text);
+            }
             // Progress must increase with every notification.
             count = f64::max(count + 1.0, tokens as f64);
             let param = ProgressNotificationParam::new(token.clone(), count).with_message(text);

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use rmcp::ServiceExt;
-use tokio::io::{AsyncRead, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -47,6 +47,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     };
     let (reader, writer) = rmcp::transport::io::stdio_pipes();
     let reader = StdinWatch { inner: reader, eof: stdin_closed.clone(), recorder: recorder.clone() };
+    let stdout_broken = CancellationToken::new();
+    let writer = StdoutWatch { inner: writer, broken: stdout_broken.clone() };
     let service = ElpisServer::new(Arc::clone(&inference), recorder.clone())
         .serve((reader, writer))
         .await
@@ -64,6 +66,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         _ = stdin_closed.cancelled() => {
             tracing::info!("stdin closed");
             false
+        }
+        _ = stdout_broken.cancelled() => {
+            // Nobody can read an answer any more: stop, as on stdin EOF.
+            true
         }
         _ = sigterm.recv() => {
             tracing::info!("SIGTERM");
@@ -83,6 +89,43 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     cancel.cancel();
     tracing::info!("shut down");
     Ok(())
+}
+
+/// Wraps stdout to notice a reader that is gone: a failed write (EPIPE, or
+/// any error on the protocol channel) ends the session. A write that is
+/// merely pending (a slow reader, a full pipe) is back-pressure, not an error.
+struct StdoutWatch<W> {
+    inner: W,
+    broken: CancellationToken,
+}
+
+impl<W> StdoutWatch<W> {
+    fn check<T>(&self, poll: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        if let Poll::Ready(Err(e)) = &poll {
+            if !self.broken.is_cancelled() {
+                tracing::warn!("writing to stdout failed ({e}): the client stopped reading; shutting down");
+                self.broken.cancel();
+            }
+        }
+        poll
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for StdoutWatch<W> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.check(poll)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_flush(cx);
+        self.check(poll)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.check(poll)
+    }
 }
 
 /// Wraps stdin to notice end-of-file at once (rmcp would otherwise keep

@@ -4,14 +4,16 @@
 //! Each stream buffers the text produced since the last read. At most
 //! [`MAX_STREAMS`] exist at once; a stream older than [`MAX_AGE`] is removed
 //! (its generation stopped) when the next stream starts. The read that
-//! reports completion removes the stream.
+//! reports completion removes the stream. Every read touches the stream's
+//! [`Interest`], which the engine uses to let work a client waits on go
+//! first, and which abandons a stream nobody reads (see `inference`).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::Completion;
+use crate::engine::{Completion, Interest};
 
 /// Defaults of wire.md (configurable in `[server]`).
 pub const MAX_STREAMS: usize = 100;
@@ -41,6 +43,8 @@ struct Stream {
     total_tokens: u32,
     end: Option<StreamEnd>,
     cancel: CancellationToken,
+    /// Touched by every read.
+    interest: Interest,
 }
 
 /// One read of a stream.
@@ -79,7 +83,7 @@ impl StreamRegistry {
 
     /// Remove streams older than the age limit (stopping them), then
     /// register a new one if there is room. Returns its id.
-    pub fn start(&mut self, cancel: CancellationToken, now: Instant) -> Result<String, StreamError> {
+    pub fn start(&mut self, cancel: CancellationToken, interest: Interest, now: Instant) -> Result<String, StreamError> {
         let max_age = self.max_age;
         self.streams.retain(|id, s| {
             let expired = now.saturating_duration_since(s.created) > max_age;
@@ -93,7 +97,8 @@ impl StreamRegistry {
             return Err(StreamError::Limit(self.max_streams));
         }
         let id = uuid::Uuid::new_v4().to_string();
-        let stream = Stream { created: now, unread: String::new(), full: String::new(), total_tokens: 0, end: None, cancel };
+        let stream =
+            Stream { created: now, unread: String::new(), full: String::new(), total_tokens: 0, end: None, cancel, interest };
         self.streams.insert(id.clone(), stream);
         Ok(id)
     }
@@ -125,6 +130,7 @@ impl StreamRegistry {
     /// removes the stream and returns its full content.
     pub fn read(&mut self, id: &str) -> Result<StreamRead, StreamError> {
         let s = self.streams.get_mut(id).ok_or_else(|| StreamError::Unknown(id.to_string()))?;
+        s.interest.touch(Instant::now());
         let new_content = std::mem::take(&mut s.unread);
         let total_tokens = s.total_tokens;
         if s.end.is_none() {
@@ -153,7 +159,7 @@ impl StreamRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{FinishReason, Usage};
+    use crate::engine::{FinishReason, Interest, Usage};
 
     fn done(text: &str) -> StreamEnd {
         StreamEnd::Finished(Completion {
@@ -167,7 +173,7 @@ mod tests {
     #[test]
     fn reads_take_new_text_and_completion_removes() {
         let mut r = StreamRegistry::default();
-        let id = r.start(CancellationToken::new(), Instant::now()).unwrap();
+        let id = r.start(CancellationToken::new(), Interest::new(Instant::now()), Instant::now()).unwrap();
         r.push_text(&id, "Hel");
         assert_eq!(r.read(&id).unwrap().new_content, "Hel");
         assert_eq!(r.read(&id).unwrap().new_content, "");
@@ -186,14 +192,14 @@ mod tests {
         let mut r = StreamRegistry::default();
         let t0 = Instant::now();
         let first = CancellationToken::new();
-        r.start(first.clone(), t0).unwrap();
+        r.start(first.clone(), Interest::new(t0), t0).unwrap();
         for _ in 1..MAX_STREAMS {
-            r.start(CancellationToken::new(), t0).unwrap();
+            r.start(CancellationToken::new(), Interest::new(t0), t0).unwrap();
         }
-        assert_eq!(r.start(CancellationToken::new(), t0).unwrap_err(), StreamError::Limit(MAX_STREAMS));
+        assert_eq!(r.start(CancellationToken::new(), Interest::new(t0), t0).unwrap_err(), StreamError::Limit(MAX_STREAMS));
         // Past the age limit, all are expired (and stopped) by the next start.
         let later = t0 + MAX_AGE + Duration::from_secs(1);
-        r.start(CancellationToken::new(), later).unwrap();
+        r.start(CancellationToken::new(), Interest::new(later), later).unwrap();
         assert_eq!(r.len(), 1);
         assert!(first.is_cancelled());
     }
@@ -202,7 +208,7 @@ mod tests {
     fn cancel_stops_and_forgets() {
         let mut r = StreamRegistry::default();
         let token = CancellationToken::new();
-        let id = r.start(token.clone(), Instant::now()).unwrap();
+        let id = r.start(token.clone(), Interest::new(Instant::now()), Instant::now()).unwrap();
         r.cancel(&id).unwrap();
         assert!(token.is_cancelled());
         assert!(r.cancel(&id).is_err());

@@ -1,0 +1,237 @@
+//! Work nobody waits for, through the real binary: streams nobody reads stop
+//! and yield to requests a client is waiting on, and a client that stops
+//! reading stdout ends the session, while one that is merely slow gets
+//! every answer.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+const ONE_THREAD: (&str, &str) = ("ELPIS_MODEL_N_THREADS", "1");
+
+fn start_stream(s: &mut Server, prompt: &str, max_tokens: u32) -> String {
+    let start = s.tool("generate_stream_start", greedy_args(prompt, max_tokens)).ok();
+    start["stream_id"].as_str().unwrap().to_string()
+}
+
+fn read(s: &mut Server, id: &str) -> Value {
+    s.tool("generate_stream_read", json!({"stream_id": id})).ok()
+}
+
+#[test]
+fn streams_nobody_reads_stop_and_stay_readable() {
+    let mut s = Server::start(&[ONE_THREAD, ("ELPIS_SERVER_STREAM_IDLE_S", "1.5")]);
+    let ids = [start_stream(&mut s, "Write a long story.", 2000), start_stream(&mut s, "Count from one to one thousand.", 2000)];
+    let first: Vec<Value> = ids.iter().map(|id| read(&mut s, id)).collect();
+    // Nobody reads them for longer than the idle limit.
+    std::thread::sleep(Duration::from_millis(3000));
+    let caps = s.tool("get_capabilities", json!({})).ok();
+    assert_eq!(caps["active_generations"], 0, "abandoned streams still generate: {caps}");
+    assert_eq!(caps["active_streams"], 2, "their text is still readable: {caps}");
+    for slot in caps["slot_states"].as_array().unwrap() {
+        assert_eq!(slot["busy"], false, "{slot}");
+        assert_eq!(slot["kv_pos_max"].as_i64().unwrap(), slot["tokens"].as_i64().unwrap() - 1, "reply cells freed: {slot}");
+    }
+    for (id, first) in ids.iter().zip(&first) {
+        let last = read(&mut s, id);
+        assert_eq!(last["is_complete"], true, "{last}");
+        assert_eq!(last["finish_reason"], "abandoned", "{last}");
+        let text = format!("{}{}", first["new_content"].as_str().unwrap(), last["new_content"].as_str().unwrap());
+        assert_eq!(last["full_content"].as_str().unwrap(), text);
+        let tokens = last["usage"]["completion_tokens"].as_u64().unwrap();
+        assert!(tokens > 0 && tokens < 2000, "{last}");
+        assert!(s.tool("generate_stream_read", json!({"stream_id": id})).err().contains("unknown stream_id"));
+    }
+    s.shutdown();
+}
+
+#[test]
+fn a_generate_does_not_wait_behind_streams_nobody_reads() {
+    // Two slots, both taken by streams that were read once and then left.
+    let mut s = Server::start(&[ONE_THREAD]);
+    let ids = [start_stream(&mut s, "Write a long story.", 300), start_stream(&mut s, "Count from one to one thousand.", 300)];
+    let mut texts: Vec<String> = ids.iter().map(|id| read(&mut s, id)["new_content"].as_str().unwrap().to_string()).collect();
+    let sent = Instant::now();
+    let out = s.tool("generate", greedy_args("Say hello.", 16)).ok();
+    let waited = sent.elapsed();
+    // It did not queue until a stream finished: both are still there,
+    // running or waiting for a slot again.
+    let caps = s.tool("get_capabilities", json!({})).ok();
+    let unfinished = caps["active_generations"].as_u64().unwrap() + caps["queued_generations"].as_u64().unwrap();
+    assert_eq!(unfinished, 2, "{caps}");
+    assert!(out["usage"]["completion_tokens"].as_u64().unwrap() >= 1, "{out}");
+    eprintln!("generate answered in {waited:?} with two unread streams holding both slots");
+    // Read again (both, in turn, as a client would), the streams resume
+    // where they stopped and finish whole.
+    let mut open = vec![true, true];
+    let deadline = Instant::now() + TIMEOUT;
+    while open.contains(&true) {
+        for (i, id) in ids.iter().enumerate() {
+            if !open[i] {
+                continue;
+            }
+            let r = read(&mut s, id);
+            texts[i].push_str(r["new_content"].as_str().unwrap());
+            if r["is_complete"] == true {
+                open[i] = false;
+                assert_eq!(r["full_content"].as_str().unwrap(), texts[i]);
+                assert_eq!(r["finish_reason"], "length", "{r}");
+                assert_eq!(r["usage"]["completion_tokens"], 300, "{r}");
+            }
+        }
+        assert!(Instant::now() < deadline, "streams did not finish");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let caps = s.tool("get_capabilities", json!({})).ok();
+    for slot in caps["slot_states"].as_array().unwrap() {
+        assert_eq!(slot["kv_pos_max"].as_i64().unwrap(), slot["tokens"].as_i64().unwrap() - 1, "{slot}");
+    }
+    s.shutdown();
+}
+
+/// A server driven by hand: the test decides when (and whether) stdout is read.
+struct Raw {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: Option<BufReader<ChildStdout>>,
+    stderr_path: std::path::PathBuf,
+}
+
+impl Raw {
+    fn spawn(name: &str) -> Raw {
+        let stderr_path = std::env::temp_dir().join(format!("elpis-unattended-{name}-{}.stderr", std::process::id()));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_elpis-server"))
+            .env("ELPIS_MODEL_PATH", model_path())
+            .env("ELPIS_MODEL_N_THREADS", "1")
+            .env("ELPIS_MODEL_SEED", SEED)
+            .env("ELPIS_LOGGING_LEVEL", "info")
+            .env_remove("ELPIS_QUIET")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_path).unwrap())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = Some(BufReader::new(child.stdout.take().unwrap()));
+        let mut raw = Raw { child, stdin, stdout, stderr_path };
+        raw.send(&json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2025-06-18",
+            "capabilities": {}, "clientInfo": {"name": "elpis-tests", "version": "1"}}}));
+        let init = raw.next_message();
+        assert_eq!(init["id"], 0, "{init}");
+        raw.send(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+        raw
+    }
+
+    fn send(&mut self, msg: &Value) {
+        writeln!(self.stdin, "{msg}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    fn next_message(&mut self) -> Value {
+        let mut line = String::new();
+        let n = self.stdout.as_mut().unwrap().read_line(&mut line).unwrap();
+        assert!(n > 0, "stdout closed; stderr:\n{}", self.stderr());
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap()
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Raw {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.stderr_path);
+    }
+}
+
+fn generate_request(id: u64, max_tokens: u32, progress: Option<&str>) -> Value {
+    let mut params = json!({"name": "generate", "arguments": {"messages": user("Write a long story."), "max_tokens": max_tokens, "temperature": 0}});
+    if let Some(token) = progress {
+        params["_meta"] = json!({"progressToken": token});
+    }
+    json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": params})
+}
+
+#[test]
+fn a_client_that_stops_reading_ends_the_session() {
+    let mut raw = Raw::spawn("gone");
+    raw.send(&generate_request(1, 2000, None));
+    std::thread::sleep(Duration::from_millis(300));
+    // The reader is gone; stdin stays open.
+    drop(raw.stdout.take());
+    let sent = Instant::now();
+    raw.send(&json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "get_emotion", "arguments": {}}}));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = raw.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "still running 20 s after its reader left; stderr:\n{}", raw.stderr());
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    eprintln!("exited {:?} after the first answer it could not write", sent.elapsed());
+    assert!(status.success(), "{status:?}\n{}", raw.stderr());
+    assert!(raw.stderr().contains("the client stopped reading"), "{}", raw.stderr());
+}
+
+#[test]
+fn a_reader_that_pauses_gets_every_answer_with_flat_memory() {
+    let mut raw = Raw::spawn("paused");
+    // Once read as it comes, for the baseline.
+    raw.send(&generate_request(1, 400, Some("warm")));
+    loop {
+        if raw.next_message()["id"] == 1 {
+            break;
+        }
+    }
+    let before = raw.rss_kib();
+    // A long token makes each notification about 2 KB: the 64 KB pipe fills
+    // within a few dozen tokens.
+    let token = format!("slow-{}", "x".repeat(2000));
+    raw.send(&generate_request(2, 400, Some(&token)));
+    // Stop reading for several seconds: the pipe fills and writes wait.
+    std::thread::sleep(Duration::from_secs(5));
+    let mut streamed = String::new();
+    let mut notifications = 0;
+    let response = loop {
+        let msg = raw.next_message();
+        if msg["id"] == 2 {
+            break msg;
+        }
+        assert_eq!(msg["method"], "notifications/progress", "{msg}");
+        assert_eq!(msg["params"]["progressToken"].as_str(), Some(token.as_str()), "{msg}");
+        streamed.push_str(msg["params"]["message"].as_str().unwrap_or(""));
+        notifications += 1;
+    };
+    let after = raw.rss_kib();
+    let out = parse_tool_response(&response).ok();
+    assert_eq!(streamed, out["content"].as_str().unwrap(), "every piece of text arrived, in order");
+    let tokens = out["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(notifications < tokens, "progress written while the reader paused was coalesced: {notifications} for {tokens} tokens");
+    eprintln!(
+        "paused reader: {notifications} progress notifications for {} tokens; RSS {} -> {} MiB",
+        out["usage"]["completion_tokens"],
+        before / 1024,
+        after / 1024
+    );
+    assert!(after < before + 16 * 1024, "memory grew while the reader paused: {before} -> {after} KiB");
+    raw.send(&json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "get_emotion", "arguments": {}}}));
+    assert_eq!(raw.next_message()["id"], 3);
+}
