@@ -142,3 +142,25 @@ fn a_failed_request_never_disturbs_a_running_stream() {
     assert!(last.get("error").is_none(), "{last}");
     s.shutdown();
 }
+
+/// Grammar checking over a 262k-token vocabulary once left ~170 MiB of
+/// temporaries in the process for good; what a tool needs only while it
+/// runs must be returned when it ends.
+#[test]
+fn function_calls_leave_no_memory_behind() {
+    let mut s = Server::start(&[ONE_THREAD]);
+    s.tool("generate", json!({"messages": user("Hello"), "max_tokens": 8, "temperature": 0})).ok();
+    std::thread::sleep(Duration::from_millis(300));
+    let before = s.rss_kib();
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 30}}, "required": ["city"]}}}]);
+    for city in ["Oslo", "Rome", "Lima"] {
+        let args = json!({"messages": user(&format!("Weather in {city}?")), "tools": tools, "tool_choice": "required", "temperature": 0});
+        s.tool("function_call", args).ok();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let after = s.rss_kib();
+    eprintln!("RSS around three function_calls: {} -> {} MiB", before / 1024, after / 1024);
+    assert!(after < before + 24 * 1024, "function_call kept memory: {before} -> {after} KiB");
+    s.shutdown();
+}

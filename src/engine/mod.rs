@@ -16,6 +16,7 @@
 mod chat_format;
 mod raw;
 mod scheduler;
+mod sys;
 mod text;
 mod tool_calls;
 

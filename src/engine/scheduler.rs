@@ -43,6 +43,12 @@ const STEP_HEADROOM: f64 = 0.8;
 const YIELDS_PER_STEP: usize = 8;
 /// Tokens a penalty sampler looks back over.
 const PENALTY_LAST_N: i32 = 64;
+/// Candidates the grammar checks at once when the sampled token was
+/// rejected. llama.cpp decodes every candidate's text and, per grammar
+/// level, reserves vectors the size of the whole array: over a 262k-token
+/// vocabulary that was >100 MiB of temporaries the allocator then kept.
+/// In chunks, best logits first, it is a few MiB, and usually one chunk.
+const GRAMMAR_CHUNK: usize = 4096;
 
 /// How a conversation becomes prompt text.
 enum PromptFormat {
@@ -151,6 +157,9 @@ pub struct Engine {
     budget: StepBudget,
     tick: u64,
     next_job_id: u64,
+    /// Set by a step that decoded something; cleared when the engine, idle
+    /// again, has handed the memory its work no longer needs back to the OS.
+    worked_since_trim: bool,
     /// Raw pointers are neither Send nor Sync: this makes `Engine` `!Send`.
     _not_send: PhantomData<*const ()>,
 }
@@ -287,6 +296,7 @@ impl Engine {
             budget: StepBudget { target_ms: settings.max_step_ms as f64 * STEP_HEADROOM, ms_per_token: 2.0 },
             tick: 0,
             next_job_id: 0,
+            worked_since_trim: false,
             _not_send: PhantomData,
         };
         Ok((engine, EngineHandle { commands: tx, info: Arc::new(info) }))
@@ -306,6 +316,12 @@ impl Engine {
     pub async fn run(mut self) {
         loop {
             if self.is_idle() {
+                if std::mem::take(&mut self.worked_since_trim) {
+                    // Sampling and grammar temporaries over a large
+                    // vocabulary are megabytes each; glibc keeps freed heap
+                    // pages, so a finished tool would hold them for good.
+                    super::sys::release_free_heap();
+                }
                 match self.commands.recv().await {
                     Some(command) => self.handle(command),
                     None => break,
@@ -696,6 +712,7 @@ impl Engine {
         if n_tokens == 0 {
             return;
         }
+        self.worked_since_trim = true;
         let started = Instant::now();
         if let Err(e) = self.ctx.decode(&mut self.batch) {
             tracing::error!("decode failed: {e}");
@@ -733,10 +750,24 @@ impl Engine {
             let mut probe = LlamaTokenDataArray::new(vec![LlamaTokenData::new(token, 0.0, 0.0)], false);
             probe.apply_sampler(&mut g.grammar);
             if !probe.data[0].logit().is_finite() {
-                let mut all = self.ctx.token_data_array_ith(batch_index);
-                all.apply_sampler(&mut g.grammar);
-                all.apply_sampler(&mut g.fallback);
-                token = all.selected_token().unwrap_or_else(|| vocab.eos());
+                let logits = self.ctx.get_logits_ith(batch_index);
+                match grammar_fallback(logits, g) {
+                    Some(allowed) => token = allowed,
+                    None => {
+                        // Accepting a token the grammar did not allow aborts
+                        // the process inside llama.cpp: end the job instead.
+                        let prompt_len = job.prompt_len;
+                        if let Some(job) = slot.job.take() {
+                            let _ = job.events.send(GenerationEvent::Failed(EngineError::Grammar(
+                                "no token of the model's vocabulary can continue the grammar-constrained reply \
+                                 (the grammar needs text this model cannot write)"
+                                    .into(),
+                            )));
+                        }
+                        self.trim_slot(i, prompt_len);
+                        return;
+                    }
+                }
             }
             g.grammar.accept(token);
         }
@@ -777,6 +808,30 @@ impl Engine {
             }
         }
     }
+}
+
+/// The token the grammar allows with the best chance, sampled by the job's
+/// fallback among the allowed ones of the first chunk (by logit) that has
+/// any; None when no token of the vocabulary is allowed.
+fn grammar_fallback(logits: &[f32], g: &mut GrammarSampler) -> Option<LlamaToken> {
+    let mut scratch: Vec<(f32, i32)> = logits.iter().enumerate().map(|(id, &logit)| (logit, id as i32)).collect();
+    let mut rest: &mut [(f32, i32)] = &mut scratch;
+    while !rest.is_empty() {
+        let n = GRAMMAR_CHUNK.min(rest.len());
+        if n < rest.len() {
+            rest.select_nth_unstable_by(n - 1, |a, b| b.0.total_cmp(&a.0));
+        }
+        let (chunk, tail) = rest.split_at_mut(n);
+        let data = chunk.iter().map(|&(logit, id)| LlamaTokenData::new(LlamaToken(id), logit, 0.0)).collect();
+        let mut candidates = LlamaTokenDataArray::new(data, false);
+        candidates.apply_sampler(&mut g.grammar);
+        if candidates.data.iter().any(|d| d.logit().is_finite()) {
+            candidates.apply_sampler(&mut g.fallback);
+            return candidates.selected_token();
+        }
+        rest = tail;
+    }
+    None
 }
 
 fn cancelled_completion(job: &Job) -> Completion {

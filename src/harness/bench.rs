@@ -54,6 +54,13 @@ pub struct BenchRun {
     pub user_generate_alone_ms: f64,
     pub user_generate_after_abandoned_ms: f64,
     pub abandoned_ratio: f64,
+    /// RSS after start and after each kind of request (settled: the engine
+    /// returns freed heap pages when it goes idle).
+    pub rss_start_mib: f64,
+    pub rss_generate_mib: f64,
+    pub rss_function_call_mib: f64,
+    pub rss_long_prompt_mib: f64,
+    pub rss_streams_mib: f64,
     pub peak_rss_mib: f64,
     pub model_file_mib: f64,
     pub rss_over_model: f64,
@@ -159,7 +166,16 @@ async fn bench_server(
         max_step_ms as u32,
     );
     let mut r = BenchRun { raw_prompt_tps: raw.prompt_tokens_per_s, raw_decode_tps: raw.decode_tokens_per_s, ..Default::default() };
+    r.rss_start_mib = settled_rss_mib(&client).await;
     tool(&mut client, "generate", json!({"messages": messages("Warm up.", "Hi"), "max_tokens": 8})).await?;
+    r.rss_generate_mib = settled_rss_mib(&client).await;
+    let weather = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 30}}, "required": ["city"]}}}]);
+    for city in ["Oslo", "Rome", "Lima"] {
+        let args = json!({"messages": messages("You call tools.", &format!("Weather in {city}?")), "tools": weather, "tool_choice": "required"});
+        tool(&mut client, "function_call", args).await?;
+    }
+    r.rss_function_call_mib = settled_rss_mib(&client).await;
 
     // Decode speed: tokens between the first and the last progress notification.
     let args = json!({"messages": messages("You are a storyteller.", "Write a long story about a lighthouse keeper."),
@@ -201,6 +217,7 @@ async fn bench_server(
     r.prompt_ratio = r.server_prompt_tps / r.raw_prompt_tps;
     (r.prefill_quick_p50_ms, r.prefill_quick_p99_ms) = percentiles(&prefill_latencies);
     r.prefill_p99_over_max_step = r.prefill_quick_p99_ms / max_step_ms;
+    r.rss_long_prompt_mib = settled_rss_mib(&client).await;
 
     // The same conversation, grown by a turn (the idle-react pattern).
     let grown = json!([
@@ -271,6 +288,7 @@ async fn bench_server(
         }
     }
     r.aggregate_ratio_4 = r.aggregate_tps_4 / r.aggregate_tps_1;
+    r.rss_streams_mib = settled_rss_mib(&client).await;
 
     // The user's turn after two idle-thought streams nobody reads any more.
     let user_turn = json!({"messages": messages("You are Psyche.", "I'm back. Say hello in a few words."),
@@ -302,6 +320,12 @@ async fn bench_server(
     client.close_stdin();
     client.wait_exit(Duration::from_secs(10)).await;
     Ok((r, info))
+}
+
+/// The server's RSS once the engine had a moment to go idle.
+async fn settled_rss_mib(client: &McpClient) -> f64 {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    client.rss_kib().unwrap_or(0) as f64 / 1024.0
 }
 
 fn median_run(runs: &[BenchRun]) -> BenchRun {
@@ -336,6 +360,8 @@ fn print_table(report: &BenchReport) {
         ("TTFT cold / grown prompt", format!("{:.0} / {:.0} ms = {:.3}x ({} prompt tokens, {} cached)", m.ttft_cold_ms, m.ttft_grown_ms, m.ttft_ratio, m.prefill_prompt_tokens, m.grown_cached_tokens), "target <= 0.25x"),
         ("aggregate tok/s 1 / 2 / 4 streams", format!("{:.1} / {:.1} / {:.1} = {:.2}x", m.aggregate_tps_1, m.aggregate_tps_2, m.aggregate_tps_4, m.aggregate_ratio_4), "target 4 >= 1.5x 1"),
         ("user generate after 2 abandoned streams", format!("{:.0} / {:.0} ms alone = {:.2}x", m.user_generate_after_abandoned_ms, m.user_generate_alone_ms, m.abandoned_ratio), "target <= 1.2x"),
+        ("RSS MiB: start / generate / function_call", format!("{:.0} / {:.0} / {:.0}", m.rss_start_mib, m.rss_generate_mib, m.rss_function_call_mib), "target <= model + KV + 64"),
+        ("RSS MiB: long prompt / streams", format!("{:.0} / {:.0}", m.rss_long_prompt_mib, m.rss_streams_mib), "target <= model + KV + 64"),
         ("peak RSS / model file", format!("{:.0} / {:.0} MiB = {:.2}x", m.peak_rss_mib, m.model_file_mib, m.rss_over_model), ""),
     ];
     for (name, value, target) in rows {

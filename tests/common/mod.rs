@@ -252,6 +252,12 @@ impl Server {
         }
     }
 
+    /// The server's resident memory now, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+    }
+
     /// Everything the server wrote to stderr so far.
     pub fn stderr_all(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
