@@ -84,11 +84,22 @@ pub struct ServerConfig {
     /// A stream nobody read for this long stops generating (its text so far
     /// stays readable, ending with `finish_reason: "abandoned"`).
     pub stream_idle_s: f64,
+    /// Generations that may wait for a slot; more are refused as busy.
+    pub max_queued: usize,
+    /// Longest input line; a longer one is discarded as it streams in and
+    /// refused with a JSON-RPC error.
+    pub max_line_bytes: usize,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { max_streams: 100, stream_max_age_s: 600.0, stream_idle_s: 10.0 }
+        ServerConfig {
+            max_streams: 100,
+            stream_max_age_s: 600.0,
+            stream_idle_s: 10.0,
+            max_queued: 64,
+            max_line_bytes: 16 * 1024 * 1024,
+        }
     }
 }
 
@@ -326,6 +337,15 @@ impl Config {
         let idle = self.server.stream_idle_s;
         if !idle.is_finite() || !(0.05..=31_536_000.0).contains(&idle) {
             return bad(format!("server.stream_idle_s = {idle} is out of range: expected 0.05 to 31536000"));
+        }
+        if !(1..=100_000).contains(&self.server.max_queued) {
+            return bad(format!("server.max_queued = {} is out of range: expected 1 to 100000", self.server.max_queued));
+        }
+        if !(1024..=1 << 30).contains(&self.server.max_line_bytes) {
+            return bad(format!(
+                "server.max_line_bytes = {} is out of range: expected 1024 to 1073741824",
+                self.server.max_line_bytes
+            ));
         }
         if !["text", "json"].contains(&self.logging.format.as_str()) {
             return bad(format!("logging.format = {:?} is unknown: expected \"text\" or \"json\"", self.logging.format));

@@ -172,3 +172,46 @@ fn named_hostile_inputs() {
     assert!(out["content"].is_string());
     s.shutdown();
 }
+
+/// Every line gets exactly one answer, even one no parser can read: the
+/// request's id when the line shows it, else null. A line over
+/// server.max_line_bytes is discarded as it streams in, not buffered.
+#[test]
+fn every_unreadable_line_is_answered() {
+    let mut s = Server::start(&[("ELPIS_MODEL_N_THREADS", "1")]);
+    let ping = |s: &mut Server| assert!(s.tool("get_emotion", json!({})).ok().get("valence").is_some());
+    let error_of = |s: &mut Server, id: Value| -> (i64, String) {
+        let response = s.wait(&id);
+        let error = &response["error"];
+        (error["code"].as_i64().unwrap_or_else(|| panic!("no error: {response}")), error["message"].as_str().unwrap().to_string())
+    };
+    s.send_bytes(b"{\"jsonrpc\":\"2.0\",\"id\":501,\"method\":\"tools/list\",\"params\":{\"x\":\"\xff\xfe\"}}");
+    assert_eq!(error_of(&mut s, json!(501)).0, -32700);
+    s.send_line(r#"[{"jsonrpc":"2.0","id":502,"method":"tools/list"},{"jsonrpc":"2.0","method":"notifications/initialized"}]"#);
+    let (code, message) = error_of(&mut s, json!(502));
+    assert_eq!(code, -32600);
+    assert!(message.contains("batches"), "{message}");
+    let deep = format!(r#"{{"jsonrpc":"2.0","id":503,"method":"tools/list","params":{}{}}}"#, "[".repeat(100_000), "]".repeat(100_000));
+    s.send_line(&deep);
+    let (code, message) = error_of(&mut s, json!(503));
+    assert_eq!(code, -32700);
+    assert!(message.contains("nested too deeply"), "{message}");
+    ping(&mut s);
+    let before = s.rss_kib();
+    let huge = format!(
+        r#"{{"jsonrpc":"2.0","id":504,"method":"tools/call","params":{{"name":"generate","arguments":{{"messages":[{{"role":"user","content":"{}"}}]}}}}}}"#,
+        "x".repeat(20 * 1024 * 1024)
+    );
+    s.send_line(&huge);
+    let (code, message) = error_of(&mut s, json!(504));
+    let after = s.rss_kib();
+    assert_eq!(code, -32600);
+    assert!(message.contains("max_line_bytes"), "{message}");
+    assert!(after < before + 12 * 1024, "a 20 MB line was buffered: RSS {before} -> {after} KiB");
+    // No id to read: answered with null.
+    s.send_line("{this is not json");
+    let (code, _) = error_of(&mut s, Value::Null);
+    assert_eq!(code, -32700);
+    ping(&mut s);
+    s.shutdown();
+}

@@ -17,6 +17,7 @@ use crate::engine::Engine;
 use crate::server::inference::Inference;
 use crate::server::mcp::ElpisServer;
 use crate::server::mood::Mood;
+use crate::server::transport::stdio_lines;
 use crate::session::Recorder;
 
 /// How long in-flight answers may still be written after stdin closed.
@@ -49,8 +50,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let reader = StdinWatch { inner: reader, eof: stdin_closed.clone(), recorder: recorder.clone() };
     let stdout_broken = CancellationToken::new();
     let writer = StdoutWatch { inner: writer, broken: stdout_broken.clone() };
+    let transport = stdio_lines(reader, writer, config.server.max_line_bytes);
     let service = ElpisServer::new(Arc::clone(&inference), recorder.clone())
-        .serve((reader, writer))
+        .serve(transport)
         .await
         .context("MCP initialisation failed")?;
     tracing::info!("serving MCP on stdio");

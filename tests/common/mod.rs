@@ -125,15 +125,20 @@ impl Server {
                 let now = Instant::now();
                 let (lock, cvar) = &*reader_inbox;
                 let mut inbox = lock.lock().unwrap();
-                match serde_json::from_str::<Value>(&line) {
-                    Ok(msg) if msg.get("jsonrpc") == Some(&json!("2.0")) => {
-                        if msg.get("id").is_some() && (msg.get("result").is_some() || msg.get("error").is_some()) {
-                            inbox.responses.insert(id_key(&msg["id"]), (msg, now));
-                        } else {
-                            inbox.notifications.push((msg, now));
-                        }
+                // One message, or a batch answer (an array of them).
+                let messages = match serde_json::from_str::<Value>(&line) {
+                    Ok(Value::Array(items)) if !items.is_empty() => items,
+                    Ok(msg) => vec![msg],
+                    Err(_) => vec![Value::Null],
+                };
+                for msg in messages {
+                    if msg.get("jsonrpc") != Some(&json!("2.0")) {
+                        inbox.garbage.push(line.clone());
+                    } else if msg.get("id").is_some() && (msg.get("result").is_some() || msg.get("error").is_some()) {
+                        inbox.responses.insert(id_key(&msg["id"]), (msg, now));
+                    } else {
+                        inbox.notifications.push((msg, now));
                     }
-                    _ => inbox.garbage.push(line),
                 }
                 cvar.notify_all();
             }
@@ -164,6 +169,14 @@ impl Server {
     pub fn send_line(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("stdin open");
         stdin.write_all(line.as_bytes()).unwrap();
+        stdin.write_all(b"\n").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Send raw bytes as one line (they need not be UTF-8).
+    pub fn send_bytes(&mut self, line: &[u8]) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin.write_all(line).unwrap();
         stdin.write_all(b"\n").unwrap();
         stdin.flush().unwrap();
     }
