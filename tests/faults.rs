@@ -164,3 +164,69 @@ fn function_calls_leave_no_memory_behind() {
     assert!(after < before + 24 * 1024, "function_call kept memory: {before} -> {after} KiB");
     s.shutdown();
 }
+
+/// Generations queue up to server.max_queued; beyond that a clear "busy"
+/// error, and room again once the queue drains.
+#[test]
+fn the_queue_is_bounded() {
+    let mut s = Server::start(&[ONE_THREAD, ("ELPIS_MODEL_PARALLEL", "1"), ("ELPIS_SERVER_MAX_QUEUED", "2")]);
+    let wait_for = |s: &mut Server, active: u64, queued: u64| {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let caps = s.tool("get_capabilities", json!({})).ok();
+            if caps["active_generations"] == active && caps["queued_generations"] == queued {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{caps}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let mut ids = vec![s.request_tool("generate", greedy_args("Write a long story.", 2000))];
+    wait_for(&mut s, 1, 0);
+    ids.push(s.request_tool("generate", greedy_args("Write a long story number two.", 2000)));
+    wait_for(&mut s, 1, 1);
+    ids.push(s.request_tool("generate", greedy_args("Write a long story number three.", 2000)));
+    wait_for(&mut s, 1, 2);
+    let err = s.tool("generate", greedy_args("One too many.", 4)).err();
+    assert!(err.contains("busy") && err.contains("server.max_queued"), "{err}");
+    let err = s.tool("generate_stream_start", greedy_args("One too many.", 4)).err();
+    assert!(err.contains("busy"), "{err}");
+    for id in &ids {
+        s.notify("notifications/cancelled", json!({"requestId": id}));
+    }
+    wait_for(&mut s, 0, 0);
+    let out = s.tool("generate", greedy_args("Now there is room.", 4)).ok();
+    assert!(out["usage"]["completion_tokens"].as_u64().unwrap() >= 1);
+    s.shutdown();
+}
+
+/// With overflow = "truncate", a conversation of 1,500 short messages is
+/// cut in about one render and one tokenisation (it used to re-render the
+/// whole conversation once per dropped message: 16 s, and a get_emotion sent
+/// meanwhile waited 11.6 s).
+#[test]
+fn truncating_a_long_conversation_keeps_quick_calls_quick() {
+    let mut s = Server::start(&[ONE_THREAD, ("ELPIS_MODEL_CONTEXT_LENGTH", "1024"), ("ELPIS_MODEL_OVERFLOW", "truncate")]);
+    let mut messages = vec![json!({"role": "system", "content": "You are terse."})];
+    for i in 0..750 {
+        messages.push(json!({"role": "user", "content": format!("Note {i}: the garden needs water.")}));
+        messages.push(json!({"role": "assistant", "content": "Noted."}));
+    }
+    messages.push(json!({"role": "user", "content": "Say hi."}));
+    let started = Instant::now();
+    let generate = s.request_tool("generate", json!({"messages": messages, "max_tokens": 4, "temperature": 0}));
+    std::thread::sleep(Duration::from_millis(20));
+    let sent = Instant::now();
+    let quick = s.request_tool("get_emotion", json!({}));
+    let (_, answered) = s.wait_timed(&quick, TIMEOUT);
+    let out = parse_tool_response(&s.wait(&generate)).ok();
+    eprintln!(
+        "1,501 messages truncated and answered in {:?}; get_emotion meanwhile answered in {:?}",
+        started.elapsed(),
+        answered - sent
+    );
+    assert_eq!(out["truncated"], true, "{out}");
+    let prompt = out["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt < 1024 && prompt > 500, "cut to fit, not to the bone: {out}");
+    s.shutdown();
+}

@@ -21,6 +21,7 @@ mod text;
 mod tool_calls;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -273,6 +274,9 @@ pub struct SlotReport {
 pub struct EngineHandle {
     commands: mpsc::UnboundedSender<Command>,
     info: Arc<ModelInfo>,
+    /// Generations sent that have not had a slot yet (nor failed or been
+    /// cancelled): raised here, lowered by the engine.
+    waiting: Arc<AtomicUsize>,
 }
 
 impl EngineHandle {
@@ -280,12 +284,19 @@ impl EngineHandle {
         &self.info
     }
 
+    /// Generations waiting for a slot (or still to be read by the engine).
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
     /// Queue a generation; events arrive as the engine steps it.
     pub fn generate(&self, request: GenerationRequest) -> Generation {
         let (tx, rx) = mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
         let command = Command::Generate { request, events: tx.clone(), cancel: cancel.clone() };
+        self.waiting.fetch_add(1, Ordering::Relaxed);
         if self.commands.send(command).is_err() {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
             let _ = tx.send(GenerationEvent::Failed(EngineError::Stopped));
         }
         Generation { events: rx, cancel }

@@ -11,6 +11,7 @@
 use std::collections::VecDeque;
 use std::marker::PhantomData;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::ThreadId;
 use std::time::Instant;
@@ -157,6 +158,8 @@ pub struct Engine {
     budget: StepBudget,
     tick: u64,
     next_job_id: u64,
+    /// Shared with the handles: generations not yet given a slot.
+    waiting: Arc<AtomicUsize>,
     /// Set by a step that decoded something; cleared when the engine, idle
     /// again, has handed the memory its work no longer needs back to the OS.
     worked_since_trim: bool,
@@ -276,6 +279,7 @@ impl Engine {
         };
         tracing::info!(?info, "model loaded");
         let (tx, rx) = mpsc::unbounded_channel();
+        let waiting = Arc::new(AtomicUsize::new(0));
         let slots = (0..parallel as i32)
             .map(|seq| Slot { seq, cached: Vec::new(), job: None, last_used: 0 })
             .collect();
@@ -297,9 +301,10 @@ impl Engine {
             tick: 0,
             next_job_id: 0,
             worked_since_trim: false,
+            waiting: Arc::clone(&waiting),
             _not_send: PhantomData,
         };
-        Ok((engine, EngineHandle { commands: tx, info: Arc::new(info) }))
+        Ok((engine, EngineHandle { commands: tx, info: Arc::new(info), waiting }))
     }
 
     /// The thread invariant: llama.cpp is only ever entered from the thread
@@ -359,6 +364,7 @@ impl Engine {
             Command::Generate { request, events, cancel } => match self.admit(request, events.clone(), cancel) {
                 Ok(job) => self.queue.push_back(job),
                 Err(e) => {
+                    self.waiting.fetch_sub(1, Ordering::Relaxed);
                     let _ = events.send(GenerationEvent::Failed(e));
                 }
             },
@@ -413,8 +419,17 @@ impl Engine {
             match tokens {
                 Some(tokens) if tokens.len() <= limit => break tokens,
                 _ if self.truncate_overflow && droppable(&messages).is_some() => {
-                    if let Some(i) = droppable(&messages) {
-                        messages.remove(i);
+                    // Drop, in one cut, the oldest turns that hold the
+                    // excess, each measured once (not one turn per render
+                    // and tokenisation of the whole conversation). Usually
+                    // one more render then fits; at worst a second cut,
+                    // with the markup's share then known, does.
+                    let total = tokens.as_ref().map(Vec::len);
+                    let cut = self.turns_covering(&messages, limit, total);
+                    if let Some(first) = droppable(&messages) {
+                        let last_droppable = messages.len() - 2;
+                        let end = (first + cut.max(1)).min(last_droppable + 1);
+                        messages.drain(first..end);
                     }
                     truncated = true;
                 }
@@ -483,6 +498,32 @@ impl Engine {
         }
     }
 
+    /// How many of the oldest droppable messages to drop so the prompt fits
+    /// in `limit` tokens. Each message's text is tokenised once; the
+    /// template's markup is shared out evenly from the whole prompt's `total`
+    /// tokens when known (else guessed, for a prompt too long to tokenise).
+    fn turns_covering(&self, messages: &[Message], limit: usize, total: Option<usize>) -> usize {
+        const GUESSED_MARKUP_TOKENS: usize = 6;
+        let Some(first) = droppable(messages) else { return 0 };
+        let vocab = self.model.vocab();
+        let sizes: Vec<usize> = messages.iter().map(|m| vocab.tokenize(m.content.as_bytes(), false, false).len()).collect();
+        let text_tokens: usize = sizes.iter().sum();
+        let markup = match total {
+            Some(total) => total.saturating_sub(text_tokens).div_ceil(messages.len().max(1)),
+            None => GUESSED_MARKUP_TOKENS,
+        };
+        let mut estimate = total.unwrap_or(text_tokens + markup * messages.len());
+        let mut count = 0;
+        for size in &sizes[first..messages.len() - 1] {
+            if estimate <= limit {
+                break;
+            }
+            estimate = estimate.saturating_sub(size + markup);
+            count += 1;
+        }
+        count.max(1)
+    }
+
     fn tokenize(&self, text: &str) -> Vec<LlamaToken> {
         let vocab = self.model.vocab();
         let mut tokens = vocab.tokenize(text.as_bytes(), true, true);
@@ -516,8 +557,12 @@ impl Engine {
 
     /// Stop cancelled jobs (queued or running) and free their reply cells.
     fn reap_cancelled(&mut self) {
+        let waiting = &self.waiting;
         self.queue.retain(|job| {
             if job.cancelled() {
+                if !job.started {
+                    waiting.fetch_sub(1, Ordering::Relaxed);
+                }
                 let _ = job.events.send(GenerationEvent::Done(cancelled_completion(job)));
                 false
             } else {
@@ -607,6 +652,7 @@ impl Engine {
             if !job.started {
                 job.usage.cached_tokens = self.slots[i].cached.len() as u32;
                 job.started = true;
+                self.waiting.fetch_sub(1, Ordering::Relaxed);
             }
             self.tick += 1;
             let slot = &mut self.slots[i];

@@ -51,6 +51,8 @@ pub struct Inference {
     defaults: ModelConfig,
     /// A stream nobody reads this long is abandoned (`server.stream_idle_s`).
     stream_idle: Duration,
+    /// Generations that may wait for a slot (`server.max_queued`).
+    max_queued: usize,
 }
 
 impl Inference {
@@ -62,6 +64,7 @@ impl Inference {
             streams: Arc::new(Mutex::new(streams)),
             defaults,
             stream_idle: Duration::from_secs_f64(limits.stream_idle_s),
+            max_queued: limits.max_queued,
         }
     }
 
@@ -95,6 +98,14 @@ impl Inference {
             None if modulate => self.mood.modulation(),
             None => Modulation { temperature: self.defaults.temperature, top_p: self.defaults.top_p },
         };
+        let waiting = self.engine.waiting();
+        if waiting >= self.max_queued {
+            return Err(ToolError(format!(
+                "busy: {waiting} generations are already waiting for a slot (server.max_queued = {}): \
+                 try again when some have finished",
+                self.max_queued
+            )));
+        }
         let seed = self.defaults.seed.unwrap_or_else(|| uuid::Uuid::new_v4().as_u128() as u32);
         let sampling = SamplingParams {
             temperature: used.temperature,
