@@ -32,6 +32,30 @@ fn tools_list_has_all_nine_with_schemas() {
     }
     let generate = tools.iter().find(|t| t["name"] == "generate").unwrap();
     assert_eq!(generate["inputSchema"]["required"], json!(["messages"]));
+    // Schemas a model can fill: plain types, defaults and ranges stated.
+    let props = &generate["inputSchema"]["properties"];
+    assert_eq!(props["max_tokens"]["type"], "integer", "{props}");
+    assert_eq!((props["max_tokens"]["default"].clone(), props["max_tokens"]["minimum"].clone()), (json!(2048), json!(1)));
+    assert_eq!((props["temperature"]["minimum"].as_f64(), props["temperature"]["maximum"].as_f64()), (Some(0.0), Some(2.0)));
+    assert_eq!(props["emotional_modulation"]["default"], true);
+    let text = result.to_string();
+    assert!(!text.contains("\"null\"") && !text.contains("int64") && !text.contains("\"default\":null"), "{text}");
+    let update = tools.iter().find(|t| t["name"] == "update_emotion").unwrap();
+    let intensity = &update["inputSchema"]["properties"]["intensity"];
+    assert_eq!((intensity["minimum"].as_f64(), intensity["maximum"].as_f64(), intensity["default"].as_f64()), (Some(0.0), Some(2.0), Some(1.0)));
+    assert!(update["inputSchema"]["properties"]["event_type"]["examples"].as_array().unwrap().contains(&json!("success")));
+    // Titles, annotations and an output schema on every tool.
+    for t in tools {
+        assert!(t["title"].is_string(), "{t}");
+        assert_eq!(t["outputSchema"]["type"], "object", "{t}");
+        let read_only = ["get_emotion", "get_capabilities", "generate_stream_read"].contains(&t["name"].as_str().unwrap());
+        assert_eq!(t["annotations"]["readOnlyHint"], read_only, "{t}");
+    }
+    // Structured content: the same object as the text block.
+    let id = s.request_tool("get_emotion", json!({}));
+    let response = s.wait(&id);
+    let text: Value = serde_json::from_str(response["result"]["content"][0]["text"].as_str().unwrap()).unwrap();
+    assert_eq!(response["result"]["structuredContent"], text);
     s.shutdown();
 }
 

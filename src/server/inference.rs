@@ -246,6 +246,11 @@ impl Inference {
         Ok(json!({"status": "cancelled", "stream_id": stream_id}))
     }
 
+    /// `max_tokens` when a request gives none (the config's).
+    pub fn default_max_tokens(&self) -> u32 {
+        self.defaults.max_tokens
+    }
+
     /// Open streams (for capabilities and tests).
     pub fn open_streams(&self) -> usize {
         self.streams().len()

@@ -9,6 +9,7 @@ use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation, ListResourcesResult,
     ListToolsResult, PaginatedRequestParams, ProgressNotificationParam, ReadResourceRequestParams,
     ReadResourceResponse, ReadResourceResult, Resource, ResourceContents, ServerCapabilities, ServerConfig, Tool,
+    ToolAnnotations,
 };
 use rmcp::service::RequestContext;
 use rmcp::{ErrorData, RoleServer, ServerHandler};
@@ -17,7 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::server::inference::{Inference, Progress, ToolError};
 use crate::session::Recorder;
-use crate::server::wire::{parse_args, schema_of, FunctionCallArgs, GenerateArgs, NoArgs, StreamArgs, UpdateEmotionArgs};
+use crate::server::wire::{input_schema, output_schema, parse_args, FunctionCallArgs, GenerateArgs, StreamArgs, UpdateEmotionArgs};
 
 pub const EMOTION_STATE_URI: &str = "emotion://state";
 pub const EMOTION_EVENTS_URI: &str = "emotion://events";
@@ -83,7 +84,7 @@ impl ElpisServer {
             "get_capabilities" => Ok(inference.capabilities().await),
             other => Err(ToolError(format!(
                 "unknown tool {other:?}: the tools are {}",
-                TOOLS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                TOOLS.iter().map(|t| t.name).collect::<Vec<_>>().join(", ")
             ))),
         }
     }
@@ -118,41 +119,53 @@ fn progress_forwarder(
     Some((tx, task))
 }
 
-/// Every tool with its description, in `tools/list` order.
-const TOOLS: [(&str, &str); 9] = [
-    ("generate", "Generate a reply to a conversation. Returns {content, emotional_state, modulated_params}."),
-    ("generate_stream_start", "Start generating a reply in the background. Returns {stream_id, status, emotional_state}; poll generate_stream_read."),
-    ("generate_stream_read", "Read the text a stream produced since the last read: {new_content, is_complete, total_tokens}; once complete also full_content and emotional_state."),
-    ("generate_stream_cancel", "Stop a stream and free its resources."),
-    ("function_call", "Let the model call one of the given OpenAI-format tools. Returns {tool_calls, emotional_state}."),
-    ("update_emotion", "Apply an emotional event (success, failure, insight, ...) at an intensity 0..2. Returns the emotional state."),
-    ("reset_emotion", "Return the emotional state to its baseline."),
-    ("get_emotion", "The current emotional state (valence, arousal, quadrant, trajectory)."),
-    ("get_capabilities", "Model and server facts: context_length, max_tokens, backend, model_path, sampling defaults."),
+/// One tool as `tools/list` shows it.
+struct ToolDoc {
+    name: &'static str,
+    title: &'static str,
+    description: &'static str,
+    read_only: bool,
+    idempotent: bool,
+    destructive: bool,
+}
+
+/// Every tool, in `tools/list` order.
+const TOOLS: [ToolDoc; 9] = [
+    ToolDoc { name: "generate", title: "Generate a reply", description: "Generate a reply to a conversation. Returns {content, emotional_state, modulated_params}.", read_only: false, idempotent: false, destructive: false },
+    ToolDoc { name: "generate_stream_start", title: "Start a streamed reply", description: "Start generating a reply in the background. Returns {stream_id, status, emotional_state}; poll generate_stream_read.", read_only: false, idempotent: false, destructive: false },
+    ToolDoc { name: "generate_stream_read", title: "Read a stream", description: "Read the text a stream produced since the last read: {new_content, is_complete, total_tokens}; once complete also full_content and emotional_state.", read_only: true, idempotent: false, destructive: false },
+    ToolDoc { name: "generate_stream_cancel", title: "Cancel a stream", description: "Stop a stream and free its resources.", read_only: false, idempotent: true, destructive: true },
+    ToolDoc { name: "function_call", title: "Call a tool", description: "Let the model call one of the given OpenAI-format tools. Returns {tool_calls, emotional_state}.", read_only: false, idempotent: false, destructive: false },
+    ToolDoc { name: "update_emotion", title: "Apply an emotional event", description: "Apply an emotional event (success, failure, insight, ...) at an intensity 0..2. Returns the emotional state.", read_only: false, idempotent: false, destructive: false },
+    ToolDoc { name: "reset_emotion", title: "Reset the emotional state", description: "Return the emotional state to its baseline.", read_only: false, idempotent: true, destructive: true },
+    ToolDoc { name: "get_emotion", title: "Get the emotional state", description: "The current emotional state (valence, arousal, quadrant, trajectory).", read_only: true, idempotent: true, destructive: false },
+    ToolDoc { name: "get_capabilities", title: "Get the server's capabilities", description: "Model and server facts: context_length, max_tokens, backend, model_path, sampling defaults.", read_only: true, idempotent: true, destructive: false },
 ];
 
-fn tool_list() -> Vec<Tool> {
+fn tool_list(default_max_tokens: u32) -> Vec<Tool> {
     TOOLS
         .iter()
-        .map(|(name, description)| {
-            let schema = match *name {
-                "generate" | "generate_stream_start" => schema_of::<GenerateArgs>(),
-                "generate_stream_read" | "generate_stream_cancel" => schema_of::<StreamArgs>(),
-                "function_call" => schema_of::<FunctionCallArgs>(),
-                "update_emotion" => schema_of::<UpdateEmotionArgs>(),
-                _ => schema_of::<NoArgs>(),
-            };
-            Tool::new(*name, *description, Arc::new(schema))
+        .map(|t| {
+            let annotations = ToolAnnotations::with_title(t.title)
+                .read_only(t.read_only)
+                .destructive(t.destructive)
+                .idempotent(t.idempotent)
+                .open_world(false);
+            Tool::new(t.name, t.description, Arc::new(input_schema(t.name, default_max_tokens)))
+                .with_title(t.title)
+                .with_raw_output_schema(Arc::new(output_schema(t.name)))
+                .with_annotations(annotations)
         })
         .collect()
 }
 
-fn text_result(value: &Value, is_error: bool) -> CallToolResult {
-    let content = vec![ContentBlock::text(value.to_string())];
+/// A result: the object as one text block (what Psyche reads) and, when it
+/// succeeded, the same object as structured content.
+fn tool_result(value: Value, is_error: bool) -> CallToolResult {
     if is_error {
-        CallToolResult::error(content)
+        CallToolResult::error(vec![ContentBlock::text(value.to_string())])
     } else {
-        CallToolResult::success(content)
+        CallToolResult::structured(value)
     }
 }
 
@@ -171,7 +184,7 @@ impl ServerHandler for ElpisServer {
         _request: Option<PaginatedRequestParams>,
         _ctx: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
-        Ok(ListToolsResult::with_all_items(tool_list()))
+        Ok(ListToolsResult::with_all_items(tool_list(self.inference.default_max_tokens())))
     }
 
     async fn call_tool(
@@ -181,10 +194,10 @@ impl ServerHandler for ElpisServer {
     ) -> Result<CallToolResponse, ErrorData> {
         let tool = request.name.to_string();
         let result = match self.dispatch(request, ctx).await {
-            Ok(value) => text_result(&value, false),
+            Ok(value) => tool_result(value, false),
             Err(e) => {
                 tracing::info!(tool, error = %e, "tool failed");
-                text_result(&json!({"error": e.0}), true)
+                tool_result(json!({"error": e.0}), true)
             }
         };
         Ok(result.into())

@@ -4,7 +4,7 @@
 use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
 
 use crate::engine::Message;
 
@@ -91,10 +91,129 @@ pub fn schema_of<T: JsonSchema>() -> Map<String, Value> {
     }
 }
 
+/// The input schema of `tool` as `tools/list` publishes it, made easy for
+/// a model to fill: no `["integer", "null"]` unions or integer formats, the
+/// defaults stated (`max_tokens` from the config), ranges as
+/// minimum/maximum, the known events as examples.
+pub fn input_schema(tool: &str, default_max_tokens: u32) -> Map<String, Value> {
+    let mut schema = match tool {
+        "generate" | "generate_stream_start" => schema_of::<GenerateArgs>(),
+        "generate_stream_read" | "generate_stream_cancel" => schema_of::<StreamArgs>(),
+        "function_call" => schema_of::<FunctionCallArgs>(),
+        "update_emotion" => schema_of::<UpdateEmotionArgs>(),
+        _ => schema_of::<NoArgs>(),
+    };
+    for value in schema.values_mut() {
+        plain_types(value);
+    }
+    let set = |schema: &mut Map<String, Value>, property: &str, extra: Value| {
+        let target = schema.get_mut("properties").and_then(|p| p.get_mut(property)).and_then(Value::as_object_mut);
+        if let (Some(target), Value::Object(extra)) = (target, extra) {
+            target.extend(extra);
+        }
+    };
+    set(&mut schema, "max_tokens", json!({"minimum": 1, "default": default_max_tokens}));
+    set(&mut schema, "temperature", json!({"minimum": 0.0, "maximum": 2.0}));
+    set(&mut schema, "emotional_modulation", json!({"default": true}));
+    set(&mut schema, "intensity", json!({"minimum": 0.0, "maximum": 2.0, "default": 1.0}));
+    let events: Vec<&str> = crate::emotion::EVENTS.iter().map(|(name, _)| *name).collect();
+    set(&mut schema, "event_type", json!({"examples": events}));
+    if let Some(role) = schema.get_mut("$defs").and_then(|d| d.pointer_mut("/Message/properties/role")).and_then(Value::as_object_mut) {
+        role.insert("enum".into(), json!(crate::engine::ROLES));
+    }
+    schema
+}
+
+/// Optional values are plain types (absent means the default), and integers
+/// carry no machine formats a model would have to know.
+fn plain_types(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            if let Some(Value::Array(types)) = map.get("type") {
+                let kept: Vec<Value> = types.iter().filter(|t| *t != "null").cloned().collect();
+                if kept.len() == 1 {
+                    map.insert("type".into(), kept[0].clone());
+                }
+            }
+            if map.get("default").is_some_and(Value::is_null) {
+                map.remove("default");
+            }
+            if map.get("format").and_then(Value::as_str).is_some_and(|f| ["int64", "int32", "uint32", "uint64", "uint", "double", "float"].contains(&f)) {
+                map.remove("format");
+            }
+            for v in map.values_mut() {
+                plain_types(v);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(plain_types),
+        _ => {}
+    }
+}
+
+/// The emotional state object (wire.md).
+fn emotional_state_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "valence": {"type": "number", "minimum": -1, "maximum": 1},
+            "arousal": {"type": "number", "minimum": -1, "maximum": 1},
+            "quadrant": {"type": "string", "enum": ["excited", "frustrated", "calm", "depleted"]},
+            "last_update": {"type": "number"},
+            "update_count": {"type": "integer"},
+            "baseline": {"type": "object"},
+            "steering_coefficients": {"type": "object"},
+            "trajectory": {"type": "object"}
+        },
+        "required": ["valence", "arousal", "quadrant", "trajectory"]
+    })
+}
+
+/// The output schema of `tool`: the shape of its result object (the same
+/// object as `structuredContent` and the text block). Successful results
+/// only; failures are `{"error": ...}` with `isError: true`.
+pub fn output_schema(tool: &str) -> Map<String, Value> {
+    let state = emotional_state_schema();
+    let usage = json!({"type": "object", "properties": {
+        "prompt_tokens": {"type": "integer"}, "cached_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"}}});
+    let sampling = json!({"type": "object", "properties": {"temperature": {"type": "number"}, "top_p": {"type": "number"}}});
+    let finish = json!({"type": "string", "enum": ["stop", "length", "cancelled", "abandoned"]});
+    let schema = match tool {
+        "generate" => json!({"type": "object", "properties": {
+            "content": {"type": "string"}, "emotional_state": state, "modulated_params": sampling,
+            "finish_reason": finish, "usage": usage, "truncated": {"type": "boolean"}},
+            "required": ["content", "emotional_state", "modulated_params"]}),
+        "generate_stream_start" => json!({"type": "object", "properties": {
+            "stream_id": {"type": "string"}, "status": {"type": "string"}, "emotional_state": state, "modulated_params": sampling},
+            "required": ["stream_id", "status", "emotional_state"]}),
+        "generate_stream_read" => json!({"type": "object", "properties": {
+            "stream_id": {"type": "string"}, "new_content": {"type": "string"}, "is_complete": {"type": "boolean"},
+            "total_tokens": {"type": "integer"}, "full_content": {"type": "string"}, "emotional_state": state,
+            "finish_reason": finish, "usage": usage, "truncated": {"type": "boolean"}, "error": {"type": "string"}},
+            "required": ["new_content", "is_complete", "total_tokens"]}),
+        "generate_stream_cancel" => json!({"type": "object", "properties": {
+            "status": {"type": "string"}, "stream_id": {"type": "string"}}, "required": ["status", "stream_id"]}),
+        "function_call" => json!({"type": "object", "properties": {
+            "tool_calls": {"type": "array", "items": {"type": "object", "properties": {
+                "id": {"type": "string"}, "type": {"type": "string"},
+                "function": {"type": "object", "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}}}}},
+            "content": {"type": "string"}, "emotional_state": state, "modulated_params": sampling, "finish_reason": finish,
+            "usage": usage, "raw_content": {"type": "string"}, "parse_error": {"type": "string"}},
+            "required": ["tool_calls", "emotional_state"]}),
+        "get_capabilities" => json!({"type": "object", "properties": {
+            "context_length": {"type": "integer"}, "max_tokens": {"type": "integer"}, "backend": {"type": "string"},
+            "model_path": {"type": "string"}, "temperature": {"type": "number"}, "top_p": {"type": "number"}},
+            "required": ["context_length", "max_tokens", "backend", "model_path", "temperature", "top_p"]}),
+        _ => state,
+    };
+    match schema {
+        Value::Object(map) => map,
+        _ => Map::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     fn obj(v: Value) -> Option<Map<String, Value>> {
         v.as_object().cloned()
