@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up everything on a fresh machine (build tools, the test model) and run
 # the whole suite: unit tests, integration tests that drive the real binary
-# over stdio on the real model, the replayed sessions, and Psyche's own
-# client library (the official MCP Python SDK) against the server. Release
+# over stdio on the real model, the replayed sessions, Psyche's own client
+# library (the official MCP Python SDK) and the official MCP Inspector's CLI
+# against the server. Release
 # profile: llama.cpp is built once, optimised, and shared with scripts/run.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,3 +25,17 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import mcp" 2>/dev/nu
     "$venv/bin/pip" install --quiet --disable-pip-version-check "mcp==2.3.0"
 fi
 "$venv/bin/python" scripts/psyche-client-check.py target/release/elpis-server
+
+# The official MCP Inspector's CLI, pinned, in a cached npm prefix: lists and
+# calls every tool and resource.
+inspector="${ELPIS_CACHE_DIR:-$HOME/.cache/elpis}/inspector"
+if [ ! -x "$inspector/node_modules/.bin/mcp-inspector" ]; then
+    if ! command -v npm >/dev/null 2>&1; then
+        echo "test: installing nodejs and npm for the MCP Inspector" >&2
+        SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+        $SUDO apt-get update -qq >&2 && $SUDO apt-get install -y -qq nodejs npm >&2
+    fi
+    mkdir -p "$inspector"
+    npm install --silent --no-audit --no-fund --prefix "$inspector" "@modelcontextprotocol/inspector@0.15.0" >&2
+fi
+python3 scripts/inspector-check.py "$inspector/node_modules/.bin/mcp-inspector" target/release/elpis-server

@@ -10,6 +10,7 @@
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 
 use file_rotate::compression::Compression;
@@ -18,6 +19,7 @@ use file_rotate::{ContentLimit, FileRotate};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::{Layered, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
+use tokio::sync::mpsc;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 use crate::config::LoggingConfig;
@@ -27,7 +29,87 @@ const ROTATE_BYTES: usize = 10 * 1024 * 1024;
 /// ...keeping this many old files (`elpis.log.1` is the newest).
 const ROTATED_FILES: usize = 5;
 
+/// Events queued for the MCP client at most (beyond, they are dropped:
+/// a client that does not read must not grow memory).
+const CLIENT_LOG_QUEUE: usize = 256;
+
 type Subscriber = Layered<EnvFilter, Registry>;
+
+/// A log event for the MCP client, sent as `notifications/message`.
+#[derive(Debug, Clone)]
+pub struct ClientLogEvent {
+    pub level: tracing::Level,
+    pub target: String,
+    pub message: String,
+}
+
+/// The client's `logging/setLevel` choice and where its events go. Until a
+/// client sets a level nothing is sent (and never on stdout otherwise).
+struct ClientLog {
+    /// 0: none; else the most verbose level wanted (1 error .. 5 trace).
+    max_verbosity: AtomicU8,
+    events: Mutex<Option<mpsc::Sender<ClientLogEvent>>>,
+}
+
+static CLIENT_LOG: ClientLog = ClientLog { max_verbosity: AtomicU8::new(0), events: Mutex::new(None) };
+
+fn verbosity(level: &tracing::Level) -> u8 {
+    match *level {
+        tracing::Level::ERROR => 1,
+        tracing::Level::WARN => 2,
+        tracing::Level::INFO => 3,
+        tracing::Level::DEBUG => 4,
+        tracing::Level::TRACE => 5,
+    }
+}
+
+/// The client wants events at `level` and above (within what the server's
+/// own filter lets through).
+pub fn set_client_level(level: tracing::Level) {
+    CLIENT_LOG.max_verbosity.store(verbosity(&level), Ordering::Relaxed);
+}
+
+/// Events for the client arrive on the returned channel from now on.
+pub fn client_log_events() -> mpsc::Receiver<ClientLogEvent> {
+    let (tx, rx) = mpsc::channel(CLIENT_LOG_QUEUE);
+    *CLIENT_LOG.events.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+    rx
+}
+
+/// Hands events the client asked for to the server's channel.
+struct ClientLogLayer;
+
+impl<S: tracing::Subscriber> Layer<S> for ClientLogLayer {
+    fn on_event(&self, event: &tracing::Event<'_>, _ctx: tracing_subscriber::layer::Context<'_, S>) {
+        let wanted = CLIENT_LOG.max_verbosity.load(Ordering::Relaxed);
+        let meta = event.metadata();
+        // rmcp's own events come from sending these: never feed them back.
+        if wanted == 0 || verbosity(meta.level()) > wanted || meta.target().starts_with("rmcp") {
+            return;
+        }
+        let guard = CLIENT_LOG.events.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(events) = guard.as_ref() else { return };
+        let mut message = MessageText(String::new());
+        event.record(&mut message);
+        let _ = events.try_send(ClientLogEvent { level: *meta.level(), target: meta.target().to_string(), message: message.0 });
+    }
+}
+
+/// An event's message and fields as one line of text.
+struct MessageText(String);
+
+impl tracing::field::Visit for MessageText {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if !self.0.is_empty() {
+            self.0.push(' ');
+        }
+        if field.name() == "message" {
+            self.0.push_str(&format!("{value:?}"));
+        } else {
+            self.0.push_str(&format!("{}={value:?}", field.name()));
+        }
+    }
+}
 type Sink = Box<dyn Layer<Subscriber> + Send + Sync>;
 
 /// Whether ELPIS_QUIET asks for a silent terminal.
@@ -117,7 +199,7 @@ pub fn init(config: &LoggingConfig) -> Vec<String> {
             }
         }
     }
-    let _ = tracing_subscriber::registry().with(filter).with(sinks).try_init();
+    let _ = tracing_subscriber::registry().with(filter).with(sinks).with(ClientLogLayer).try_init();
     warnings
 }
 

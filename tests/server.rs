@@ -589,3 +589,33 @@ fn quiet_mode_logs_to_file_and_keeps_stderr_clean() {
     assert!(log.contains("model loaded"), "{log}");
     let _ = std::fs::remove_dir_all(&home);
 }
+
+/// MCP's logging capability: nothing is sent until the client sets a level;
+/// then log events at that level come as notifications/message.
+#[test]
+fn log_messages_reach_the_client_at_the_level_it_sets() {
+    let mut s = Server::spawn_raw(&[], &[]);
+    let init = s.initialize();
+    assert!(init["capabilities"].get("logging").is_some(), "{init}");
+    let log_messages = |s: &Server| s.notifications().into_iter().filter(|n| n["method"] == "notifications/message").collect::<Vec<_>>();
+    s.tool("update_emotion", json!({"event_type": "success", "context": "before setLevel"})).ok();
+    assert!(log_messages(&s).is_empty(), "{:?}", log_messages(&s));
+    s.call("logging/setLevel", json!({"level": "info"}));
+    s.tool("update_emotion", json!({"event_type": "success", "context": "after setLevel"})).ok();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = log_messages(&s).into_iter().find(|n| n["params"]["data"].as_str().is_some_and(|d| d.contains("after setLevel")));
+        if let Some(n) = found {
+            assert_eq!(n["params"]["level"], "info", "{n}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no log message reached the client: {:?}", log_messages(&s));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.call("logging/setLevel", json!({"level": "error"}));
+    let before = log_messages(&s).len();
+    s.tool("update_emotion", json!({"event_type": "success", "context": "at error level"})).ok();
+    s.tool("get_emotion", json!({})).ok();
+    assert!(log_messages(&s).iter().skip(before).all(|n| n["params"]["level"] != "info"));
+    s.shutdown();
+}

@@ -11,6 +11,10 @@ use rmcp::model::{
     ReadResourceResponse, ReadResourceResult, Resource, ResourceContents, ServerCapabilities, ServerConfig, Tool,
     ToolAnnotations,
 };
+// MCP's logging capability is deprecated in newer protocol versions (SEP-2577)
+// but current clients and the Inspector still use it.
+#[allow(deprecated)]
+use rmcp::model::{LoggingLevel, LoggingMessageNotificationParam, SetLevelRequestParams};
 use rmcp::service::RequestContext;
 use rmcp::{ErrorData, RoleServer, ServerHandler};
 use serde_json::{json, Value};
@@ -170,13 +174,46 @@ fn tool_result(value: Value, is_error: bool) -> CallToolResult {
 }
 
 impl ServerHandler for ElpisServer {
+    #[allow(deprecated)]
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().enable_resources().build())
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().enable_resources().enable_logging().build())
             .with_server_info(Implementation::new("elpis-server", env!("CARGO_PKG_VERSION")))
             .with_instructions(
                 "Elpis: local LLM inference with an emotional state. Tools return one JSON text block; \
                  failures are {\"error\": ...}.",
             )
+    }
+
+    /// `logging/setLevel`: from now on, log events at that level and above
+    /// (as far as `logging.level` lets them through) go to the client as
+    /// `notifications/message`.
+    #[allow(deprecated)]
+    async fn set_level(&self, request: SetLevelRequestParams, ctx: RequestContext<RoleServer>) -> Result<(), ErrorData> {
+        let level = match request.level {
+            LoggingLevel::Debug => tracing::Level::DEBUG,
+            LoggingLevel::Info | LoggingLevel::Notice => tracing::Level::INFO,
+            LoggingLevel::Warning => tracing::Level::WARN,
+            _ => tracing::Level::ERROR,
+        };
+        let mut events = crate::logging::client_log_events();
+        let peer = ctx.peer.clone();
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                let level = match event.level {
+                    tracing::Level::ERROR => LoggingLevel::Error,
+                    tracing::Level::WARN => LoggingLevel::Warning,
+                    tracing::Level::INFO => LoggingLevel::Info,
+                    _ => LoggingLevel::Debug,
+                };
+                let param = LoggingMessageNotificationParam::new(level, json!(event.message)).with_logger(event.target);
+                if peer.notify_logging_message(param).await.is_err() {
+                    return;
+                }
+            }
+        });
+        crate::logging::set_client_level(level);
+        tracing::info!(?level, "the client set its log level");
+        Ok(())
     }
 
     async fn list_tools(
