@@ -205,13 +205,7 @@ impl ChatFormat {
                     out.push_str(&format!("[INST] {} [/INST]", system.trim_end()));
                 }
             }
-            ChatFormat::Phi3 => {
-                for m in messages {
-                    let role = if m.role == "tool" { "user" } else { m.role.as_str() };
-                    out.push_str(&format!("<|{role}|>\n{}<|end|>\n", m.content));
-                }
-                out.push_str("<|assistant|>\n");
-            }
+            ChatFormat::Phi3 => tagged_turns(&mut out, messages, "<|end|>"),
             ChatFormat::Llama2 => {
                 let system = system_text(messages);
                 let mut first = true;
@@ -256,13 +250,7 @@ impl ChatFormat {
                 }
                 out.push_str("ASSISTANT:");
             }
-            ChatFormat::Zephyr => {
-                for m in messages {
-                    let role = if m.role == "tool" { "user" } else { m.role.as_str() };
-                    out.push_str(&format!("<|{role}|>\n{}</s>\n", m.content));
-                }
-                out.push_str("<|assistant|>\n");
-            }
+            ChatFormat::Zephyr => tagged_turns(&mut out, messages, "</s>"),
             ChatFormat::Raw | ChatFormat::Auto => {
                 for m in messages {
                     out.push_str(&format!("{}: {}\n", capitalise(&m.role), m.content));
@@ -272,6 +260,16 @@ impl ChatFormat {
         }
         out
     }
+}
+
+/// `<|role|>` turns closed by `end` (Phi-3, Zephyr); tool results speak as
+/// the user; the assistant's turn is opened at the end.
+fn tagged_turns(out: &mut String, messages: &[Message], end: &str) {
+    for m in messages {
+        let role = if m.role == "tool" { "user" } else { m.role.as_str() };
+        out.push_str(&format!("<|{role}|>\n{}{end}\n", m.content));
+    }
+    out.push_str("<|assistant|>\n");
 }
 
 /// The system messages' text, joined (formats with one system slot).

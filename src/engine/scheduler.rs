@@ -427,9 +427,8 @@ impl Engine {
                     let total = tokens.as_ref().map(Vec::len);
                     let cut = self.turns_covering(&messages, limit, total);
                     if let Some(first) = droppable(&messages) {
-                        let last_droppable = messages.len() - 2;
-                        let end = (first + cut.max(1)).min(last_droppable + 1);
-                        messages.drain(first..end);
+                        // Never the last message.
+                        messages.drain(first..(first + cut).min(messages.len() - 1));
                     }
                     truncated = true;
                 }
@@ -620,8 +619,7 @@ impl Engine {
     /// slot of a stream nobody is reading, which yields (see [`Self::park`]).
     fn assign_slots(&mut self, now: Instant) {
         loop {
-            let Some(q) = self.queue.iter().position(|j| j.attended(now)).or(if self.queue.is_empty() { None } else { Some(0) })
-            else {
+            let Some(q) = self.queue.iter().position(|j| j.attended(now)).or((!self.queue.is_empty()).then_some(0)) else {
                 return;
             };
             let best = {
@@ -698,10 +696,10 @@ impl Engine {
     fn step(&mut self, now: Instant) {
         self.assert_owner_thread();
         self.batch.clear();
-        let urgent = self.queue.iter().any(|j| j.attended(now))
-            || self.slots.iter().any(|s| s.job.as_ref().is_some_and(|j| j.attended(now)));
-        let paused: Vec<bool> =
-            self.slots.iter().map(|s| urgent && s.job.as_ref().is_some_and(|j| !j.attended(now))).collect();
+        // Per slot: whether its job is attended (None: no job).
+        let attended: Vec<Option<bool>> = self.slots.iter().map(|s| s.job.as_ref().map(|j| j.attended(now))).collect();
+        let urgent = attended.contains(&Some(true)) || self.queue.iter().any(|j| j.attended(now));
+        let paused: Vec<bool> = attended.iter().map(|a| urgent && *a == Some(false)).collect();
         // (slot index, batch index) of every position whose logits we sample.
         let mut sample_at: Vec<(usize, i32)> = Vec::new();
         let mut generating = 0;
