@@ -9,8 +9,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh
-ELPIS_MODEL_PATH="$(bash scripts/fetch-model.sh)"
-export ELPIS_MODEL_PATH
+# Gemma 3 270M (a fast base model) wherever model quality does not matter;
+# the two instruct models where it does (templates, native tool calls).
+ELPIS_MODEL_PATH="$(bash scripts/fetch-model.sh gemma)"
+ELPIS_QWEN_PATH="$(bash scripts/fetch-model.sh qwen)"
+ELPIS_SMOLLM2_PATH="$(bash scripts/fetch-model.sh smollm2)"
+export ELPIS_MODEL_PATH ELPIS_QWEN_PATH ELPIS_SMOLLM2_PATH
 unset ELPIS_QUIET
 
 cargo build --release --all-targets
@@ -18,13 +22,17 @@ cargo build --release --all-targets
 # over the cores.
 cargo test --release -- --test-threads="${ELPIS_TEST_THREADS:-2}"
 
-# The client Psyche uses: the MCP Python SDK, pinned, in a cached venv.
+# The client Psyche uses: the MCP Python SDK, pinned, in a cached venv; and
+# jinja2, the reference engine chat templates are written for.
 venv="${ELPIS_CACHE_DIR:-$HOME/.cache/elpis}/mcp-venv"
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import mcp" 2>/dev/null; then
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import mcp, jinja2" 2>/dev/null; then
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check "mcp==2.3.0"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "mcp==2.3.0" "jinja2==3.1.6"
 fi
 "$venv/bin/python" scripts/psyche-client-check.py target/release/elpis-server
+
+# Every test model with a chat template renders byte-equal to jinja2.
+"$venv/bin/python" scripts/template-check.py target/release/elpis-server "$ELPIS_QWEN_PATH" "$ELPIS_SMOLLM2_PATH"
 
 # The official MCP Inspector's CLI, pinned, in a cached npm prefix: lists and
 # calls every tool and resource.

@@ -24,8 +24,10 @@ use crate::engine::{ChatFormat, EngineSettings};
 /// Where the config file is looked for when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "configs/elpis.toml";
 
-/// The file name `scripts/fetch-model.sh` stores the default model under.
-pub const DEFAULT_MODEL_FILE: &str = "gemma-3-270m-Q4_K_M.gguf";
+/// The file name `scripts/fetch-model.sh qwen` stores the default model
+/// (Qwen2.5-Coder-0.5B-Instruct, an instruction-tuned model with native
+/// tool calls) under.
+pub const DEFAULT_MODEL_FILE: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -113,6 +115,17 @@ pub enum Overflow {
     Truncate,
 }
 
+/// How `function_call` asks the model for calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ToolFormat {
+    /// The model's own format when its template renders tools (Hermes/Qwen,
+    /// Llama 3.x, Mistral), else the generic one.
+    Auto,
+    /// Always the generic JSON-array prompt and grammar.
+    Generic,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ModelConfig {
@@ -129,9 +142,12 @@ pub struct ModelConfig {
     pub max_tokens: u32,
     /// `cpu`, `cuda` or `auto`; informational apart from validation.
     pub hardware_backend: String,
-    /// `auto` (the GGUF's template, else inferred from the architecture),
-    /// `gemma`, `chatml`, `llama-3`, `mistral`, `phi-3` or `raw`.
+    /// `auto` (the GGUF's Jinja template, else inferred from the
+    /// architecture), `jinja` (the template, required), or a built-in format:
+    /// `gemma`, `chatml`, `llama-3`, `mistral`, `phi-3`, ..., `raw`.
     pub chat_format: String,
+    /// `auto` (native tool calls where the model has them) or `generic`.
+    pub tool_format: ToolFormat,
     pub top_k: u32,
     pub min_p: f64,
     pub repeat_penalty: f64,
@@ -164,6 +180,7 @@ impl Default for ModelConfig {
             max_tokens: 2048,
             hardware_backend: "auto".into(),
             chat_format: "auto".into(),
+            tool_format: ToolFormat::Auto,
             top_k: 40,
             min_p: 0.05,
             repeat_penalty: 1.1,

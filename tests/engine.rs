@@ -5,14 +5,15 @@
 mod common;
 
 use elpis::config::Config;
-use elpis::engine::{Engine, GenerationEvent, GenerationRequest, Message, SamplingParams};
+use elpis::engine::{Engine, GenerationEvent, GenerationRequest, Grammar, Message, SamplingParams};
 
 fn request(grammar: Option<&str>, max_tokens: u32) -> GenerationRequest {
     GenerationRequest {
-        messages: vec![Message { role: "user".into(), content: "Say anything.".into() }],
+        messages: vec![Message::new("user", "Say anything.")],
         max_tokens,
         sampling: SamplingParams { temperature: 0.0, top_p: 1.0, top_k: 40, min_p: 0.0, repeat_penalty: 1.0, seed: 1 },
-        grammar: grammar.map(str::to_string),
+        grammar: grammar.map(|g| Grammar { gbnf: g.to_string(), triggers: Vec::new() }),
+        tools: None,
         interest: None,
     }
 }

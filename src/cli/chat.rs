@@ -19,9 +19,9 @@ pub async fn chat(
 ) -> anyhow::Result<()> {
     let mut messages = Vec::new();
     if let Some(system) = system {
-        messages.push(Message { role: "system".into(), content: system });
+        messages.push(Message::new("system", system));
     }
-    messages.push(Message { role: "user".into(), content: message });
+    messages.push(Message::new("user", message));
     let args = GenerateArgs { messages, max_tokens, temperature, emotional_modulation: Some(true) };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
     let printer = tokio::spawn(async move {

@@ -4,6 +4,7 @@
 //! person runs in a terminal ([`chat`], and the harness's [`reports`]).
 
 pub mod chat;
+pub mod prompt;
 pub mod reports;
 
 use std::path::PathBuf;
@@ -41,6 +42,9 @@ pub enum Command {
         #[arg(long)]
         temperature: Option<f64>,
     },
+    /// Show what the model is fed: read a JSON array of conversations on
+    /// stdin, print each one's rendered prompt, segments and tokens as JSON.
+    Prompt,
     /// Replay session files against a freshly spawned server and check them.
     Replay {
         /// Session files (JSON lines, see tests/sessions/).
@@ -91,6 +95,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 let (inference, _engine) = serve::start(&config)?;
                 chat::chat(&inference, message, system, max_tokens, temperature).await
             }
+            Some(Command::Prompt) => prompt::prompt(&config),
             Some(Command::Replay { files, speed, json }) => reports::replay_files(&files, speed, json).await,
             Some(Command::Soak { seconds, seed }) => reports::soak(seconds, seed).await,
             Some(Command::Bench { runs, out }) => reports::bench(&config, runs, out).await,

@@ -6,22 +6,71 @@
 
 use serde::{Deserialize, Serialize};
 
-/// One chat message as it arrives on the wire.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+/// One chat message as it arrives on the wire: `{role, content}`, plus the
+/// optional OpenAI fields of a tool conversation.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Message {
     /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
+    /// The text (null reads as empty, as on an assistant message that only
+    /// calls tools).
+    #[serde(deserialize_with = "null_as_empty")]
     pub content: String,
+    /// On an assistant message: the calls it made, OpenAI format
+    /// (`[{"id", "type": "function", "function": {"name", "arguments"}}]`;
+    /// `arguments` a JSON string or object).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// On a tool message: the id of the call this result answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// On a tool message: the function's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl Message {
+    pub fn new(role: &str, content: impl Into<String>) -> Message {
+        Message { role: role.to_string(), content: content.into(), ..Message::default() }
+    }
+
+    /// The calls of an assistant message as `(name, arguments)`, arguments
+    /// parsed from a JSON string when they are one.
+    pub fn calls(&self) -> Vec<(String, serde_json::Value)> {
+        let calls = self.tool_calls.as_deref().unwrap_or_default();
+        calls
+            .iter()
+            .map(|call| {
+                let function = call.get("function").unwrap_or(call);
+                let name = function.get("name").and_then(serde_json::Value::as_str).unwrap_or_default();
+                let arguments = match function.get("arguments") {
+                    Some(serde_json::Value::String(s)) => {
+                        serde_json::from_str(s).unwrap_or_else(|_| serde_json::Value::String(s.clone()))
+                    }
+                    Some(v) => v.clone(),
+                    None => serde_json::json!({}),
+                };
+                (name.to_string(), arguments)
+            })
+            .collect()
+    }
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_default())
 }
 
 /// Roles a message may have.
 pub const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 
-/// A built-in prompt format.
+/// A prompt format: the model's own template or a built-in one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChatFormat {
     /// Use the GGUF's template, else infer from the architecture.
     Auto,
+    /// The GGUF's Jinja template, required: a model without one, or a
+    /// template that fails, is an error instead of a fallback.
+    Jinja,
     Gemma,
     ChatMl,
     Llama3,
@@ -69,8 +118,8 @@ const FOREIGN_FORMATS: [&str; 24] = [
 ];
 
 impl ChatFormat {
-    pub const NAMES: [&'static str; 11] =
-        ["auto", "gemma", "chatml", "llama-3", "mistral", "phi-3", "llama-2", "alpaca", "vicuna", "zephyr", "raw"];
+    pub const NAMES: [&'static str; 12] =
+        ["auto", "jinja", "gemma", "chatml", "llama-3", "mistral", "phi-3", "llama-2", "alpaca", "vicuna", "zephyr", "raw"];
 
     /// A llama-cpp-python format name without a built-in equivalent.
     pub fn is_foreign(name: &str) -> bool {
@@ -80,6 +129,7 @@ impl ChatFormat {
     pub fn parse(name: &str) -> Option<ChatFormat> {
         Some(match name.trim().to_ascii_lowercase().as_str() {
             "auto" | "" => ChatFormat::Auto,
+            "jinja" | "template" | "gguf" => ChatFormat::Jinja,
             "gemma" | "gemma2" | "gemma3" => ChatFormat::Gemma,
             "chatml" | "qwen" | "chatml-function-calling" => ChatFormat::ChatMl,
             "llama-3" | "llama3" => ChatFormat::Llama3,
@@ -97,6 +147,7 @@ impl ChatFormat {
     pub fn name(self) -> &'static str {
         match self {
             ChatFormat::Auto => "auto",
+            ChatFormat::Jinja => "jinja",
             ChatFormat::Gemma => "gemma",
             ChatFormat::ChatMl => "chatml",
             ChatFormat::Llama3 => "llama-3",
@@ -127,6 +178,24 @@ impl ChatFormat {
         }
     }
 
+    /// The built-in format whose turn markers a template text uses (for its
+    /// stop strings), else the architecture's.
+    pub fn for_template(source: &str, architecture: &str) -> ChatFormat {
+        if source.contains("<|im_start|>") {
+            ChatFormat::ChatMl
+        } else if source.contains("<start_of_turn>") {
+            ChatFormat::Gemma
+        } else if source.contains("<|start_header_id|>") {
+            ChatFormat::Llama3
+        } else if source.contains("[INST]") {
+            ChatFormat::Mistral
+        } else if source.contains("<|end|>") {
+            ChatFormat::Phi3
+        } else {
+            ChatFormat::for_architecture(architecture)
+        }
+    }
+
     /// Strings that end a reply in this format: a turn marker the model might
     /// write out as text.
     pub fn stop_strings(self) -> Vec<String> {
@@ -140,7 +209,7 @@ impl ChatFormat {
             ChatFormat::Alpaca => &["### Instruction:", "### Response:"],
             ChatFormat::Vicuna => &["</s>", "USER:"],
             ChatFormat::Zephyr => &["</s>", "<|user|>"],
-            ChatFormat::Raw | ChatFormat::Auto => &["\nUser:", "\nSystem:"],
+            ChatFormat::Raw | ChatFormat::Auto | ChatFormat::Jinja => &["\nUser:", "\nSystem:"],
         };
         stops.iter().map(|s| s.to_string()).collect()
     }
@@ -251,7 +320,7 @@ impl ChatFormat {
                 out.push_str("ASSISTANT:");
             }
             ChatFormat::Zephyr => tagged_turns(&mut out, messages, "</s>"),
-            ChatFormat::Raw | ChatFormat::Auto => {
+            ChatFormat::Raw | ChatFormat::Auto | ChatFormat::Jinja => {
                 for m in messages {
                     out.push_str(&format!("{}: {}\n", capitalise(&m.role), m.content));
                 }
@@ -260,6 +329,26 @@ impl ChatFormat {
         }
         out
     }
+}
+
+/// For the built-in formats, which have no tool-call markup: an assistant
+/// message's calls appended to its text as the generic path's JSON array
+/// (what the model wrote, if it came from the generic path).
+pub fn calls_as_text(messages: &[Message]) -> Vec<Message> {
+    messages
+        .iter()
+        .map(|m| {
+            let calls = m.calls();
+            if calls.is_empty() {
+                return m.clone();
+            }
+            let array: Vec<serde_json::Value> =
+                calls.into_iter().map(|(name, arguments)| serde_json::json!({"name": name, "arguments": arguments})).collect();
+            let json = serde_json::Value::Array(array).to_string();
+            let content = if m.content.is_empty() { json } else { format!("{}\n{json}", m.content) };
+            Message { content, tool_calls: None, ..m.clone() }
+        })
+        .collect()
 }
 
 /// `<|role|>` turns closed by `end` (Phi-3, Zephyr); tool results speak as
@@ -290,7 +379,7 @@ mod tests {
     use super::*;
 
     fn msgs(pairs: &[(&str, &str)]) -> Vec<Message> {
-        pairs.iter().map(|(r, c)| Message { role: r.to_string(), content: c.to_string() }).collect()
+        pairs.iter().map(|(r, c)| Message::new(r, *c)).collect()
     }
 
     #[test]

@@ -14,9 +14,12 @@
 //! the runtime, so MCP requests are answered between tokens.
 
 mod chat_format;
+mod native_tools;
+mod prompt;
 mod raw;
 mod scheduler;
 mod sys;
+mod template;
 mod text;
 mod tool_calls;
 
@@ -30,7 +33,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use chat_format::{ChatFormat, Message, ROLES};
+pub use native_tools::{call_schema, reply_grammar, template_tools, triggers, NativeReply};
+pub use prompt::Segment;
 pub use raw::{raw_speed, RawSpeed};
+pub use template::{python_json, ChatTemplate, NativeToolFormat};
 pub use scheduler::{route_llama_logs, Engine};
 pub use text::TextDecoder;
 pub use tool_calls::{apply_tool_choice, openai_call, parse_reply, parse_tools, reply_schema, tools_prompt, ToolSpec};
@@ -69,11 +75,29 @@ pub struct GenerationRequest {
     pub messages: Vec<Message>,
     pub max_tokens: u32,
     pub sampling: SamplingParams,
-    /// A GBNF grammar (root rule `root`) constraining the reply.
-    pub grammar: Option<String>,
+    /// A GBNF grammar constraining the reply.
+    pub grammar: Option<Grammar>,
+    /// Tools for the model's own template (native tool calls), OpenAI shape.
+    pub tools: Option<Vec<serde_json::Value>>,
     /// For a polled stream, how recently its reader showed up; None when a
     /// client waits on the call itself (`generate`, `function_call`).
     pub interest: Option<Interest>,
+}
+
+/// A grammar for one reply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grammar {
+    /// GBNF, root rule `root`.
+    pub gbnf: String,
+    /// Lazy grammar: regular expressions that start it when the reply so far
+    /// matches one (the first group's start is where the grammar applies).
+    /// Empty: the grammar holds from the first token.
+    pub triggers: Vec<String>,
+}
+
+/// Parse a native reply (see [`native_tools`]).
+pub fn parse_native(format: NativeToolFormat, text: &str, tools: &[ToolSpec]) -> Result<NativeReply, String> {
+    native_tools::parse(format, text, tools)
 }
 
 /// Shortest silence after which a polled stream counts as unattended...
@@ -196,6 +220,8 @@ pub enum EngineError {
     Backend(String),
     #[error("the prompt is {prompt} tokens but a generation may use at most {limit} (context_length {context}): shorten the messages, raise model.context_length, or set model.overflow = \"truncate\"")]
     PromptTooLong { prompt: usize, limit: usize, context: u32 },
+    #[error("the model's chat template cannot render this conversation: {0} (set model.chat_format to a built-in format to avoid the template)")]
+    Template(String),
     #[error("cannot build a grammar: {0}")]
     Grammar(String),
     #[error("llama.cpp decode failed: {0}")]
@@ -219,6 +245,10 @@ pub struct ModelInfo {
     pub chat_format: String,
     /// The GGUF carries its own chat template (used when `chat_format` is auto).
     pub has_chat_template: bool,
+    /// How the model writes tool calls natively, when its template renders
+    /// tools and is in use; None: the generic JSON-array path.
+    #[serde(skip)]
+    pub native_tools: Option<NativeToolFormat>,
     pub threads: u32,
     pub gpu_layers: u32,
     pub gpu_offload_supported: bool,

@@ -21,7 +21,7 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::data::LlamaTokenData;
 use llama_cpp_2::token::data_array::LlamaTokenDataArray;
@@ -30,8 +30,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    ChatFormat, Command, Completion, EngineError, EngineHandle, EngineLoad, EngineSettings, FinishReason,
-    GenerationEvent, GenerationRequest, Interest, Message, ModelInfo, SamplingParams, SlotReport, TextDecoder, Usage,
+    chat_format, prompt, ChatFormat, ChatTemplate, Command, Completion, EngineError, EngineHandle, EngineLoad,
+    EngineSettings, FinishReason, GenerationEvent, GenerationRequest, Interest, Message, ModelInfo, NativeToolFormat,
+    SamplingParams, Segment, SlotReport, TextDecoder, Usage,
 };
 
 /// Smallest and largest prompt chunk one step may decode.
@@ -53,8 +54,16 @@ const GRAMMAR_CHUNK: usize = 4096;
 
 /// How a conversation becomes prompt text.
 enum PromptFormat {
-    /// The GGUF's own template, applied by llama.cpp.
-    Template(LlamaChatTemplate),
+    /// The GGUF's own Jinja template (and its `tool_use` variant, for
+    /// conversations with tools, when the GGUF has one).
+    Template {
+        chat: ChatTemplate,
+        tool_use: Option<ChatTemplate>,
+        /// `chat_format = "auto"`: a conversation the template cannot render
+        /// falls back to this built-in format (warned once).
+        fallback: Option<ChatFormat>,
+        warned: std::cell::Cell<bool>,
+    },
     Builtin(ChatFormat),
 }
 
@@ -236,22 +245,55 @@ impl Engine {
             .ok()
             .and_then(|v| v.trim().parse::<u32>().ok())
             .unwrap_or(0);
-        let template = model.chat_template(None).ok();
-        let has_chat_template = template.is_some();
-        let format = match (settings.chat_format, template) {
-            (ChatFormat::Auto, Some(t)) if template_works(model, &t) => PromptFormat::Template(t),
-            (ChatFormat::Auto, _) => PromptFormat::Builtin(ChatFormat::for_architecture(&architecture)),
+        let vocab = model.vocab();
+        let source = |name: Option<&str>| model.chat_template(name).ok().and_then(|t| t.to_string().ok());
+        let chat_source = source(None);
+        let has_chat_template = chat_source.is_some();
+        let inferred = ChatFormat::for_architecture(&architecture);
+        let format = match (settings.chat_format, chat_source) {
+            (ChatFormat::Auto | ChatFormat::Jinja, Some(text)) => {
+                let token_text = |t: LlamaToken| vocab.text(t).map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
+                let (bos, eos) = (token_text(vocab.bos()), token_text(vocab.eos()));
+                let compiled = ChatTemplate::new(&text, &bos, &eos).and_then(|chat| {
+                    // A template that cannot render a plain exchange is broken.
+                    chat.render(&[Message::new("system", "S"), Message::new("user", "U")], None, true)?;
+                    Ok(chat)
+                });
+                match compiled {
+                    Ok(chat) => {
+                        let tool_use = source(Some("tool_use")).and_then(|t| ChatTemplate::new(&t, &bos, &eos).ok());
+                        let fallback = (settings.chat_format == ChatFormat::Auto).then_some(inferred);
+                        PromptFormat::Template { chat, tool_use, fallback, warned: std::cell::Cell::new(false) }
+                    }
+                    Err(e) if settings.chat_format == ChatFormat::Auto => {
+                        tracing::warn!(
+                            "the model's chat template does not work with Elpis ({e}); using the built-in {} format",
+                            inferred.name()
+                        );
+                        PromptFormat::Builtin(inferred)
+                    }
+                    Err(e) => return Err(EngineError::Template(format!("the GGUF's chat template: {e}"))),
+                }
+            }
+            (ChatFormat::Jinja, None) => {
+                return Err(EngineError::Template(
+                    "model.chat_format = \"jinja\" but the model has no tokenizer.chat_template".into(),
+                ))
+            }
+            (ChatFormat::Auto, None) => PromptFormat::Builtin(inferred),
             (explicit, _) => PromptFormat::Builtin(explicit),
         };
-        let stops = match &format {
-            PromptFormat::Builtin(f) => f.stop_strings(),
-            PromptFormat::Template(_) => ChatFormat::for_architecture(&architecture).stop_strings(),
+        let (stops, format_name, native_tools) = match &format {
+            PromptFormat::Builtin(f) => (f.stop_strings(), f.name().to_string(), None),
+            PromptFormat::Template { chat, tool_use, .. } => {
+                let tools_source = tool_use.as_ref().unwrap_or(chat).source();
+                (
+                    ChatFormat::for_template(chat.source(), &architecture).stop_strings(),
+                    "gguf-template".to_string(),
+                    NativeToolFormat::detect(tools_source),
+                )
+            }
         };
-        let format_name = match &format {
-            PromptFormat::Template(_) => "gguf-template".to_string(),
-            PromptFormat::Builtin(f) => f.name().to_string(),
-        };
-        let vocab = model.vocab();
         let max_token_bytes = vocab
             .tokens()
             .map(|t| vocab.token_to_piece(t, true, None).len())
@@ -270,6 +312,7 @@ impl Engine {
             vocab_size: model.n_vocab(),
             chat_format: format_name,
             has_chat_template,
+            native_tools,
             threads,
             gpu_layers: settings.gpu_layers,
             gpu_offload_supported,
@@ -411,11 +454,12 @@ impl Engine {
         let mut messages = request.messages;
         let mut truncated = false;
         let prompt = loop {
-            let text = self.render(&messages);
+            let segments = self.render(&messages, request.tools.as_deref())?;
+            let text_len: usize = segments.iter().map(|s| s.text.len()).sum();
             // A text longer than this cannot fit, whatever its tokens: refuse
             // it before spending time tokenising megabytes.
-            let too_long_for_sure = text.len() > limit.saturating_mul(self.max_token_bytes);
-            let tokens = if too_long_for_sure { None } else { Some(self.tokenize(&text)) };
+            let too_long_for_sure = text_len > limit.saturating_mul(self.max_token_bytes);
+            let tokens = if too_long_for_sure { None } else { Some(self.tokenize(&segments)) };
             match tokens {
                 Some(tokens) if tokens.len() <= limit => break tokens,
                 _ if self.truncate_overflow && droppable(&messages).is_some() => {
@@ -433,7 +477,7 @@ impl Engine {
                     truncated = true;
                 }
                 tokens => {
-                    let prompt = tokens.map(|t| t.len()).unwrap_or(text.len() / self.max_token_bytes);
+                    let prompt = tokens.map(|t| t.len()).unwrap_or(text_len / self.max_token_bytes);
                     return Err(EngineError::PromptTooLong {
                         prompt,
                         limit,
@@ -443,10 +487,14 @@ impl Engine {
             }
         };
         let sampler = self.sampler(&request.sampling);
-        let grammar = match request.grammar.as_deref() {
+        let grammar = match request.grammar.as_ref() {
             Some(g) => Some(GrammarSampler {
-                grammar: LlamaSampler::grammar(self.model, g, "root")
-                    .map_err(|e| EngineError::Grammar(format!("llama.cpp rejected the grammar ({e})")))?,
+                grammar: if g.triggers.is_empty() {
+                    LlamaSampler::grammar(self.model, &g.gbnf, "root")
+                } else {
+                    LlamaSampler::grammar_lazy_patterns(self.model, &g.gbnf, "root", &g.triggers, &[])
+                }
+                .map_err(|e| EngineError::Grammar(format!("llama.cpp rejected the grammar ({e})")))?,
                 fallback: if request.sampling.temperature <= 0.0 {
                     LlamaSampler::greedy()
                 } else {
@@ -479,20 +527,40 @@ impl Engine {
         })
     }
 
-    fn render(&self, messages: &[Message]) -> String {
+    /// The prompt as segments: the template's text, whose special-token
+    /// strings are parsed, and the data (contents, tool results, arguments,
+    /// descriptions), tokenised as plain text. See [`prompt`].
+    fn render(&self, messages: &[Message], tools: Option<&[serde_json::Value]>) -> Result<Vec<Segment>, EngineError> {
+        let builtin = |format: ChatFormat| {
+            let guarded: Vec<Message> = chat_format::calls_as_text(messages)
+                .into_iter()
+                .map(|m| Message { content: prompt::guard(&m.content), ..m })
+                .collect();
+            Ok(prompt::split(&format.render(&guarded)))
+        };
         match &self.format {
-            PromptFormat::Builtin(f) => f.render(messages),
-            PromptFormat::Template(t) => {
-                let chat: Vec<LlamaChatMessage> = messages
-                    .iter()
-                    .filter_map(|m| {
-                        LlamaChatMessage::new(m.role.replace('\0', ""), m.content.replace('\0', "")).ok()
-                    })
-                    .collect();
-                self.model.apply_chat_template(t, &chat, true).unwrap_or_else(|e| {
-                    tracing::warn!("chat template failed ({e}); using the plain format");
-                    ChatFormat::Raw.render(messages)
-                })
+            PromptFormat::Builtin(f) => builtin(*f),
+            PromptFormat::Template { chat, tool_use, fallback, warned } => {
+                let template = match (tools, tool_use) {
+                    (Some(_), Some(t)) => t,
+                    _ => chat,
+                };
+                match template.render(messages, tools, true) {
+                    Ok(text) => Ok(prompt::split(&text)),
+                    Err(e) => match fallback {
+                        Some(format) => {
+                            if !warned.replace(true) {
+                                tracing::warn!(
+                                    "the model's chat template cannot render a conversation ({e}); \
+                                     using the built-in {} format for such conversations (warned once)",
+                                    format.name()
+                                );
+                            }
+                            builtin(*format)
+                        }
+                        None => Err(EngineError::Template(e)),
+                    },
+                }
             }
         }
     }
@@ -523,9 +591,54 @@ impl Engine {
         count.max(1)
     }
 
-    fn tokenize(&self, text: &str) -> Vec<LlamaToken> {
+    /// What the model is fed for a conversation, for `elpis-server prompt`:
+    /// the text, its segments, the tokens, and the vocabulary's control
+    /// tokens (their text) to test injection with.
+    pub fn inspect_prompt(
+        &self,
+        messages: &[Message],
+        tools: Option<&[serde_json::Value]>,
+        plain: &[String],
+    ) -> Result<serde_json::Value, EngineError> {
+        self.assert_owner_thread();
+        let segments = self.render(messages, tools)?;
+        let tokens = self.tokenize(&segments);
         let vocab = self.model.vocab();
-        let mut tokens = vocab.tokenize(text.as_bytes(), true, true);
+        let control: Vec<String> = vocab
+            .tokens()
+            .filter(|&t| vocab.is_control(t))
+            .filter_map(|t| vocab.text(t).map(|c| c.to_string_lossy().into_owned()))
+            .filter(|text| !text.is_empty())
+            .collect();
+        let template = match &self.format {
+            PromptFormat::Template { chat, tool_use, .. } => {
+                let used = if tools.is_some() { tool_use.as_ref().unwrap_or(chat) } else { chat };
+                Some(used.source().to_string())
+            }
+            PromptFormat::Builtin(_) => None,
+        };
+        let token_text = |t: LlamaToken| vocab.text(t).map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
+        Ok(serde_json::json!({
+            "template": template,
+            "bos_token": token_text(vocab.bos()),
+            "eos_token": token_text(vocab.eos()),
+            "text": prompt::joined(&segments),
+            "segments": segments.iter().map(|s| serde_json::json!({"text": s.text, "special": s.special})).collect::<Vec<_>>(),
+            "tokens": tokens.iter().map(|t| t.0).collect::<Vec<_>>(),
+            "control_tokens": control,
+            "control_token_ids": vocab.tokens().filter(|&t| vocab.is_control(t)).map(|t| t.0).collect::<Vec<_>>(),
+            "plain_tokens": plain.iter().map(|p| vocab.tokenize(p.as_bytes(), false, false).iter().map(|t| t.0).collect::<Vec<_>>()).collect::<Vec<_>>(),
+        }))
+    }
+
+    /// Tokenise a prompt: special-token strings are parsed in the
+    /// template's segments only; BOS (when the model wants one) first.
+    fn tokenize(&self, segments: &[Segment]) -> Vec<LlamaToken> {
+        let vocab = self.model.vocab();
+        let mut tokens = Vec::new();
+        for (i, segment) in segments.iter().enumerate() {
+            tokens.extend(vocab.tokenize(segment.text.as_bytes(), i == 0, segment.special));
+        }
         // A template that writes the BOS text itself would double it.
         if tokens.len() >= 2 && tokens[0] == vocab.bos() && tokens[1] == vocab.bos() {
             tokens.remove(0);
@@ -899,20 +1012,12 @@ fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
 }
 
 /// Whether llama.cpp can apply the GGUF's template (it recognises a fixed set).
-fn template_works(model: &LlamaModel, template: &LlamaChatTemplate) -> bool {
-    let probe = [LlamaChatMessage::new("user".into(), "hi".into())];
-    match probe {
-        [Ok(m)] => model.apply_chat_template(template, &[m], true).is_ok(),
-        _ => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn msg(role: &str) -> Message {
-        Message { role: role.into(), content: "x".into() }
+        Message::new(role, "x")
     }
 
     #[test]

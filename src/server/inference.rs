@@ -10,11 +10,11 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ModelConfig, ServerConfig};
+use crate::config::{ModelConfig, ServerConfig, ToolFormat};
 use crate::emotion::{Modulation, EVENTS};
 use crate::engine::{
-    self, Completion, EngineHandle, FinishReason, Generation, GenerationEvent, GenerationRequest, Interest, Message,
-    SamplingParams, ROLES,
+    self, Completion, EngineHandle, FinishReason, Generation, GenerationEvent, GenerationRequest, Grammar, Interest,
+    Message, NativeToolFormat, SamplingParams, ROLES,
 };
 use crate::server::mood::Mood;
 use crate::server::streams::{StreamEnd, StreamRegistry};
@@ -115,7 +115,7 @@ impl Inference {
             repeat_penalty: self.defaults.repeat_penalty,
             seed,
         };
-        Ok((GenerationRequest { messages, max_tokens, sampling, grammar: None, interest: None }, used))
+        Ok((GenerationRequest { messages, max_tokens, sampling, grammar: None, tools: None, interest: None }, used))
     }
 
     /// `generate`: run to the end (or until `cancel`), sending progress when asked.
@@ -261,23 +261,49 @@ impl Inference {
         self.streams().cancel_all();
     }
 
-    /// `function_call`: a grammar-constrained reply parsed into OpenAI calls.
+    /// The native tool-call format in use, if any (`[model] tool_format`).
+    fn native_tools(&self) -> Option<NativeToolFormat> {
+        match self.defaults.tool_format {
+            ToolFormat::Generic => None,
+            ToolFormat::Auto => self.engine.info().native_tools,
+        }
+    }
+
+    /// `function_call`: a grammar-constrained reply parsed into OpenAI calls:
+    /// in the model's own format when it has one (the tools go to its
+    /// template; with `tool_choice: "auto"` it may answer in text, returned as
+    /// `content`), else as a generic JSON array.
     pub async fn function_call(&self, args: FunctionCallArgs, cancel: CancellationToken) -> Result<Value, ToolError> {
         let tools = engine::parse_tools(&args.tools).map_err(ToolError)?;
         let (tools, required) = engine::apply_tool_choice(tools, args.tool_choice.as_ref()).map_err(ToolError)?;
         let mut messages = args.messages;
         validate_messages(&messages)?;
-        let instructions = engine::tools_prompt(&tools);
-        match messages.first_mut() {
-            Some(first) if first.role == "system" => {
-                first.content = format!("{}\n\n{instructions}", first.content);
+        let native = self.native_tools();
+        let grammar = match native {
+            Some(format) => {
+                let call = self.engine.schema_grammar(&engine::call_schema(format, &tools)).await?;
+                Grammar {
+                    gbnf: engine::reply_grammar(format, &call),
+                    triggers: if required { Vec::new() } else { engine::triggers(format, &tools) },
+                }
             }
-            _ => messages.insert(0, Message { role: "system".into(), content: instructions }),
-        }
-        let grammar = self.engine.schema_grammar(&engine::reply_schema(&tools, required)).await?;
+            None => {
+                let instructions = engine::tools_prompt(&tools);
+                match messages.first_mut() {
+                    Some(first) if first.role == "system" => {
+                        first.content = format!("{}\n\n{instructions}", first.content);
+                    }
+                    _ => messages.insert(0, Message::new("system", instructions)),
+                }
+                Grammar { gbnf: self.engine.schema_grammar(&engine::reply_schema(&tools, required)).await?, triggers: Vec::new() }
+            }
+        };
         let max_tokens = FUNCTION_CALL_MAX_TOKENS.min(self.defaults.max_tokens);
         let (mut request, used) = self.request(messages, Some(max_tokens as i64), args.temperature, true)?;
         request.grammar = Some(grammar);
+        if native.is_some() {
+            request.tools = Some(engine::template_tools(&tools));
+        }
         let completion = run_to_end(self.engine.generate(request), cancel, None).await?;
         let mut out = json!({
             "emotional_state": self.mood.snapshot(),
@@ -285,9 +311,13 @@ impl Inference {
             "finish_reason": completion.finish_reason,
             "usage": completion.usage,
         });
+        let parsed = match native {
+            Some(format) => engine::parse_native(format, &completion.text, &tools).map(|r| (r.content, r.calls)),
+            None => engine::parse_reply(&completion.text, &tools).map(|calls| (String::new(), calls)),
+        };
         // A constrained reply cut by the token limit is a runaway (a string
         // or array the model never closed), not a call: say so plainly.
-        let parsed = match engine::parse_reply(&completion.text, &tools) {
+        let parsed = match parsed {
             Err(_) if completion.finish_reason == FinishReason::Length => Err(format!(
                 "the reply hit the token limit ({} tokens) inside a call, before the JSON was complete: \
                  the model ran away (for example an unbounded string or array); retry, lower the temperature, \
@@ -297,7 +327,7 @@ impl Inference {
             other => other,
         };
         match parsed {
-            Ok(calls) => {
+            Ok((content, calls)) => {
                 let calls: Vec<Value> = calls
                     .iter()
                     .map(|(name, arguments)| {
@@ -306,6 +336,9 @@ impl Inference {
                     })
                     .collect();
                 out["tool_calls"] = json!(calls);
+                if !content.is_empty() {
+                    out["content"] = json!(content);
+                }
             }
             Err(parse_error) => {
                 out["tool_calls"] = json!([]);
@@ -369,6 +402,7 @@ impl Inference {
             "max_step_ms": info.max_step_ms,
             "streaming": true,
             "function_calling": true,
+            "tool_call_format": self.native_tools().map(|f| f.name()).unwrap_or("generic"),
             "emotional_modulation": true,
             "active_streams": self.open_streams(),
             "active_generations": load.active,
@@ -419,6 +453,15 @@ fn validate_messages(messages: &[Message]) -> Result<(), ToolError> {
                 m.role,
                 ROLES.join(", ")
             )));
+        }
+        for (j, call) in m.tool_calls.iter().flatten().enumerate() {
+            let function = call.get("function").unwrap_or(call);
+            if !function.get("name").is_some_and(Value::is_string) {
+                return Err(ToolError(format!(
+                    "messages[{i}].tool_calls[{j}] has no function name: expected \
+                     {{\"id\": ..., \"type\": \"function\", \"function\": {{\"name\": ..., \"arguments\": \"{{...}}\"}}}}"
+                )));
+            }
         }
     }
     Ok(())

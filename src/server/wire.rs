@@ -197,7 +197,8 @@ pub fn output_schema(tool: &str) -> Map<String, Value> {
                 "id": {"type": "string"}, "type": {"type": "string"},
                 "function": {"type": "object", "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}}}}},
             "content": {"type": "string"}, "emotional_state": state, "modulated_params": sampling, "finish_reason": finish,
-            "usage": usage, "raw_content": {"type": "string"}, "parse_error": {"type": "string"}},
+            "usage": usage, "raw_content": {"type": "string"}, "parse_error": {"type": "string"},
+            "content": {"type": "string", "description": "The model's text: its answer when it called no tool, or words before its calls"}},
             "required": ["tool_calls", "emotional_state"]}),
         "get_capabilities" => json!({"type": "object", "properties": {
             "context_length": {"type": "integer"}, "max_tokens": {"type": "integer"}, "backend": {"type": "string"},

@@ -49,6 +49,43 @@ pub fn model_path() -> PathBuf {
     path
 }
 
+/// One of the instruct test models (`qwen`, `smollm2`): ELPIS_QWEN_PATH /
+/// ELPIS_SMOLLM2_PATH, else the fetch script's cache.
+pub fn instruct_model_path(name: &str) -> String {
+    let (var, file) = match name {
+        "qwen" => ("ELPIS_QWEN_PATH", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"),
+        "smollm2" => ("ELPIS_SMOLLM2_PATH", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+        other => panic!("no test model {other}"),
+    };
+    if let Some(p) = std::env::var_os(var) {
+        return PathBuf::from(p).display().to_string();
+    }
+    let cache = std::env::var_os("ELPIS_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/elpis"));
+    let path = cache.join(file);
+    assert!(path.exists(), "test model missing at {}: run scripts/fetch-model.sh {name} (scripts/test.sh does)", path.display());
+    path.display().to_string()
+}
+
+/// Run `elpis-server prompt` on `model` with `cases` on stdin; its JSON.
+pub fn inspect_prompts(model: &str, cases: &Value) -> Vec<Value> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_elpis-server"))
+        .arg("prompt")
+        .env("ELPIS_MODEL_PATH", model)
+        .env("ELPIS_MODEL_N_THREADS", "1")
+        .env_remove("ELPIS_QUIET")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn elpis-server prompt");
+    child.stdin.take().unwrap().write_all(cases.to_string().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "elpis-server prompt failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice::<Vec<Value>>(&out.stdout).expect("prompt prints a JSON array")
+}
+
 #[derive(Default)]
 struct Inbox {
     responses: HashMap<String, (Value, Instant)>,
