@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::emotion::EmotionParams;
-use crate::engine::{ChatFormat, EngineSettings};
+use crate::engine::{ChatFormat, EngineSettings, SteeringSettings};
 
 /// Where the config file is looked for when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "configs/elpis.toml";
@@ -163,6 +163,10 @@ pub struct ModelConfig {
     pub overflow: Overflow,
     /// Backend of the predecessor; only `llama-cpp` is served.
     pub backend: String,
+    /// The predecessor's steering keys (its transformers backend read them
+    /// here): now mean `emotion.vectors_path` and a single steered layer.
+    pub emotion_vectors_dir: String,
+    pub steering_layer: Option<u32>,
     /// Anything else in `[model]`: warned about and ignored.
     #[serde(flatten)]
     pub ignored: BTreeMap<String, toml::Value>,
@@ -190,6 +194,8 @@ impl Default for ModelConfig {
             swa_full: true,
             overflow: Overflow::Error,
             backend: "llama-cpp".into(),
+            emotion_vectors_dir: String::new(),
+            steering_layer: None,
             ignored: BTreeMap::new(),
         }
     }
@@ -214,11 +220,15 @@ impl Default for LoggingConfig {
 
 /// Where the default model lives: the cache of `scripts/fetch-model.sh`.
 pub fn default_model_path() -> PathBuf {
-    let cache = std::env::var_os("ELPIS_CACHE_DIR")
+    cache_dir().join(DEFAULT_MODEL_FILE)
+}
+
+/// The cache: `ELPIS_CACHE_DIR`, else `~/.cache/elpis` (models, vectors).
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("ELPIS_CACHE_DIR")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/elpis")))
-        .unwrap_or_else(|| PathBuf::from(".cache/elpis"));
-    cache.join(DEFAULT_MODEL_FILE)
+        .unwrap_or_else(|| PathBuf::from(".cache/elpis"))
 }
 
 impl Config {
@@ -399,6 +409,25 @@ impl Config {
             max_step_ms: m.max_step_ms,
             swa_full: m.swa_full,
             truncate_overflow: m.overflow == Overflow::Truncate,
+            steering: self.steering_settings(),
+        }
+    }
+
+    /// `[emotion]` steering, with the predecessor's `[model]` keys honoured.
+    pub fn steering_settings(&self) -> SteeringSettings {
+        let e = &self.emotion;
+        let m = &self.model;
+        let path = [&e.vectors_path, &e.emotion_vectors_dir, &m.emotion_vectors_dir]
+            .into_iter()
+            .find(|p| !p.trim().is_empty())
+            .map(PathBuf::from);
+        let layers = e.layer_range().or(m.steering_layer.map(|l| (l as usize, l as usize)));
+        SteeringSettings {
+            enabled: e.steering == "auto",
+            vectors_path: path,
+            cache_dir: cache_dir(),
+            layers,
+            compute_missing: true,
         }
     }
 }

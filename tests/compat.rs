@@ -92,7 +92,7 @@ fn environment_values_and_names_as_the_predecessor_read_them() {
 
     let run = |env: &[(&str, &str)]| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_elpis-server"));
-        cmd.env("ELPIS_MODEL_PATH", model_path()).env("ELPIS_QUIET", "0").stdin(Stdio::null());
+        cmd.env("ELPIS_MODEL_PATH", model_path()).env("ELPIS_QUIET", "0").env("ELPIS_EMOTION_STEERING", "off").stdin(Stdio::null());
         for (k, v) in env {
             cmd.env(k, v);
         }

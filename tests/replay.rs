@@ -59,6 +59,7 @@ fn all_sessions_replay_cleanly() {
                 .env("ELPIS_MODEL_PATH", common::model_path())
                 .env("ELPIS_MODEL_N_THREADS", "1")
                 .env("ELPIS_MODEL_SEED", common::SEED)
+                .env("ELPIS_EMOTION_STEERING", "off")
                 .env("ELPIS_LOGGING_LEVEL", "warn")
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
@@ -129,6 +130,7 @@ fn a_recorded_session_replays() {
         .env("ELPIS_MODEL_PATH", common::model_path())
         .env("ELPIS_MODEL_N_THREADS", "1")
         .env("ELPIS_MODEL_SEED", common::SEED)
+        .env("ELPIS_EMOTION_STEERING", "off")
         .output()
         .unwrap();
     let _ = std::fs::remove_file(&path);

@@ -18,6 +18,7 @@ fn rmcp_client_lists_and_calls() {
             .env("ELPIS_MODEL_PATH", common::model_path())
             .env("ELPIS_MODEL_N_THREADS", "1")
             .env("ELPIS_MODEL_SEED", common::SEED)
+            .env("ELPIS_EMOTION_STEERING", "off")
             .env("ELPIS_LOGGING_LEVEL", "error")
             .env_remove("ELPIS_QUIET");
         let client = ().serve(TokioChildProcess::new(command).unwrap()).await.unwrap();

@@ -109,6 +109,7 @@ impl Raw {
             .env("ELPIS_MODEL_PATH", model_path())
             .env("ELPIS_MODEL_N_THREADS", "1")
             .env("ELPIS_MODEL_SEED", SEED)
+            .env("ELPIS_EMOTION_STEERING", "off")
             .env("ELPIS_LOGGING_LEVEL", "info")
             .env_remove("ELPIS_QUIET")
             .stdin(Stdio::piped())

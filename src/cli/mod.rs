@@ -6,6 +6,7 @@
 pub mod chat;
 pub mod prompt;
 pub mod reports;
+pub mod steering;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -45,6 +46,12 @@ pub enum Command {
     /// Show what the model is fed: read a JSON array of conversations on
     /// stdin, print each one's rendered prompt, segments and tokens as JSON.
     Prompt,
+    /// Compute the loaded model's emotion vectors (four quadrant sets of
+    /// control vectors) into the cache, or into emotion.vectors_path.
+    Vectors,
+    /// Measure emotion steering on the loaded model: word-probability
+    /// margins under two moods, strength 0 against none, decode speed.
+    SteeringCheck,
     /// Replay session files against a freshly spawned server and check them.
     Replay {
         /// Session files (JSON lines, see tests/sessions/).
@@ -96,6 +103,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 chat::chat(&inference, message, system, max_tokens, temperature).await
             }
             Some(Command::Prompt) => prompt::prompt(&config),
+            Some(Command::Vectors) => steering::vectors(&config),
+            Some(Command::SteeringCheck) => steering::check(&config, &steering::model_path(&config)?),
             Some(Command::Replay { files, speed, json }) => reports::replay_files(&files, speed, json).await,
             Some(Command::Soak { seconds, seed }) => reports::soak(seconds, seed).await,
             Some(Command::Bench { runs, out }) => reports::bench(&config, runs, out).await,

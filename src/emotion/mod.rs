@@ -41,6 +41,18 @@ pub struct EmotionParams {
     pub spiral_history_count: usize,
     /// How many of their steps must move away from baseline for a spiral.
     pub spiral_increasing_threshold: usize,
+    /// `auto` (steer the model's activations with control vectors when they
+    /// exist for it, computing missing ones) or `off`.
+    pub steering: String,
+    /// Folder of the four quadrant vector files; empty: the cache folder
+    /// named by the model file's hash.
+    pub vectors_path: String,
+    /// The predecessor's name for `vectors_path`.
+    pub emotion_vectors_dir: String,
+    /// Steered layers, `"a-b"` (inclusive) or `"n"`; empty: the middle third.
+    pub steering_layers: String,
+    /// The predecessor's single steered layer (overrides `steering_layers`).
+    pub steering_layer: Option<u32>,
 }
 
 impl Default for EmotionParams {
@@ -58,11 +70,28 @@ impl Default for EmotionParams {
             trend_declining_threshold: -0.02,
             spiral_history_count: 5,
             spiral_increasing_threshold: 3,
+            steering: "auto".into(),
+            vectors_path: String::new(),
+            emotion_vectors_dir: String::new(),
+            steering_layers: String::new(),
+            steering_layer: None,
         }
     }
 }
 
 impl EmotionParams {
+    /// The configured steered layers, inclusive; None: the default range.
+    pub fn layer_range(&self) -> Option<(usize, usize)> {
+        if let Some(layer) = self.steering_layer {
+            return Some((layer as usize, layer as usize));
+        }
+        let text = self.steering_layers.trim();
+        match text.split_once('-') {
+            Some((a, b)) => Some((a.trim().parse().ok()?, b.trim().parse().ok()?)).filter(|(a, b)| a <= b),
+            None => text.parse().ok().map(|n| (n, n)),
+        }
+    }
+
     /// Check every value; the error names the key and the accepted range.
     /// Counts that conflict with each other (which the predecessor accepted)
     /// are clamped to fit instead; the warnings say to what.
@@ -94,6 +123,16 @@ impl EmotionParams {
         }
         if self.spiral_increasing_threshold < 1 {
             return Err("emotion.spiral_increasing_threshold = 0 is out of range: expected at least 1".into());
+        }
+        self.steering = self.steering.trim().to_ascii_lowercase();
+        if !["auto", "off"].contains(&self.steering.as_str()) {
+            return Err(format!("emotion.steering = {:?} is unknown: expected \"auto\" or \"off\"", self.steering));
+        }
+        if self.steering_layer.is_none() && !self.steering_layers.trim().is_empty() && self.layer_range().is_none() {
+            return Err(format!(
+                "emotion.steering_layers = {:?} is invalid: expected \"first-last\" (for example \"8-15\") or one layer number",
+                self.steering_layers
+            ));
         }
         let mut warnings = Vec::new();
         if self.spiral_history_count > self.trajectory_history_size {
@@ -163,6 +202,26 @@ pub struct SteeringCoefficients {
     pub depleted: f64,
 }
 
+impl SteeringCoefficients {
+    /// The coefficients of a mood (emotion.md): with `v = (valence + 1) / 2`
+    /// and `a = (arousal + 1) / 2`, the four corner weights times `strength`.
+    pub fn of(valence: f64, arousal: f64, strength: f64) -> SteeringCoefficients {
+        let v = (valence + 1.0) / 2.0;
+        let a = (arousal + 1.0) / 2.0;
+        SteeringCoefficients {
+            excited: v * a * strength,
+            frustrated: (1.0 - v) * a * strength,
+            calm: v * (1.0 - a) * strength,
+            depleted: (1.0 - v) * (1.0 - a) * strength,
+        }
+    }
+
+    /// In the engine's order: excited, frustrated, calm, depleted.
+    pub fn as_array(&self) -> [f32; 4] {
+        [self.excited as f32, self.frustrated as f32, self.calm as f32, self.depleted as f32]
+    }
+}
+
 /// The live emotional state. Decay is applied lazily by every method that
 /// takes `now`, and it is memoryless, so when reads happen does not matter.
 #[derive(Debug, Clone)]
@@ -187,6 +246,10 @@ pub struct EmotionalState {
 
 impl EmotionalState {
     /// A state at its baseline, created at `now`.
+    pub fn params(&self) -> &EmotionParams {
+        &self.params
+    }
+
     pub fn new(params: EmotionParams, now: f64) -> Self {
         let (valence, arousal) = (params.baseline_valence, params.baseline_arousal);
         EmotionalState {
@@ -270,15 +333,7 @@ impl EmotionalState {
     /// Steering coefficients at `now`.
     pub fn steering(&mut self, now: f64) -> SteeringCoefficients {
         let (valence, arousal) = self.values(now);
-        let v = (valence + 1.0) / 2.0;
-        let a = (arousal + 1.0) / 2.0;
-        let k = self.params.steering_strength;
-        SteeringCoefficients {
-            excited: v * a * k,
-            frustrated: (1.0 - v) * a * k,
-            calm: v * (1.0 - a) * k,
-            depleted: (1.0 - v) * (1.0 - a) * k,
-        }
+        SteeringCoefficients::of(valence, arousal, self.params.steering_strength)
     }
 
     /// The history samples, oldest first.

@@ -18,10 +18,12 @@ mod native_tools;
 mod prompt;
 mod raw;
 mod scheduler;
+mod steering;
 mod sys;
 mod template;
 mod text;
 mod tool_calls;
+mod vectors;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -38,6 +40,8 @@ pub use prompt::Segment;
 pub use raw::{raw_speed, RawSpeed};
 pub use template::{python_json, ChatTemplate, NativeToolFormat};
 pub use scheduler::{route_llama_logs, Engine};
+pub use steering::{default_layers, SteeringReport, SteeringSettings};
+pub use vectors::{read_gguf, write_gguf, DirectionSet, Reduction, QUADRANTS};
 pub use text::TextDecoder;
 pub use tool_calls::{apply_tool_choice, openai_call, parse_reply, parse_tools, reply_schema, tools_prompt, ToolSpec};
 
@@ -55,6 +59,7 @@ pub struct EngineSettings {
     pub swa_full: bool,
     /// Drop old turns instead of refusing a prompt that does not fit.
     pub truncate_overflow: bool,
+    pub steering: SteeringSettings,
 }
 
 /// Sampling for one generation.
@@ -275,16 +280,23 @@ pub(crate) enum Command {
     Load(tokio::sync::oneshot::Sender<EngineLoad>),
     /// Build a GBNF grammar from a JSON schema.
     SchemaGrammar(String, tokio::sync::oneshot::Sender<Result<String, EngineError>>),
+    /// Where the mood's four steering coefficients are read, before a step.
+    SteeringSource(SteeringSource),
 }
 
+/// Reads the current steering coefficients (excited, frustrated, calm,
+/// depleted), which drift as the mood decays.
+pub type SteeringSource = Box<dyn Fn() -> [f32; 4] + Send>;
+
 /// How busy the engine is.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct EngineLoad {
     pub active: usize,
     pub queued: usize,
     /// KV cells held by slots for finished work (the prompt cache).
     pub cached_tokens: usize,
     pub slots: Vec<SlotReport>,
+    pub steering: SteeringReport,
 }
 
 /// One slot, as the engine accounts for it and as llama.cpp's memory sees it.
@@ -337,6 +349,11 @@ impl EngineHandle {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.commands.send(Command::Load(tx)).map_err(|_| EngineError::Stopped)?;
         rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// Steer with the coefficients `source` reads (when vectors exist).
+    pub fn steer_with(&self, source: SteeringSource) {
+        let _ = self.commands.send(Command::SteeringSource(source));
     }
 
     /// Convert a JSON schema to a GBNF grammar (llama.cpp's converter).

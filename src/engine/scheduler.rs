@@ -32,8 +32,9 @@ use tokio_util::sync::CancellationToken;
 use super::{
     chat_format, prompt, ChatFormat, ChatTemplate, Command, Completion, EngineError, EngineHandle, EngineLoad,
     EngineSettings, FinishReason, GenerationEvent, GenerationRequest, Interest, Message, ModelInfo, NativeToolFormat,
-    SamplingParams, Segment, SlotReport, TextDecoder, Usage,
+    SamplingParams, Segment, SlotReport, SteeringSource, TextDecoder, Usage,
 };
+use super::steering::Steering;
 
 /// Smallest and largest prompt chunk one step may decode.
 const MIN_CHUNK: usize = 8;
@@ -172,6 +173,10 @@ pub struct Engine {
     /// Set by a step that decoded something; cleared when the engine, idle
     /// again, has handed the memory its work no longer needs back to the OS.
     worked_since_trim: bool,
+    /// Emotion steering: control vectors on the context.
+    steering: Steering,
+    /// Where the mood's steering coefficients are read.
+    steering_source: Option<SteeringSource>,
     /// Raw pointers are neither Send nor Sync: this makes `Engine` `!Send`.
     _not_send: PhantomData<*const ()>,
 }
@@ -321,6 +326,7 @@ impl Engine {
             sliding_window_full: settings.swa_full,
         };
         tracing::info!(?info, "model loaded");
+        let steering = Steering::new(settings.steering.clone(), model, &ctx, &settings.model_path, threads as i32);
         let (tx, rx) = mpsc::unbounded_channel();
         let waiting = Arc::new(AtomicUsize::new(0));
         let slots = (0..parallel as i32)
@@ -345,6 +351,8 @@ impl Engine {
             next_job_id: 0,
             worked_since_trim: false,
             waiting: Arc::clone(&waiting),
+            steering,
+            steering_source: None,
             _not_send: PhantomData,
         };
         Ok((engine, EngineHandle { commands: tx, info: Arc::new(info), waiting }))
@@ -363,7 +371,7 @@ impl Engine {
     /// Serve commands until every handle is dropped. Yields after each step.
     pub async fn run(mut self) {
         loop {
-            if self.is_idle() {
+            if self.is_idle() && !self.steering.busy() {
                 if std::mem::take(&mut self.worked_since_trim) {
                     // Sampling and grammar temporaries over a large
                     // vocabulary are megabytes each; glibc keeps freed heap
@@ -388,6 +396,13 @@ impl Engine {
             self.reap_cancelled();
             let now = Instant::now();
             self.assign_slots(now);
+            if self.steering.busy() {
+                self.assert_owner_thread();
+                self.steering.setup_slice(self.model);
+            }
+            if let Some(source) = &self.steering_source {
+                self.steering.apply(source());
+            }
             self.step(now);
             // Let every request that arrived during the step run its course
             // (read, dispatch, answer, write) before the next step: each hop
@@ -414,6 +429,7 @@ impl Engine {
             Command::Load(reply) => {
                 let _ = reply.send(self.load_report());
             }
+            Command::SteeringSource(source) => self.steering_source = Some(source),
             Command::SchemaGrammar(schema, reply) => {
                 self.assert_owner_thread();
                 let grammar = llama_cpp_2::json_schema_to_grammar(&schema)
@@ -439,6 +455,7 @@ impl Engine {
                     kv_pos_max: self.ctx.kv_cache_seq_pos_max(s.seq),
                 })
                 .collect(),
+            steering: self.steering.report(),
         }
     }
 
@@ -589,6 +606,96 @@ impl Engine {
             count += 1;
         }
         count.max(1)
+    }
+
+    /// `elpis-server vectors`: compute the four quadrant sets for the loaded
+    /// model now, write them (each file atomically), and steer with them.
+    /// `progress(done, all)` is called after every text.
+    pub fn compute_vectors(
+        &mut self,
+        model_path: &std::path::Path,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<(std::path::PathBuf, Vec<(usize, Vec<super::vectors::Reduction>)>), String> {
+        self.assert_owner_thread();
+        let dir = self.steering.folder(model_path)?;
+        let (model_ptr, threads) = self
+            .steering
+            .job_parts()
+            .ok_or_else(|| format!("steering is unavailable: {}", self.steering.report().reason.unwrap_or_default()))?;
+        let mut job = super::steering::VectorJob::new(self.model, model_ptr, threads, dir.clone())?;
+        while !job.slice()? {
+            let (done, all) = job.progress();
+            progress(done, all);
+        }
+        let (sets, reports) = job.finish()?;
+        self.steering.install(sets, dir.clone());
+        Ok((dir, reports))
+    }
+
+    /// Steering now (for `get_capabilities` and the measurements).
+    pub fn steering_report(&self) -> super::SteeringReport {
+        self.steering.report()
+    }
+
+    /// For measurements: set the blend of `coefficients` on the context now
+    /// (None: no control vector at all).
+    pub fn set_steering(&mut self, coefficients: Option<[f32; 4]>) -> Result<(), String> {
+        self.assert_owner_thread();
+        match coefficients {
+            Some(c) if self.steering.is_on() => {
+                self.steering.apply(c);
+                self.steering.is_on().then_some(()).ok_or_else(|| "steering turned off".to_string())
+            }
+            Some(_) => Err(format!("steering is off: {}", self.steering.report().reason.unwrap_or_default())),
+            None => self.steering.clear(),
+        }
+    }
+
+    /// For measurements: the next-token logits after `text` (plain text,
+    /// BOS first), decoded on slot 0's sequence, which is emptied after.
+    pub fn next_token_logits(&mut self, text: &str) -> Result<Vec<f32>, String> {
+        self.assert_owner_thread();
+        let tokens = self.model.vocab().tokenize(text.as_bytes(), true, false);
+        let logits = self.decode_alone(&tokens, 0)?.0;
+        Ok(logits)
+    }
+
+    /// The first token of `text` as plain text (no BOS).
+    pub fn first_token(&self, text: &str) -> Option<i32> {
+        self.model.vocab().tokenize(text.as_bytes(), false, false).first().map(|t| t.0)
+    }
+
+    /// For measurements: greedy decode speed (tokens per second over `n`
+    /// tokens after `text`) on slot 0's sequence, emptied after.
+    pub fn decode_speed(&mut self, text: &str, n: usize) -> Result<f64, String> {
+        self.assert_owner_thread();
+        let tokens = self.model.vocab().tokenize(text.as_bytes(), true, false);
+        Ok(self.decode_alone(&tokens, n)?.1)
+    }
+
+    /// Decode `prompt` on sequence 0, then `extra` greedy tokens one at a
+    /// time; returns the prompt's last logits and the decode speed.
+    fn decode_alone(&mut self, prompt: &[LlamaToken], extra: usize) -> Result<(Vec<f32>, f64), String> {
+        let seq = self.slots[0].seq;
+        let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
+        self.slots[0].cached.clear();
+        let mut batch = LlamaBatch::new(prompt.len().max(1), 1);
+        for (i, t) in prompt.iter().enumerate() {
+            batch.add(*t, i as i32, &[seq], i + 1 == prompt.len()).map_err(|e| e.to_string())?;
+        }
+        self.ctx.decode(&mut batch).map_err(|e| e.to_string())?;
+        let logits = self.ctx.get_logits_ith(batch.n_tokens() - 1).to_vec();
+        let mut last = argmax(&logits);
+        let started = Instant::now();
+        for i in 0..extra {
+            batch.clear();
+            batch.add(last, (prompt.len() + i) as i32, &[seq], true).map_err(|e| e.to_string())?;
+            self.ctx.decode(&mut batch).map_err(|e| e.to_string())?;
+            last = argmax(self.ctx.get_logits_ith(0));
+        }
+        let speed = extra as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
+        Ok((logits, speed))
     }
 
     /// What the model is fed for a conversation, for `elpis-server prompt`:
@@ -965,6 +1072,10 @@ impl Engine {
             }
         }
     }
+}
+
+fn argmax(logits: &[f32]) -> LlamaToken {
+    LlamaToken(logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as i32).unwrap_or(0))
 }
 
 /// The token the grammar allows with the best chance, sampled by the job's

@@ -1,5 +1,8 @@
 //! The one file with `unsafe`: calls that no safe crate makes for us. Each
-//! block says why it is sound. Nothing here touches llama.cpp's memory.
+//! block says why it is sound. Besides `malloc_trim`, these are the llama.cpp
+//! calls llama-cpp-2 does not wrap (control vectors, the eval callback, a
+//! context that has one), reached through raw pointers recovered from
+//! llama-cpp-2's types and checked against its safe API before any use.
 
 /// Hand the heap's free pages back to the operating system.
 ///
@@ -22,5 +25,221 @@ pub fn release_free_heap() {
         unsafe {
             malloc_trim(0);
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Control vectors and the eval callback: llama.cpp calls that llama-cpp-2
+// 0.1.160 does not wrap. Everything below runs on the engine's thread.
+// ---------------------------------------------------------------------------
+
+use std::ffi::{c_void, CStr};
+use std::ptr::NonNull;
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
+use llama_cpp_sys_2 as ffi;
+
+/// The raw model pointer inside a [`LlamaModel`], checked.
+///
+/// `LlamaModel` is `#[repr(transparent)]` over a `#[repr(transparent)]`
+/// wrapper of `NonNull<llama_model>` in llama-cpp-2 0.1.160, so its bytes
+/// are the pointer. The size is checked first (a different layout fails
+/// here, not in llama.cpp), then the pointer's answers against the safe API's.
+pub fn model_ptr(model: &LlamaModel) -> Result<NonNull<ffi::llama_model>, String> {
+    if std::mem::size_of::<LlamaModel>() != std::mem::size_of::<*mut ffi::llama_model>() {
+        return Err(format!(
+            "llama-cpp-2's LlamaModel is {} bytes, not one pointer: its layout changed",
+            std::mem::size_of::<LlamaModel>()
+        ));
+    }
+    // SAFETY: the size check above proves the struct is exactly one pointer
+    // wide, and llama-cpp-2 declares it (and its `Ptr`) `repr(transparent)`
+    // over `NonNull<llama_model>`: reading it as a pointer reads that field.
+    // `model` is a live reference, so the read is in bounds and aligned.
+    let raw = unsafe { *(model as *const LlamaModel as *const *mut ffi::llama_model) };
+    let ptr = NonNull::new(raw).ok_or("the model pointer is null")?;
+    // SAFETY: `ptr` is the model's own pointer (above), alive as long as
+    // `model`; these getters only read its hyperparameters.
+    let (n_embd, n_layer) = unsafe { (ffi::llama_model_n_embd(ptr.as_ptr()), ffi::llama_model_n_layer(ptr.as_ptr())) };
+    if n_embd != model.n_embd() || n_layer as u32 != model.n_layer() {
+        return Err(format!(
+            "the recovered model pointer answers n_embd {n_embd}, n_layer {n_layer}; the model says {}, {}",
+            model.n_embd(),
+            model.n_layer()
+        ));
+    }
+    Ok(ptr)
+}
+
+/// The raw context pointer inside a [`LlamaContext`], checked.
+///
+/// `LlamaContext` (llama-cpp-2 0.1.160) holds the context pointer, an empty
+/// `Vec` of backend samplers (Elpis adds none) and zero-sized markers; its
+/// field order is the compiler's. Of its pointer-sized words, the empty
+/// `Vec` contributes a dangling pointer (its alignment), 0 and 0: exactly
+/// one word is anything else, and that is the candidate. It is accepted only
+/// if the struct has the expected size and llama.cpp, asked through it,
+/// reports the context size and model the safe API reports.
+pub fn context_ptr(ctx: &LlamaContext, model: NonNull<ffi::llama_model>) -> Result<NonNull<ffi::llama_context>, String> {
+    const WORD: usize = std::mem::size_of::<usize>();
+    let size = std::mem::size_of::<LlamaContext>();
+    if size != 4 * WORD {
+        return Err(format!("llama-cpp-2's LlamaContext is {size} bytes, not 4 words: its layout changed"));
+    }
+    // SAFETY: `ctx` is a live reference to a `size`-byte struct; reading it
+    // as `size / WORD` aligned words (its alignment is a word: it holds
+    // pointers) stays inside it. Padding cannot occur: every field is a
+    // word or zero-sized, so every byte read is initialised.
+    let words: [usize; 4] = unsafe { std::ptr::read(ctx as *const LlamaContext as *const [usize; 4]) };
+    let dangling = std::mem::align_of::<usize>();
+    let candidates: Vec<usize> = words.iter().copied().filter(|&w| w != 0 && w != dangling).collect();
+    let [raw] = candidates[..] else {
+        return Err(format!("cannot tell the context pointer among LlamaContext's words ({} candidates)", candidates.len()));
+    };
+    let ptr = NonNull::new(raw as *mut ffi::llama_context).ok_or("the context pointer is null")?;
+    // SAFETY: `raw` is the only word of the struct that is neither zero nor
+    // the empty Vec's dangling pointer, so it is the `NonNull<llama_context>`
+    // field; the two getters only read fields of the context it points to.
+    let (n_ctx, owner) = unsafe { (ffi::llama_n_ctx(ptr.as_ptr()), ffi::llama_get_model(ptr.as_ptr())) };
+    if n_ctx != ctx.n_ctx() || owner != model.as_ptr().cast_const() {
+        return Err(format!(
+            "the recovered context pointer answers n_ctx {n_ctx}, the context says {}; or its model differs",
+            ctx.n_ctx()
+        ));
+    }
+    Ok(ptr)
+}
+
+/// Set a control vector on the context: `data` holds `n_embd` floats per
+/// layer from layer 1 on (llama.cpp's layout), applied to layers
+/// `il_start..=il_end`. `None` clears it.
+pub fn set_control_vector(
+    ctx: NonNull<ffi::llama_context>,
+    data: Option<&[f32]>,
+    n_embd: i32,
+    il_start: i32,
+    il_end: i32,
+) -> Result<(), String> {
+    let (ptr, len) = match data {
+        Some(d) => (d.as_ptr(), d.len()),
+        None => (std::ptr::null(), 0),
+    };
+    // SAFETY: `ctx` was checked by `context_ptr` and lives as long as the
+    // engine, which calls this on its own thread between decodes. llama.cpp
+    // copies `len` floats out of `ptr` (a live slice, or null to clear)
+    // before returning and keeps no reference to it.
+    let rc = unsafe { ffi::llama_set_adapter_cvec(ctx.as_ptr(), ptr, len, n_embd, il_start, il_end) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(format!("llama_set_adapter_cvec failed ({rc})"))
+    }
+}
+
+/// Hidden states read during a decode: each layer's output (`l_out-N`) at
+/// the batch's last token.
+struct Capture {
+    n_embd: usize,
+    /// Indexed by layer; empty until the layer's output was seen.
+    layers: Vec<Vec<f32>>,
+}
+
+/// llama.cpp's eval callback: asked whether to observe each graph node, then
+/// handed the observed ones after they are computed.
+extern "C" fn capture_layer(t: *mut ffi::ggml_tensor, ask: bool, user_data: *mut c_void) -> bool {
+    // SAFETY: llama.cpp passes a valid tensor for the node being scheduled,
+    // and `user_data` is the `Capture` that `CaptureContext::decode` set up
+    // and keeps alive, on this same thread, for the whole decode.
+    let (tensor, capture) = unsafe { (&*t, &mut *(user_data as *mut Capture)) };
+    // SAFETY: a ggml tensor's name is a NUL-terminated array of 64 chars.
+    let name = unsafe { CStr::from_ptr(tensor.name.as_ptr()) }.to_bytes();
+    let Some(layer) = name.strip_prefix(b"l_out-").and_then(|n| std::str::from_utf8(n).ok()?.parse::<usize>().ok()) else {
+        return !ask;
+    };
+    if ask {
+        return true;
+    }
+    let width = tensor.ne[0] as usize;
+    if tensor.type_ != ffi::GGML_TYPE_F32 || width != capture.n_embd || layer >= capture.layers.len() {
+        return true;
+    }
+    let rows = tensor.ne[1].max(1) as usize;
+    let mut last = vec![0f32; width];
+    // SAFETY: the tensor is computed (ask == false) and f32, `rows` columns
+    // of `nb[1]` bytes each: the last column's `width` floats lie inside it;
+    // `last` has room for exactly those bytes.
+    unsafe {
+        ffi::ggml_backend_tensor_get(t, last.as_mut_ptr().cast(), (rows - 1) * tensor.nb[1], width * 4);
+    }
+    capture.layers[layer] = last;
+    true
+}
+
+/// A second, small context on the loaded model with the eval callback set:
+/// decodes one text at a time and returns every layer's output at its last
+/// token. Freed on drop.
+pub struct CaptureContext {
+    ctx: NonNull<ffi::llama_context>,
+    capture: Box<Capture>,
+    n_ctx: usize,
+}
+
+impl CaptureContext {
+    pub fn new(model: NonNull<ffi::llama_model>, n_ctx: u32, threads: i32) -> Result<CaptureContext, String> {
+        // SAFETY: `model` was checked by `model_ptr`; reading n_embd/n_layer only reads it.
+        let (n_embd, n_layer) = unsafe { (ffi::llama_model_n_embd(model.as_ptr()), ffi::llama_model_n_layer(model.as_ptr())) };
+        let mut capture = Box::new(Capture { n_embd: n_embd as usize, layers: vec![Vec::new(); n_layer as usize] });
+        // SAFETY: returns a plain struct of defaults.
+        let mut params = unsafe { ffi::llama_context_default_params() };
+        params.n_ctx = n_ctx;
+        params.n_batch = n_ctx;
+        params.n_ubatch = n_ctx;
+        params.n_seq_max = 1;
+        params.n_threads = threads;
+        params.n_threads_batch = threads;
+        params.cb_eval = Some(capture_layer);
+        params.cb_eval_user_data = (&mut *capture as *mut Capture).cast();
+        // SAFETY: `model` is alive for the process (the engine leaks it);
+        // the callback and its user data (boxed: its address is stable, and
+        // it lives in `self` until `llama_free` in drop) stay valid for the
+        // context's whole life.
+        let ctx = unsafe { ffi::llama_init_from_model(model.as_ptr(), params) };
+        let ctx = NonNull::new(ctx).ok_or_else(|| format!("llama.cpp could not create a {n_ctx}-token capture context"))?;
+        Ok(CaptureContext { ctx, capture, n_ctx: n_ctx as usize })
+    }
+
+    /// Decode `tokens` from an empty memory; each layer's output at the last
+    /// token (layers whose output was not seen are empty).
+    pub fn hidden_states(&mut self, tokens: &[LlamaToken]) -> Result<Vec<Vec<f32>>, String> {
+        if tokens.is_empty() || tokens.len() > self.n_ctx {
+            return Err(format!("a capture text must be 1 to {} tokens, not {}", self.n_ctx, tokens.len()));
+        }
+        for layer in &mut self.capture.layers {
+            layer.clear();
+        }
+        let mut ids: Vec<ffi::llama_token> = tokens.iter().map(|t| t.0).collect();
+        // SAFETY: the context is ours and alive; clearing its memory and
+        // decoding a batch that borrows `ids` (alive across the call) are
+        // ordinary uses; the callback writes into `self.capture`, which no
+        // other reference touches during the decode.
+        let rc = unsafe {
+            ffi::llama_memory_clear(ffi::llama_get_memory(self.ctx.as_ptr()), true);
+            let batch = ffi::llama_batch_get_one(ids.as_mut_ptr(), ids.len() as i32);
+            ffi::llama_decode(self.ctx.as_ptr(), batch)
+        };
+        if rc != 0 {
+            return Err(format!("capture decode failed ({rc})"));
+        }
+        Ok(self.capture.layers.clone())
+    }
+}
+
+impl Drop for CaptureContext {
+    fn drop(&mut self) {
+        // SAFETY: the context was created by `llama_init_from_model` and is
+        // freed exactly once, here; the callback's data outlives the call.
+        unsafe { ffi::llama_free(self.ctx.as_ptr()) }
     }
 }

@@ -46,6 +46,16 @@ impl Mood {
         })
     }
 
+    /// The four steering coefficients now (excited, frustrated, calm,
+    /// depleted), for the engine's control vectors.
+    pub fn steering(&self) -> [f32; 4] {
+        self.with(|s, now| s.steering(now).as_array())
+    }
+
+    pub fn strength(&self) -> f64 {
+        self.with(|s, _| s.params().steering_strength)
+    }
+
     pub fn modulation(&self) -> Modulation {
         self.with(|s, now| s.modulation(now))
     }

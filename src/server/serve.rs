@@ -29,6 +29,8 @@ pub fn start(config: &Config) -> anyhow::Result<(Arc<Inference>, tokio::task::Jo
     let (engine, handle) = Engine::load(&config.engine_settings())?;
     let task = tokio::task::spawn_local(engine.run());
     let mood = Arc::new(Mood::new(config.emotion.clone()));
+    let steering_mood = Arc::clone(&mood);
+    handle.steer_with(Box::new(move || steering_mood.steering()));
     Ok((Arc::new(Inference::new(handle, mood, config.model.clone(), &config.server)), task))
 }
 

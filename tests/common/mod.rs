@@ -74,6 +74,7 @@ pub fn inspect_prompts(model: &str, cases: &Value) -> Vec<Value> {
         .arg("prompt")
         .env("ELPIS_MODEL_PATH", model)
         .env("ELPIS_MODEL_N_THREADS", "1")
+        .env("ELPIS_EMOTION_STEERING", "off")
         .env_remove("ELPIS_QUIET")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -143,6 +144,10 @@ impl Server {
             // or llama.cpp's threads stall waiting for each other.
             .env("ELPIS_MODEL_N_THREADS", "1")
             .env("ELPIS_MODEL_SEED", SEED)
+            // Steering changes what the model writes once vectors exist (and
+            // computes them in the background when missing): off, unless a
+            // test turns it on.
+            .env("ELPIS_EMOTION_STEERING", "off")
             .env_remove("ELPIS_QUIET")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

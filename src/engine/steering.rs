@@ -1,0 +1,456 @@
+//! Emotion steering on the live context: find (or compute) the loaded
+//! model's four quadrant vector sets, then, before a decode step, set the
+//! blend Σ coefficient × direction on the context whenever the mood's
+//! coefficients moved by more than [`RESET_THRESHOLD`] since the last set.
+//!
+//! Every piece of setup is done in small slices, one per engine loop turn,
+//! so MCP requests are answered meanwhile: hashing the model file (16 MiB a
+//! slice) to name its cache folder, then, when vectors are missing and
+//! `steering = "auto"`, decoding the contrastive pairs one text a slice on a
+//! small second context that captures every layer's output.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
+use llama_cpp_sys_2 as ffi;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::sys::{self, CaptureContext};
+use super::vectors::{self, DirectionSet, QUADRANTS};
+
+/// Coefficients are set again when one moved by more than this.
+const RESET_THRESHOLD: f32 = 0.01;
+/// Bytes of the model file hashed per slice.
+const HASH_SLICE: usize = 16 << 20;
+/// Context size of the capture context (a pair's text is far shorter).
+const CAPTURE_CTX: u32 = 256;
+
+/// How steering is configured (`[emotion]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SteeringSettings {
+    /// `steering = "auto"`: steer when vectors exist, compute missing ones.
+    pub enabled: bool,
+    /// A folder holding `excited.gguf`, `frustrated.gguf`, `calm.gguf`,
+    /// `depleted.gguf` (`vectors_path`, or the old `emotion_vectors_dir`);
+    /// None: the cache folder named by the model file's hash.
+    pub vectors_path: Option<PathBuf>,
+    /// Where computed vectors go: `<cache>/vectors/<sha256 of the model>/`.
+    pub cache_dir: PathBuf,
+    /// Inclusive layer range; None: the middle third of the layers.
+    pub layers: Option<(usize, usize)>,
+    /// Compute missing vectors (the server does; a one-shot `chat` does not).
+    pub compute_missing: bool,
+}
+
+/// Where steering stands, for `get_capabilities`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SteeringReport {
+    /// Steering is on: vectors are loaded and set on the context.
+    pub enabled: bool,
+    /// `off`, `identifying` (hashing the model file), `computing`, `on`.
+    pub state: String,
+    /// Why steering is not on (absent when it is).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The folder the vectors are read from (or written to).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vectors_path: Option<String>,
+    /// Steered layers, inclusive.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layers: Option<[usize; 2]>,
+    /// The coefficients last set on the context.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub applied: Option<[f32; 4]>,
+    /// Share of the contrastive pairs read while computing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<f64>,
+}
+
+/// The vectors of one model, four quadrant sets in a folder.
+pub fn load_sets(dir: &Path, n_embd: usize, n_layer: usize) -> Result<[DirectionSet; 4], String> {
+    let mut sets = Vec::with_capacity(4);
+    for q in QUADRANTS {
+        let path = dir.join(format!("{q}.gguf"));
+        if !path.exists() {
+            return Err(format!("no {q} vectors at {}", path.display()));
+        }
+        let set = vectors::read_gguf(&path)?;
+        vectors::check_fits(&set, n_embd, n_layer, &path.display().to_string())?;
+        sets.push(set);
+    }
+    Ok(sets.try_into().expect("four sets"))
+}
+
+/// The sha256 of a file, hex (names a model's vector folder).
+pub fn file_hash(path: &Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; HASH_SLICE];
+    loop {
+        match file.read(&mut buf)? {
+            0 => break,
+            n => hasher.update(&buf[..n]),
+        }
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The middle third of `n_layer` layers (at least one layer, never 0).
+pub fn default_layers(n_layer: usize) -> (usize, usize) {
+    let start = (n_layer / 3).max(1);
+    let end = (2 * n_layer / 3).saturating_sub(1).max(start);
+    (start, end.min(n_layer.saturating_sub(1)))
+}
+
+/// Reads the contrastive pairs on a capture context, one text per slice.
+pub struct VectorJob {
+    capture: CaptureContext,
+    /// Tokens of every pair's two texts, with its quadrant.
+    texts: Vec<(usize, Vec<LlamaToken>, Vec<LlamaToken>)>,
+    next: usize,
+    /// The quadrant voice's hidden states of the pair in progress.
+    pending: Option<Vec<Vec<f32>>>,
+    diffs: [Vec<Vec<Vec<f32>>>; 4],
+    n_embd: usize,
+    n_layer: usize,
+    model_hint: String,
+    dest: PathBuf,
+}
+
+impl VectorJob {
+    pub fn new(model: &LlamaModel, model_ptr: NonNull<ffi::llama_model>, threads: i32, dest: PathBuf) -> Result<VectorJob, String> {
+        let capture = CaptureContext::new(model_ptr, CAPTURE_CTX, threads)?;
+        let vocab = model.vocab();
+        let texts = vectors::pairs()
+            .into_iter()
+            .map(|(q, pos, neg)| (q, vocab.tokenize(pos.as_bytes(), true, false), vocab.tokenize(neg.as_bytes(), true, false)))
+            .collect();
+        Ok(VectorJob {
+            capture,
+            texts,
+            next: 0,
+            pending: None,
+            diffs: Default::default(),
+            n_embd: model.n_embd() as usize,
+            n_layer: model.n_layer() as usize,
+            model_hint: model.meta_val_str("general.architecture").unwrap_or_default(),
+            dest,
+        })
+    }
+
+    /// Texts decoded so far, of all.
+    pub fn progress(&self) -> (usize, usize) {
+        (self.next * 2 + usize::from(self.pending.is_some()), self.texts.len() * 2)
+    }
+
+    pub fn dest(&self) -> &Path {
+        &self.dest
+    }
+
+    /// Decode one text. Returns true when every pair has been read.
+    pub fn slice(&mut self) -> Result<bool, String> {
+        let Some((q, pos, neg)) = self.texts.get(self.next) else { return Ok(true) };
+        match self.pending.take() {
+            None => self.pending = Some(self.capture.hidden_states(pos)?),
+            Some(positive) => {
+                let negative = self.capture.hidden_states(neg)?;
+                let diff = positive
+                    .iter()
+                    .zip(&negative)
+                    .map(|(p, n)| if p.len() == n.len() { p.iter().zip(n).map(|(a, b)| a - b).collect() } else { Vec::new() })
+                    .collect();
+                self.diffs[*q].push(diff);
+                self.next += 1;
+            }
+        }
+        Ok(self.next >= self.texts.len())
+    }
+
+    /// Reduce to the four sets and write them (each file atomically).
+    pub fn finish(self) -> Result<([DirectionSet; 4], Vec<(usize, Vec<vectors::Reduction>)>), String> {
+        let mut sets = Vec::with_capacity(4);
+        let mut reports = Vec::new();
+        for (q, diffs) in self.diffs.iter().enumerate() {
+            let (set, report) = vectors::reduce(diffs, self.n_layer, self.n_embd, &self.model_hint);
+            sets.push(set);
+            reports.push((q, report));
+        }
+        for (q, set) in QUADRANTS.iter().zip(&sets) {
+            let path = self.dest.join(format!("{q}.gguf"));
+            vectors::write_gguf(set, &path).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        }
+        Ok((sets.try_into().expect("four sets"), reports))
+    }
+}
+
+enum State {
+    Off(String),
+    Hashing { file: std::fs::File, hasher: Sha256, done: u64, total: u64 },
+    Computing(Box<VectorJob>),
+    On { sets: Box<[DirectionSet; 4]>, applied: Option<[f32; 4]> },
+}
+
+/// Steering of one engine: its state and the context it steers.
+pub struct Steering {
+    state: State,
+    settings: SteeringSettings,
+    model_ptr: Option<NonNull<ffi::llama_model>>,
+    ctx_ptr: Option<NonNull<ffi::llama_context>>,
+    n_embd: usize,
+    n_layer: usize,
+    layers: (usize, usize),
+    threads: i32,
+    /// The folder vectors are read from or written to, once known.
+    dir: Option<PathBuf>,
+}
+
+impl Steering {
+    /// Decide how to start: off (and why), straight to loading a configured
+    /// folder, or identifying the model to find its cached vectors.
+    pub fn new(settings: SteeringSettings, model: &LlamaModel, ctx: &LlamaContext, model_path: &Path, threads: i32) -> Steering {
+        let n_embd = model.n_embd() as usize;
+        let n_layer = model.n_layer() as usize;
+        let layers = settings.layers.unwrap_or_else(|| default_layers(n_layer));
+        let mut s = Steering {
+            state: State::Off(String::new()),
+            settings,
+            model_ptr: None,
+            ctx_ptr: None,
+            n_embd,
+            n_layer,
+            layers,
+            threads,
+            dir: None,
+        };
+        s.state = s.start(model, ctx, model_path);
+        if let State::Off(reason) = &s.state {
+            tracing::info!("emotion steering is off: {reason}");
+        }
+        s
+    }
+
+    fn start(&mut self, model: &LlamaModel, ctx: &LlamaContext, model_path: &Path) -> State {
+        if !self.settings.enabled {
+            return State::Off("emotion.steering = \"off\"".into());
+        }
+        let (start, end) = self.layers;
+        if start == 0 || start > end || end >= self.n_layer {
+            return State::Off(format!(
+                "the steered layers {start}..{end} are outside this model's steerable layers 1..{}",
+                self.n_layer - 1
+            ));
+        }
+        let pointers = sys::model_ptr(model).and_then(|m| Ok((m, sys::context_ptr(ctx, m)?)));
+        match pointers {
+            Ok((m, c)) => {
+                self.model_ptr = Some(m);
+                self.ctx_ptr = Some(c);
+            }
+            Err(e) => {
+                tracing::warn!("emotion steering turned itself off: {e}");
+                return State::Off(format!("llama-cpp-2's internals did not pass the startup check: {e}"));
+            }
+        }
+        if let Some(dir) = self.settings.vectors_path.clone() {
+            self.dir = Some(dir.clone());
+            return self.load(&dir);
+        }
+        match std::fs::File::open(model_path) {
+            Ok(file) => {
+                let total = file.metadata().map(|m| m.len()).unwrap_or(0);
+                State::Hashing { file, hasher: Sha256::new(), done: 0, total }
+            }
+            Err(e) => State::Off(format!("cannot read the model file to identify it: {e}")),
+        }
+    }
+
+    fn load(&mut self, dir: &Path) -> State {
+        match load_sets(dir, self.n_embd, self.n_layer) {
+            Ok(sets) => {
+                tracing::info!(path = %dir.display(), layers = ?self.layers, "emotion steering is on");
+                State::On { sets: Box::new(sets), applied: None }
+            }
+            Err(e) => State::Off(e),
+        }
+    }
+
+    /// Setup work is left (the engine keeps stepping while it is).
+    pub fn busy(&self) -> bool {
+        matches!(self.state, State::Hashing { .. } | State::Computing(_))
+    }
+
+    /// One slice of setup work.
+    pub fn setup_slice(&mut self, model: &LlamaModel) {
+        enum Next {
+            Continue,
+            Found(PathBuf),
+            Finished,
+            Off(String),
+        }
+        let next = match &mut self.state {
+            State::Hashing { file, hasher, done, .. } => {
+                let mut buf = vec![0u8; HASH_SLICE];
+                match file.read(&mut buf) {
+                    Ok(0) => {
+                        let hash: String = std::mem::take(hasher).finalize().iter().map(|b| format!("{b:02x}")).collect();
+                        Next::Found(self.settings.cache_dir.join("vectors").join(hash))
+                    }
+                    Ok(n) => {
+                        hasher.update(&buf[..n]);
+                        *done += n as u64;
+                        Next::Continue
+                    }
+                    Err(e) => Next::Off(format!("cannot read the model file to identify it: {e}")),
+                }
+            }
+            State::Computing(job) => match job.slice() {
+                Ok(false) => Next::Continue,
+                Ok(true) => Next::Finished,
+                Err(e) => Next::Off(format!("computing the vectors failed: {e}")),
+            },
+            _ => Next::Continue,
+        };
+        let state = match next {
+            Next::Continue => return,
+            Next::Found(dir) => {
+                self.dir = Some(dir.clone());
+                let complete = QUADRANTS.iter().all(|q| dir.join(format!("{q}.gguf")).exists());
+                if complete || !self.settings.compute_missing {
+                    self.load(&dir)
+                } else {
+                    self.compute(model, dir)
+                }
+            }
+            Next::Finished => {
+                let State::Computing(job) = std::mem::replace(&mut self.state, State::Off(String::new())) else {
+                    return;
+                };
+                let dir = job.dest().to_path_buf();
+                match job.finish() {
+                    Ok(_) => {
+                        tracing::info!(path = %dir.display(), "emotion vectors computed");
+                        self.load(&dir)
+                    }
+                    Err(e) => State::Off(e),
+                }
+            }
+            Next::Off(reason) => State::Off(reason),
+        };
+        if let State::Off(reason) = &state {
+            tracing::warn!("emotion steering is off: {reason}");
+        }
+        self.state = state;
+    }
+
+    fn compute(&mut self, model: &LlamaModel, dir: PathBuf) -> State {
+        let Some(model_ptr) = self.model_ptr else { return State::Off("no model pointer".into()) };
+        tracing::info!(path = %dir.display(), "no emotion vectors for this model yet: computing them while serving");
+        match VectorJob::new(model, model_ptr, self.threads, dir) {
+            Ok(job) => State::Computing(Box::new(job)),
+            Err(e) => State::Off(e),
+        }
+    }
+
+    /// Before a step: set the blend for `coefficients` when they moved.
+    pub fn apply(&mut self, coefficients: [f32; 4]) {
+        let (start, end) = self.layers;
+        let (n_embd, n_layer) = (self.n_embd, self.n_layer);
+        let State::On { sets, applied } = &mut self.state else { return };
+        let moved = applied.is_none_or(|a| a.iter().zip(&coefficients).any(|(x, y)| (x - y).abs() > RESET_THRESHOLD));
+        if !moved {
+            return;
+        }
+        let Some(ctx) = self.ctx_ptr else { return };
+        let data = vectors::blend(sets, coefficients, start, end, n_layer);
+        match sys::set_control_vector(ctx, Some(&data), n_embd as i32, start as i32, end as i32) {
+            Ok(()) => *applied = Some(coefficients),
+            Err(e) => {
+                tracing::warn!("emotion steering is off: {e}");
+                self.state = State::Off(e);
+            }
+        }
+    }
+
+    /// The folder this model's vectors belong in: `vectors_path`, else the
+    /// cache folder named by the model file's hash.
+    pub fn folder(&self, model_path: &Path) -> Result<PathBuf, String> {
+        match &self.settings.vectors_path {
+            Some(dir) => Ok(dir.clone()),
+            None => file_hash(model_path)
+                .map(|hash| self.settings.cache_dir.join("vectors").join(hash))
+                .map_err(|e| format!("cannot read the model file to identify it: {e}")),
+        }
+    }
+
+    /// Model pointer and thread count, to start a [`VectorJob`].
+    pub fn job_parts(&self) -> Option<(NonNull<ffi::llama_model>, i32)> {
+        self.model_ptr.map(|m| (m, self.threads))
+    }
+
+    /// Use these sets now (measurements, or vectors just computed).
+    pub fn install(&mut self, sets: [DirectionSet; 4], dir: PathBuf) {
+        self.dir = Some(dir);
+        if self.ctx_ptr.is_some() {
+            self.state = State::On { sets: Box::new(sets), applied: None };
+        }
+    }
+
+    /// Take the vectors off the context (for measurements).
+    pub fn clear(&mut self) -> Result<(), String> {
+        if let State::On { applied, .. } = &mut self.state {
+            *applied = None;
+        }
+        match self.ctx_ptr {
+            Some(ctx) => sys::set_control_vector(ctx, None, self.n_embd as i32, 0, 0),
+            None => Ok(()),
+        }
+    }
+
+    pub fn is_on(&self) -> bool {
+        matches!(self.state, State::On { .. })
+    }
+
+    pub fn report(&self) -> SteeringReport {
+        let (state, reason, applied, progress) = match &self.state {
+            State::Off(reason) => ("off", Some(reason.clone()), None, None),
+            State::Hashing { done, total, .. } => (
+                "identifying",
+                Some(format!("identifying the model file (sha256, {} of {} MiB)", done >> 20, total >> 20)),
+                None,
+                None,
+            ),
+            State::Computing(job) => {
+                let (done, all) = job.progress();
+                ("computing", Some(format!("computing this model's vectors ({done} of {all} texts read)")), None, Some(done as f64 / all.max(1) as f64))
+            }
+            State::On { applied, .. } => ("on", None, *applied, None),
+        };
+        SteeringReport {
+            enabled: state == "on",
+            state: state.into(),
+            reason,
+            vectors_path: self.dir.as_ref().map(|d| d.display().to_string()),
+            layers: (state != "off" || self.dir.is_some()).then_some([self.layers.0, self.layers.1]),
+            applied,
+            progress,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_middle_third() {
+        assert_eq!(default_layers(24), (8, 15));
+        assert_eq!(default_layers(18), (6, 11));
+        assert_eq!(default_layers(30), (10, 19));
+        assert_eq!(default_layers(2), (1, 1));
+    }
+}
