@@ -413,6 +413,16 @@ impl Config {
         }
     }
 
+    /// Settings for a one-shot measurement or `vectors` run: steering on
+    /// whatever `emotion.steering` says, and missing vectors not computed in
+    /// the background (those commands compute them themselves).
+    pub fn measurement_settings(&self) -> EngineSettings {
+        let mut settings = self.engine_settings();
+        settings.steering.enabled = true;
+        settings.steering.compute_missing = false;
+        settings
+    }
+
     /// `[emotion]` steering, with the predecessor's `[model]` keys honoured.
     pub fn steering_settings(&self) -> SteeringSettings {
         let e = &self.emotion;
@@ -629,6 +639,23 @@ mod tests {
         let (_, warnings) = Config::load_with_env(Some(&f.0), &[]).unwrap();
         assert_eq!(warnings.len(), 2);
         assert!(warnings.iter().any(|w| w.contains("model.torch_dtype") && w.contains("transformers")));
+    }
+
+    #[test]
+    fn the_old_steering_keys_mean_the_vectors_folder_and_one_layer() {
+        let f = write_config("[model]\nemotion_vectors_dir = \"/old/vectors\"\nsteering_layer = 12\n");
+        let (c, warnings) = Config::load_with_env(Some(&f.0), &[]).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let s = c.steering_settings();
+        assert_eq!((s.vectors_path, s.layers, s.enabled), (Some(PathBuf::from("/old/vectors")), Some((12, 12)), true));
+        let f = write_config("[emotion]\nsteering = \"OFF\"\nvectors_path = \"/v\"\nsteering_layers = \"8-15\"\n");
+        let (c, _) = Config::load_with_env(Some(&f.0), &[]).unwrap();
+        let s = c.steering_settings();
+        assert_eq!((s.vectors_path, s.layers, s.enabled), (Some(PathBuf::from("/v")), Some((8, 15)), false));
+        let f = write_config("[emotion]\nsteering = \"sometimes\"\n");
+        assert!(Config::load_with_env(Some(&f.0), &[]).unwrap_err().to_string().contains("emotion.steering"));
+        let f = write_config("[emotion]\nsteering_layers = \"high\"\n");
+        assert!(Config::load_with_env(Some(&f.0), &[]).unwrap_err().to_string().contains("emotion.steering_layers"));
     }
 
     #[test]

@@ -54,11 +54,8 @@ pub const NEGATIVE_WORDS: [&str; 24] = [
 ];
 
 fn load(config: &Config) -> anyhow::Result<Engine> {
-    let mut config = config.clone();
-    config.emotion.steering = "auto".into();
-    let mut settings = config.engine_settings();
-    settings.steering.compute_missing = false;
-    let (engine, _handle) = Engine::load(&settings)?;
+    let (mut engine, _handle) = Engine::load(&config.measurement_settings())?;
+    engine.settle_steering();
     Ok(engine)
 }
 
@@ -179,26 +176,16 @@ pub fn check(config: &Config, model_path: &Path) -> anyhow::Result<()> {
         "strength 0 (all coefficients 0, vectors set) vs no control vector: logits {} (largest difference {max_zero_diff})",
         if zero_equal { "identical" } else { "DIFFER" }
     );
-    // Decode speed, on and off interleaved, best of three each.
-    let mut on = Vec::new();
-    let mut off = Vec::new();
-    for _ in 0..3 {
-        engine.set_steering(None).map_err(anyhow::Error::msg)?;
-        off.push(engine.decode_speed("Once upon a time", 64).map_err(anyhow::Error::msg)?);
-        engine.set_steering(Some(positive)).map_err(anyhow::Error::msg)?;
-        on.push(engine.decode_speed("Once upon a time", 64).map_err(anyhow::Error::msg)?);
-    }
-    let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    drop(engine);
+    let (off, on) = crate::harness::bench::steering_speed(config)?;
     println!(
-        "decode speed (64 tokens, one sequence, best of 3): steering off {:.1} tok/s, on {:.1} tok/s, ratio {:.3}",
-        best(&off),
-        best(&on),
-        best(&on) / best(&off)
+        "decode speed (128 tokens, one sequence, best of 3): steering off {off:.1} tok/s, on {on:.1} tok/s, ratio {:.3}",
+        on / off
     );
     Ok(())
 }
 
-/// Keep anyhow's context import used where the config is read.
+/// The model file, checked to exist.
 pub fn model_path(config: &Config) -> anyhow::Result<std::path::PathBuf> {
     let path = config.model_path();
     std::fs::metadata(&path).with_context(|| format!("model file {}", path.display()))?;

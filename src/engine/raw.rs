@@ -7,7 +7,6 @@ use std::num::NonZeroU32;
 use std::time::Instant;
 
 use llama_cpp_2::context::params::LlamaContextParams;
-use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
@@ -33,8 +32,8 @@ pub fn raw_speed(
     chunk: usize,
     decode_tokens: usize,
 ) -> Result<RawSpeed, EngineError> {
-    let backend = LlamaBackend::init().map_err(|e| EngineError::Backend(e.to_string()))?;
-    let model = LlamaModel::load_from_file(&backend, &settings.model_path, &LlamaModelParams::default())
+    let backend = super::scheduler::backend()?;
+    let model = LlamaModel::load_from_file(backend, &settings.model_path, &LlamaModelParams::default())
         .map_err(|_| EngineError::ModelLoad(settings.model_path.clone()))?;
     let threads = match settings.n_threads {
         0 => std::thread::available_parallelism().map(|n| n.get() as i32).unwrap_or(1),

@@ -181,6 +181,17 @@ pub struct Engine {
     _not_send: PhantomData<*const ()>,
 }
 
+/// llama.cpp's backend, initialised once for the process (llama.cpp allows
+/// one); every engine and measurement in the process shares it.
+pub(super) fn backend() -> Result<&'static LlamaBackend, EngineError> {
+    static BACKEND: std::sync::OnceLock<LlamaBackend> = std::sync::OnceLock::new();
+    if let Some(backend) = BACKEND.get() {
+        return Ok(backend);
+    }
+    let backend = LlamaBackend::init().map_err(|e| EngineError::Backend(e.to_string()))?;
+    Ok(BACKEND.get_or_init(|| backend))
+}
+
 /// Send llama.cpp's and ggml's log lines to `tracing`.
 pub fn route_llama_logs() {
     llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
@@ -213,10 +224,9 @@ impl Engine {
     /// from then on is the only thread that may touch them.
     pub fn load(settings: &EngineSettings) -> Result<(Engine, EngineHandle), EngineError> {
         check_model_file(&settings.model_path)?;
-        let backend = LlamaBackend::init().map_err(|e| EngineError::Backend(e.to_string()))?;
-        // The backend and model live as long as the process: leaking them
-        // lets the context borrow the model for 'static.
-        let backend: &'static LlamaBackend = Box::leak(Box::new(backend));
+        let backend = backend()?;
+        // The model lives as long as the process: leaking it lets the
+        // context borrow it for 'static.
         let gpu_offload_supported = backend.supports_gpu_offload();
         let model_params = LlamaModelParams::default().with_n_gpu_layers(settings.gpu_layers);
         let model = LlamaModel::load_from_file(backend, &settings.model_path, &model_params)
@@ -630,6 +640,16 @@ impl Engine {
         let (sets, reports) = job.finish()?;
         self.steering.install(sets, dir.clone());
         Ok((dir, reports))
+    }
+
+    /// Finish steering's setup now (identify the model, load its vectors),
+    /// for one-shot commands that do not run the engine loop. Computing
+    /// missing vectors only happens when the settings ask for it.
+    pub fn settle_steering(&mut self) {
+        self.assert_owner_thread();
+        while self.steering.busy() {
+            self.steering.setup_slice(self.model);
+        }
     }
 
     /// Steering now (for `get_capabilities` and the measurements).

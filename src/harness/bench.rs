@@ -12,7 +12,8 @@ use serde_json::{json, Value};
 
 use crate::harness::client::{percentiles, tool_result_object, McpClient};
 use crate::config::Config;
-use crate::engine::{raw_speed, RawSpeed};
+use crate::emotion::SteeringCoefficients;
+use crate::engine::{raw_speed, Engine, RawSpeed};
 
 const TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -64,6 +65,11 @@ pub struct BenchRun {
     pub peak_rss_mib: f64,
     pub model_file_mib: f64,
     pub rss_over_model: f64,
+    /// Greedy decode, one sequence, without and with the mood's control
+    /// vectors set (0 when the model has no vectors yet).
+    pub steering_off_tps: f64,
+    pub steering_on_tps: f64,
+    pub steering_ratio: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -101,7 +107,9 @@ pub async fn bench(config: &Config, options: &BenchOptions) -> anyhow::Result<Be
         eprintln!("bench: run {} of {}", run + 1, options.runs.max(1));
         let short = "<start_of_turn>user\nYou are a storyteller.\n\nWrite a long story about a lighthouse keeper.<end_of_turn>\n<start_of_turn>model\n";
         let raw = raw_speed(&settings, &long_prompt(run as u64 + 1000), short, 128, 128)?;
-        let (r, i) = bench_server(&binary, &options.env, raw, run as u64, &config.model_path()).await?;
+        let (mut r, i) = bench_server(&binary, &options.env, raw, run as u64, &config.model_path()).await?;
+        (r.steering_off_tps, r.steering_on_tps) = steering_speed(config)?;
+        r.steering_ratio = if r.steering_off_tps > 0.0 { r.steering_on_tps / r.steering_off_tps } else { 0.0 };
         info = i;
         runs.push(r);
     }
@@ -118,6 +126,27 @@ pub async fn bench(config: &Config, options: &BenchOptions) -> anyhow::Result<Be
     print_table(&report);
     println!("JSON written to {}", options.out.display());
     Ok(report)
+}
+
+/// Decode speed without and with steering (a positive mood at strength 1),
+/// greedy, one sequence, best of three interleaved runs of 128 tokens, on an
+/// engine of this process; zeros when the model has no vectors.
+pub fn steering_speed(config: &Config) -> anyhow::Result<(f64, f64)> {
+    let (mut engine, _handle) = Engine::load(&config.measurement_settings())?;
+    engine.settle_steering();
+    if !engine.steering_report().enabled {
+        eprintln!("bench: no emotion vectors for this model (elpis-server vectors computes them): no steering row");
+        return Ok((0.0, 0.0));
+    }
+    let mood = SteeringCoefficients::of(0.9, 0.5, 1.0).as_array();
+    let (mut off, mut on) = (0.0f64, 0.0f64);
+    for _ in 0..3 {
+        engine.set_steering(None).map_err(anyhow::Error::msg)?;
+        off = off.max(engine.decode_speed("Once upon a time", 128).map_err(anyhow::Error::msg)?);
+        engine.set_steering(Some(mood)).map_err(anyhow::Error::msg)?;
+        on = on.max(engine.decode_speed("Once upon a time", 128).map_err(anyhow::Error::msg)?);
+    }
+    Ok((off, on))
 }
 
 async fn tool(client: &mut McpClient, name: &str, args: Value) -> anyhow::Result<Value> {
@@ -362,6 +391,7 @@ fn print_table(report: &BenchReport) {
         ("user generate after 2 abandoned streams", format!("{:.0} / {:.0} ms alone = {:.2}x", m.user_generate_after_abandoned_ms, m.user_generate_alone_ms, m.abandoned_ratio), "target <= 1.2x"),
         ("RSS MiB: start / generate / function_call", format!("{:.0} / {:.0} / {:.0}", m.rss_start_mib, m.rss_generate_mib, m.rss_function_call_mib), "target <= model + KV + 64"),
         ("RSS MiB: long prompt / streams", format!("{:.0} / {:.0}", m.rss_long_prompt_mib, m.rss_streams_mib), "target <= model + KV + 64"),
+        ("decode tok/s steering off / on", format!("{:.1} / {:.1} = {:.3}x", m.steering_off_tps, m.steering_on_tps, m.steering_ratio), "target >= 0.97x"),
         ("peak RSS / model file", format!("{:.0} / {:.0} MiB = {:.2}x", m.peak_rss_mib, m.model_file_mib, m.rss_over_model), ""),
     ];
     for (name, value, target) in rows {

@@ -405,6 +405,7 @@ impl Inference {
             "tool_call_format": self.native_tools().map(|f| f.name()).unwrap_or("generic"),
             "emotional_modulation": true,
             "emotional_steering": load.steering.enabled,
+            "emotional_steering_reason": load.steering.reason,
             "steering": load.steering,
             "steering_strength": self.mood.strength(),
             "active_streams": self.open_streams(),
