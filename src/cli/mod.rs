@@ -99,7 +99,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         match cli.command {
             None | Some(Command::Serve) => serve::serve(config).await,
             Some(Command::Chat { message, system, max_tokens, temperature }) => {
-                let (inference, _engine) = serve::start(&config)?;
+                // A one-shot reply steers with vectors that exist, but does
+                // not start computing missing ones (that is the server's job).
+                let mut settings = config.engine_settings();
+                settings.steering.compute_missing = false;
+                let (inference, _engine) = serve::start_with(&config, settings)?;
                 chat::chat(&inference, message, system, max_tokens, temperature).await
             }
             Some(Command::Prompt) => prompt::prompt(&config),

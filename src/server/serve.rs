@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::engine::Engine;
+use crate::engine::{Engine, EngineSettings};
 use crate::server::inference::Inference;
 use crate::server::mcp::ElpisServer;
 use crate::server::mood::Mood;
@@ -26,7 +26,12 @@ const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 /// Load the model on this thread and spawn the engine loop on the LocalSet
 /// (the caller runs inside one). The `chat` command uses it too.
 pub fn start(config: &Config) -> anyhow::Result<(Arc<Inference>, tokio::task::JoinHandle<()>)> {
-    let (engine, handle) = Engine::load(&config.engine_settings())?;
+    start_with(config, config.engine_settings())
+}
+
+/// [`start`] with engine settings of the caller's choosing.
+pub fn start_with(config: &Config, settings: EngineSettings) -> anyhow::Result<(Arc<Inference>, tokio::task::JoinHandle<()>)> {
+    let (engine, handle) = Engine::load(&settings)?;
     let task = tokio::task::spawn_local(engine.run());
     let mood = Arc::new(Mood::new(config.emotion.clone()));
     let steering_mood = Arc::clone(&mood);
