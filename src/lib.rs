@@ -1,5 +1,5 @@
 //! Elpis: a local LLM inference server speaking MCP over stdio, with an
-//! emotional state that shapes sampling.
+//! emotional state that shapes sampling and steers the model's activations.
 //!
 //! The whole process runs on one tokio `current_thread` runtime. That thread
 //! loads the model and steps the decode loop, yielding after every decode
@@ -12,15 +12,18 @@
 //! [`engine`], [`emotion`], [`config`].
 //!
 //! - [`cli`]: the command line: arguments, the runtime, and the dispatch to
-//!   serving or to a person's commands (`chat`, and `replay`, `soak`,
-//!   `bench`, which print the harness's reports).
+//!   serving or to a person's commands (`chat`, `prompt`, `vectors`,
+//!   `steering-check`, and `replay`, `soak`, `bench`, which print the
+//!   harness's reports).
 //! - [`server`]: the process Psyche spawns and the request path:
 //!   `serve` (stdio, lifecycle) → `mcp` (tools, resources) → `wire`
 //!   (argument types) → `inference` (what each tool does) → `streams`
 //!   (polled streams) and `mood` (the live emotional state).
 //! - [`engine`]: the one owner of llama.cpp: model, context, scheduler
-//!   (slots, batches, prompt cache), sampling, chat formats, tool-call
-//!   grammar, detokenisation.
+//!   (slots, batches, prompt cache), sampling, the model's Jinja template
+//!   and the built-in chat formats, data kept apart from template text,
+//!   native and generic tool-call grammars, emotion steering with control
+//!   vectors, detokenisation.
 //! - [`emotion`]: the emotional state model, pure, time injected.
 //! - [`harness`]: what drives a spawned server to check it: `client`,
 //!   `replay`, `soak`, `bench`.
