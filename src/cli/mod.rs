@@ -108,7 +108,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Some(Command::Prompt) => prompt::prompt(&config),
             Some(Command::Vectors) => steering::vectors(&config),
-            Some(Command::SteeringCheck) => steering::check(&config, &steering::model_path(&config)?),
+            Some(Command::SteeringCheck) => steering::check(&config),
             Some(Command::Replay { files, speed, json }) => reports::replay_files(&files, speed, json).await,
             Some(Command::Soak { seconds, seed }) => reports::soak(seconds, seed).await,
             Some(Command::Bench { runs, out }) => reports::bench(&config, runs, out).await,

@@ -4,10 +4,6 @@
 //! against no steering, and decode speed). They print reports to stdout: a
 //! person's commands, not the server.
 
-use std::path::Path;
-
-use anyhow::Context as _;
-
 use crate::config::Config;
 use crate::emotion::SteeringCoefficients;
 use crate::engine::{Engine, QUADRANTS};
@@ -71,7 +67,7 @@ pub fn vectors(config: &Config) -> anyhow::Result<()> {
     bar.set_message("reading the contrastive pairs");
     let started = std::time::Instant::now();
     let (dir, reports) = engine
-        .compute_vectors(&config.model_path(), |done, all| {
+        .compute_vectors(|done, all| {
             bar.set_length(all as u64);
             bar.set_position(done as u64);
         })
@@ -110,13 +106,14 @@ fn log_softmax_at(logits: &[f32], ids: &[i32]) -> f64 {
 }
 
 /// `elpis-server steering-check`.
-pub fn check(config: &Config, model_path: &Path) -> anyhow::Result<()> {
+pub fn check(config: &Config) -> anyhow::Result<()> {
+    let model_path = config.model_path();
     let mut engine = load(config)?;
     let report = engine.steering_report();
     if !report.enabled {
         // Vectors are missing: compute them first.
         eprintln!("steering-check: no vectors yet ({}); computing them", report.reason.unwrap_or_default());
-        engine.compute_vectors(model_path, |_, _| {}).map_err(anyhow::Error::msg)?;
+        engine.compute_vectors(|_, _| {}).map_err(anyhow::Error::msg)?;
     }
     let word_ids = |words: &[&str]| -> Vec<i32> {
         let mut ids: Vec<i32> = words.iter().filter_map(|w| engine.first_token(&format!(" {w}"))).collect();
@@ -147,8 +144,7 @@ pub fn check(config: &Config, model_path: &Path) -> anyhow::Result<()> {
             Ok((log_softmax_at(&logits, &pos_ids) - log_softmax_at(&logits, &neg_ids), logits))
         };
         let (off, off_logits) = margin(&mut engine, None)?;
-        let (zero, zero_logits) = margin(&mut engine, Some([0.0; 4]))?;
-        let _ = zero;
+        let (_, zero_logits) = margin(&mut engine, Some([0.0; 4]))?;
         let diff = off_logits.iter().zip(&zero_logits).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         max_zero_diff = max_zero_diff.max(diff);
         zero_equal &= off_logits == zero_logits;
@@ -183,11 +179,4 @@ pub fn check(config: &Config, model_path: &Path) -> anyhow::Result<()> {
         on / off
     );
     Ok(())
-}
-
-/// The model file, checked to exist.
-pub fn model_path(config: &Config) -> anyhow::Result<std::path::PathBuf> {
-    let path = config.model_path();
-    std::fs::metadata(&path).with_context(|| format!("model file {}", path.display()))?;
-    Ok(path)
 }

@@ -38,7 +38,7 @@ pub use chat_format::{ChatFormat, Message, ROLES};
 pub use native_tools::{call_schema, reply_grammar, template_tools, triggers, NativeReply};
 pub use prompt::Segment;
 pub use raw::{raw_speed, RawSpeed};
-pub use template::{python_json, ChatTemplate, NativeToolFormat};
+pub use template::{ChatTemplate, NativeToolFormat};
 pub use scheduler::{route_llama_logs, Engine};
 pub use steering::{default_layers, SteeringReport, SteeringSettings};
 pub use vectors::{read_gguf, write_gguf, DirectionSet, Reduction, QUADRANTS};

@@ -267,8 +267,7 @@ impl Engine {
         let inferred = ChatFormat::for_architecture(&architecture);
         let format = match (settings.chat_format, chat_source) {
             (ChatFormat::Auto | ChatFormat::Jinja, Some(text)) => {
-                let token_text = |t: LlamaToken| vocab.text(t).map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
-                let (bos, eos) = (token_text(vocab.bos()), token_text(vocab.eos()));
+                let (bos, eos) = (token_text(model, vocab.bos()), token_text(model, vocab.eos()));
                 let compiled = ChatTemplate::new(&text, &bos, &eos).and_then(|chat| {
                     // A template that cannot render a plain exchange is broken.
                     chat.render(&[Message::new("system", "S"), Message::new("user", "U")], None, true)?;
@@ -410,7 +409,7 @@ impl Engine {
                 self.assert_owner_thread();
                 self.steering.setup_slice(self.model);
             }
-            if let Some(source) = &self.steering_source {
+            if let (true, Some(source)) = (self.steering.is_on(), &self.steering_source) {
                 self.steering.apply(source());
             }
             self.step(now);
@@ -623,15 +622,12 @@ impl Engine {
     /// `progress(done, all)` is called after every text.
     pub fn compute_vectors(
         &mut self,
-        model_path: &std::path::Path,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<(std::path::PathBuf, Vec<(usize, Vec<super::vectors::Reduction>)>), String> {
-        self.assert_owner_thread();
-        let dir = self.steering.folder(model_path)?;
-        let (model_ptr, threads) = self
-            .steering
-            .job_parts()
-            .ok_or_else(|| format!("steering is unavailable: {}", self.steering.report().reason.unwrap_or_default()))?;
+        self.settle_steering();
+        let unavailable = || format!("steering is unavailable: {}", self.steering.report().reason.unwrap_or_default());
+        let dir = self.steering.folder().ok_or_else(unavailable)?.to_path_buf();
+        let (model_ptr, threads) = self.steering.job_parts().ok_or_else(unavailable)?;
         let mut job = super::steering::VectorJob::new(self.model, model_ptr, threads, dir.clone())?;
         while !job.slice()? {
             let (done, all) = job.progress();
@@ -731,12 +727,7 @@ impl Engine {
         let segments = self.render(messages, tools)?;
         let tokens = self.tokenize(&segments);
         let vocab = self.model.vocab();
-        let control: Vec<String> = vocab
-            .tokens()
-            .filter(|&t| vocab.is_control(t))
-            .filter_map(|t| vocab.text(t).map(|c| c.to_string_lossy().into_owned()))
-            .filter(|text| !text.is_empty())
-            .collect();
+        let control: Vec<LlamaToken> = vocab.tokens().filter(|&t| vocab.is_control(t)).collect();
         let template = match &self.format {
             PromptFormat::Template { chat, tool_use, .. } => {
                 let used = if tools.is_some() { tool_use.as_ref().unwrap_or(chat) } else { chat };
@@ -744,16 +735,15 @@ impl Engine {
             }
             PromptFormat::Builtin(_) => None,
         };
-        let token_text = |t: LlamaToken| vocab.text(t).map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
         Ok(serde_json::json!({
             "template": template,
-            "bos_token": token_text(vocab.bos()),
-            "eos_token": token_text(vocab.eos()),
+            "bos_token": token_text(self.model, vocab.bos()),
+            "eos_token": token_text(self.model, vocab.eos()),
             "text": prompt::joined(&segments),
             "segments": segments.iter().map(|s| serde_json::json!({"text": s.text, "special": s.special})).collect::<Vec<_>>(),
             "tokens": tokens.iter().map(|t| t.0).collect::<Vec<_>>(),
-            "control_tokens": control,
-            "control_token_ids": vocab.tokens().filter(|&t| vocab.is_control(t)).map(|t| t.0).collect::<Vec<_>>(),
+            "control_tokens": control.iter().map(|&t| token_text(self.model, t)).filter(|t| !t.is_empty()).collect::<Vec<_>>(),
+            "control_token_ids": control.iter().map(|t| t.0).collect::<Vec<_>>(),
             "plain_tokens": plain.iter().map(|p| vocab.tokenize(p.as_bytes(), false, false).iter().map(|t| t.0).collect::<Vec<_>>()).collect::<Vec<_>>(),
         }))
     }
@@ -1092,6 +1082,11 @@ impl Engine {
             }
         }
     }
+}
+
+/// A token's text as the vocabulary stores it (empty when it has none).
+fn token_text(model: &LlamaModel, token: LlamaToken) -> String {
+    model.vocab().text(token).map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 fn argmax(logits: &[f32]) -> LlamaToken {

@@ -86,20 +86,6 @@ pub fn load_sets(dir: &Path, n_embd: usize, n_layer: usize) -> Result<[Direction
     Ok(sets.try_into().expect("four sets"))
 }
 
-/// The sha256 of a file, hex (names a model's vector folder).
-pub fn file_hash(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; HASH_SLICE];
-    loop {
-        match file.read(&mut buf)? {
-            0 => break,
-            n => hasher.update(&buf[..n]),
-        }
-    }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
-}
-
 /// The middle third of `n_layer` layers (at least one layer, never 0).
 pub fn default_layers(n_layer: usize) -> (usize, usize) {
     let start = (n_layer / 3).max(1);
@@ -190,7 +176,7 @@ impl VectorJob {
 
 enum State {
     Off(String),
-    Hashing { file: std::fs::File, hasher: Sha256, done: u64, total: u64 },
+    Hashing { file: std::fs::File, hasher: Sha256, buf: Vec<u8>, done: u64, total: u64 },
     Computing(Box<VectorJob>),
     On { sets: Box<[DirectionSet; 4]>, applied: Option<[f32; 4]> },
 }
@@ -263,7 +249,7 @@ impl Steering {
         match std::fs::File::open(model_path) {
             Ok(file) => {
                 let total = file.metadata().map(|m| m.len()).unwrap_or(0);
-                State::Hashing { file, hasher: Sha256::new(), done: 0, total }
+                State::Hashing { file, hasher: Sha256::new(), buf: vec![0u8; HASH_SLICE], done: 0, total }
             }
             Err(e) => State::Off(format!("cannot read the model file to identify it: {e}")),
         }
@@ -293,9 +279,8 @@ impl Steering {
             Off(String),
         }
         let next = match &mut self.state {
-            State::Hashing { file, hasher, done, .. } => {
-                let mut buf = vec![0u8; HASH_SLICE];
-                match file.read(&mut buf) {
+            State::Hashing { file, hasher, buf, done, .. } => {
+                match file.read(buf) {
                     Ok(0) => {
                         let hash: String = std::mem::take(hasher).finalize().iter().map(|b| format!("{b:02x}")).collect();
                         Next::Found(self.settings.cache_dir.join("vectors").join(hash))
@@ -376,15 +361,11 @@ impl Steering {
         }
     }
 
-    /// The folder this model's vectors belong in: `vectors_path`, else the
-    /// cache folder named by the model file's hash.
-    pub fn folder(&self, model_path: &Path) -> Result<PathBuf, String> {
-        match &self.settings.vectors_path {
-            Some(dir) => Ok(dir.clone()),
-            None => file_hash(model_path)
-                .map(|hash| self.settings.cache_dir.join("vectors").join(hash))
-                .map_err(|e| format!("cannot read the model file to identify it: {e}")),
-        }
+    /// The folder this model's vectors belong in (`vectors_path`, else the
+    /// cache folder named by the model file's hash), once known: after
+    /// setup has identified the model.
+    pub fn folder(&self) -> Option<&Path> {
+        self.dir.as_deref()
     }
 
     /// Model pointer and thread count, to start a [`VectorJob`].
