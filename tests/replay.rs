@@ -55,6 +55,8 @@ fn all_sessions_replay_cleanly() {
             Command::new(env!("CARGO_BIN_EXE_elpis-server"))
                 .arg("replay")
                 .arg("--json")
+                // Only a hang fails the test: latency is the bench's business.
+                .args(["--stall-s", "60"])
                 .args(group)
                 .env("ELPIS_MODEL_PATH", common::model_path())
                 .env("ELPIS_MODEL_N_THREADS", "1")
@@ -126,6 +128,7 @@ fn a_recorded_session_replays() {
     let output = Command::new(env!("CARGO_BIN_EXE_elpis-server"))
         .arg("replay")
         .arg("--json")
+        .args(["--stall-s", "60"])
         .arg(&path)
         .env("ELPIS_MODEL_PATH", common::model_path())
         .env("ELPIS_MODEL_N_THREADS", "1")

@@ -23,15 +23,26 @@ fn read(s: &mut Server, id: &str) -> Value {
     s.tool("generate_stream_read", json!({"stream_id": id})).ok()
 }
 
+/// Polls get_capabilities until `done` holds (a hang guard of minutes, not a timing).
+fn wait_caps(s: &mut Server, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let caps = s.tool("get_capabilities", json!({})).ok();
+        if done(&caps) {
+            return caps;
+        }
+        assert!(Instant::now() < deadline, "{what}: {caps}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn streams_nobody_reads_stop_and_stay_readable() {
     let mut s = Server::start(&[ONE_THREAD, ("ELPIS_SERVER_STREAM_IDLE_S", "1.5")]);
     let ids = [start_stream(&mut s, "Write a long story.", 2000), start_stream(&mut s, "Count from one to one thousand.", 2000)];
     let first: Vec<Value> = ids.iter().map(|id| read(&mut s, id)).collect();
-    // Nobody reads them for longer than the idle limit.
-    std::thread::sleep(Duration::from_millis(3000));
-    let caps = s.tool("get_capabilities", json!({})).ok();
-    assert_eq!(caps["active_generations"], 0, "abandoned streams still generate: {caps}");
+    // Nobody reads them any more: past the idle limit they stop generating.
+    let caps = wait_caps(&mut s, "abandoned streams still generate", |c| c["active_generations"] == 0 && c["queued_generations"] == 0);
     assert_eq!(caps["active_streams"], 2, "their text is still readable: {caps}");
     for slot in caps["slot_states"].as_array().unwrap() {
         assert_eq!(slot["busy"], false, "{slot}");
@@ -40,58 +51,74 @@ fn streams_nobody_reads_stop_and_stay_readable() {
     for (id, first) in ids.iter().zip(&first) {
         let last = read(&mut s, id);
         assert_eq!(last["is_complete"], true, "{last}");
-        assert_eq!(last["finish_reason"], "abandoned", "{last}");
         let text = format!("{}{}", first["new_content"].as_str().unwrap(), last["new_content"].as_str().unwrap());
         assert_eq!(last["full_content"].as_str().unwrap(), text);
         let tokens = last["usage"]["completion_tokens"].as_u64().unwrap();
-        assert!(tokens > 0 && tokens < 2000, "{last}");
+        // Abandoned, unless the model ended the reply on its own first.
+        match last["finish_reason"].as_str().unwrap() {
+            "abandoned" => assert!(tokens < 2000, "{last}"),
+            "stop" => eprintln!("a stream ended by itself before it was abandoned ({tokens} tokens)"),
+            other => panic!("finish_reason {other}: {last}"),
+        }
         assert!(s.tool("generate_stream_read", json!({"stream_id": id})).err().contains("unknown stream_id"));
     }
     s.shutdown();
 }
 
+/// The property: a `generate` gets a slot while two unread streams hold
+/// both, instead of queueing until one finishes. It is shown when both
+/// streams are still unfinished once the generate has answered; a run in
+/// which a stream ended first (a very fast machine) shows nothing, and is
+/// tried again rather than counted.
 #[test]
 fn a_generate_does_not_wait_behind_streams_nobody_reads() {
-    // Two slots, both taken by streams that were read once and then left.
     let mut s = Server::start(&[ONE_THREAD]);
-    let ids = [start_stream(&mut s, "Write a long story.", 300), start_stream(&mut s, "Count from one to one thousand.", 300)];
-    let mut texts: Vec<String> = ids.iter().map(|id| read(&mut s, id)["new_content"].as_str().unwrap().to_string()).collect();
-    let sent = Instant::now();
-    let out = s.tool("generate", greedy_args("Say hello.", 16)).ok();
-    let waited = sent.elapsed();
-    // It did not queue until a stream finished: both are still there,
-    // running or waiting for a slot again.
-    let caps = s.tool("get_capabilities", json!({})).ok();
-    let unfinished = caps["active_generations"].as_u64().unwrap() + caps["queued_generations"].as_u64().unwrap();
-    assert_eq!(unfinished, 2, "{caps}");
-    assert!(out["usage"]["completion_tokens"].as_u64().unwrap() >= 1, "{out}");
-    eprintln!("generate answered in {waited:?} with two unread streams holding both slots");
-    // Read again (both, in turn, as a client would), the streams resume
-    // where they stopped and finish whole.
-    let mut open = vec![true, true];
-    let deadline = Instant::now() + TIMEOUT;
-    while open.contains(&true) {
-        for (i, id) in ids.iter().enumerate() {
-            if !open[i] {
-                continue;
+    for attempt in 1..=3 {
+        // Two slots, both taken by streams that were read once and then left.
+        let ids = [start_stream(&mut s, "Write a long story.", 300), start_stream(&mut s, "Count from one to one thousand.", 300)];
+        let mut texts: Vec<String> = ids.iter().map(|id| read(&mut s, id)["new_content"].as_str().unwrap().to_string()).collect();
+        let sent = Instant::now();
+        let out = s.tool("generate", greedy_args("Say hello.", 16)).ok();
+        let waited = sent.elapsed();
+        assert!(out["usage"]["completion_tokens"].as_u64().unwrap() >= 1, "{out}");
+        let caps = s.tool("get_capabilities", json!({})).ok();
+        let unfinished = caps["active_generations"].as_u64().unwrap() + caps["queued_generations"].as_u64().unwrap();
+        eprintln!("attempt {attempt}: generate answered in {waited:?}; {unfinished} of the two unread streams unfinished then");
+        // Read again (both, in turn, as a client would): the streams resume
+        // where they stopped and finish whole.
+        let mut open = vec![true, true];
+        let deadline = Instant::now() + TIMEOUT;
+        while open.contains(&true) {
+            for (i, id) in ids.iter().enumerate() {
+                if !open[i] {
+                    continue;
+                }
+                let r = read(&mut s, id);
+                texts[i].push_str(r["new_content"].as_str().unwrap());
+                if r["is_complete"] == true {
+                    open[i] = false;
+                    assert_eq!(r["full_content"].as_str().unwrap(), texts[i]);
+                    let tokens = r["usage"]["completion_tokens"].as_u64().unwrap();
+                    match r["finish_reason"].as_str().unwrap() {
+                        "length" => assert_eq!(tokens, 300, "{r}"),
+                        "stop" => assert!(tokens < 300, "{r}"),
+                        other => panic!("finish_reason {other}: {r}"),
+                    }
+                }
             }
-            let r = read(&mut s, id);
-            texts[i].push_str(r["new_content"].as_str().unwrap());
-            if r["is_complete"] == true {
-                open[i] = false;
-                assert_eq!(r["full_content"].as_str().unwrap(), texts[i]);
-                assert_eq!(r["finish_reason"], "length", "{r}");
-                assert_eq!(r["usage"]["completion_tokens"], 300, "{r}");
-            }
+            assert!(Instant::now() < deadline, "streams did not finish");
+            std::thread::sleep(Duration::from_millis(50));
         }
-        assert!(Instant::now() < deadline, "streams did not finish");
-        std::thread::sleep(Duration::from_millis(50));
+        let caps = s.tool("get_capabilities", json!({})).ok();
+        for slot in caps["slot_states"].as_array().unwrap() {
+            assert_eq!(slot["kv_pos_max"].as_i64().unwrap(), slot["tokens"].as_i64().unwrap() - 1, "{slot}");
+        }
+        if unfinished == 2 {
+            s.shutdown();
+            return;
+        }
     }
-    let caps = s.tool("get_capabilities", json!({})).ok();
-    for slot in caps["slot_states"].as_array().unwrap() {
-        assert_eq!(slot["kv_pos_max"].as_i64().unwrap(), slot["tokens"].as_i64().unwrap() - 1, "{slot}");
-    }
-    s.shutdown();
+    panic!("in three tries the generate never answered while both unread streams were unfinished");
 }
 
 /// A server driven by hand: the test decides when (and whether) stdout is read.
@@ -179,12 +206,12 @@ fn a_client_that_stops_reading_ends_the_session() {
     drop(raw.stdout.take());
     let sent = Instant::now();
     raw.send(&json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "get_emotion", "arguments": {}}}));
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + TIMEOUT;
     let status = loop {
         if let Some(status) = raw.child.try_wait().unwrap() {
             break status;
         }
-        assert!(Instant::now() < deadline, "still running 20 s after its reader left; stderr:\n{}", raw.stderr());
+        assert!(Instant::now() < deadline, "still running {TIMEOUT:?} after its reader left; stderr:\n{}", raw.stderr());
         std::thread::sleep(Duration::from_millis(10));
     };
     eprintln!("exited {:?} after the first answer it could not write", sent.elapsed());
@@ -192,6 +219,13 @@ fn a_client_that_stops_reading_ends_the_session() {
     assert!(raw.stderr().contains("the client stopped reading"), "{}", raw.stderr());
 }
 
+/// While the reader pauses, the server keeps generating and coalesces the
+/// progress text it cannot write yet. To make that certain rather than a
+/// race with the decode speed, the test stops reading until the server has
+/// *finished* the whole generation (its log says so): every token was then
+/// produced while stdout was blocked, and what can be queued without
+/// coalescing is bounded by the pipe and the channels (about 100 lines of
+/// 2 KB), far below the 400 tokens.
 #[test]
 fn a_reader_that_pauses_gets_every_answer_with_flat_memory() {
     let mut raw = Raw::spawn("paused");
@@ -203,12 +237,18 @@ fn a_reader_that_pauses_gets_every_answer_with_flat_memory() {
         }
     }
     let before = raw.rss_kib();
-    // A long token makes each notification about 2 KB: the 64 KB pipe fills
-    // within a few dozen tokens.
+    let finished_before = raw.stderr().matches("generation finished").count();
+    // A long token makes each notification about 2 KB: the 64 KB pipe holds
+    // about 30 of them.
     let token = format!("slow-{}", "x".repeat(2000));
     raw.send(&generate_request(2, 400, Some(&token)));
-    // Stop reading for several seconds: the pipe fills and writes wait.
-    std::thread::sleep(Duration::from_secs(5));
+    // Not a byte is read until the generation is over.
+    let deadline = Instant::now() + TIMEOUT;
+    while raw.stderr().matches("generation finished").count() == finished_before {
+        assert!(Instant::now() < deadline, "the generation did not finish while the reader paused; stderr:\n{}", raw.stderr());
+        assert!(raw.child.try_wait().unwrap().is_none(), "the server exited; stderr:\n{}", raw.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let mut streamed = String::new();
     let mut notifications = 0;
     let response = loop {
@@ -225,13 +265,13 @@ fn a_reader_that_pauses_gets_every_answer_with_flat_memory() {
     let out = parse_tool_response(&response).ok();
     assert_eq!(streamed, out["content"].as_str().unwrap(), "every piece of text arrived, in order");
     let tokens = out["usage"]["completion_tokens"].as_u64().unwrap();
-    assert!(notifications < tokens, "progress written while the reader paused was coalesced: {notifications} for {tokens} tokens");
     eprintln!(
-        "paused reader: {notifications} progress notifications for {} tokens; RSS {} -> {} MiB",
-        out["usage"]["completion_tokens"],
+        "paused reader: {notifications} progress notifications for {tokens} tokens; RSS {} -> {} MiB",
         before / 1024,
         after / 1024
     );
+    // Bounded by what stdout and the queues hold, not by the tokens.
+    assert!(notifications <= 128 && (tokens < 128 || notifications < tokens), "progress was not coalesced: {notifications} for {tokens} tokens");
     assert!(after < before + 16 * 1024, "memory grew while the reader paused: {before} -> {after} KiB");
     raw.send(&json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "get_emotion", "arguments": {}}}));
     assert_eq!(raw.next_message()["id"], 3);

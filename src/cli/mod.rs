@@ -60,6 +60,9 @@ pub enum Command {
         /// Divide every wait in the sessions by this.
         #[arg(long, default_value_t = 1.0)]
         speed: f64,
+        /// A quick call slower than this many seconds counts as a stall.
+        #[arg(long, default_value_t = 5.0)]
+        stall_s: f64,
         /// Print the reports as JSON lines.
         #[arg(long)]
         json: bool,
@@ -109,7 +112,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Some(Command::Prompt) => prompt::prompt(&config),
             Some(Command::Vectors) => steering::vectors(&config),
             Some(Command::SteeringCheck) => steering::check(&config),
-            Some(Command::Replay { files, speed, json }) => reports::replay_files(&files, speed, json).await,
+            Some(Command::Replay { files, speed, stall_s, json }) => reports::replay_files(&files, speed, stall_s, json).await,
             Some(Command::Soak { seconds, seed }) => reports::soak(seconds, seed).await,
             Some(Command::Bench { runs, out }) => reports::bench(&config, runs, out).await,
         }

@@ -9,11 +9,12 @@ use crate::session::parse_session;
 
 /// `elpis-server replay FILE...`: play each session against a fresh server
 /// (this same binary), print a report per session; fail if any broke a rule.
-pub async fn replay_files(files: &[PathBuf], speed: f64, as_json: bool) -> anyhow::Result<()> {
+pub async fn replay_files(files: &[PathBuf], speed: f64, stall_s: f64, as_json: bool) -> anyhow::Result<()> {
     let options = replay::ReplayOptions {
         binary: std::env::current_exe()?,
         env: Vec::new(),
         speed,
+        stall: std::time::Duration::from_secs_f64(stall_s.max(0.001)),
         stderr_to: None,
     };
     let mut failed = 0;

@@ -70,6 +70,10 @@ pub fn vectors(config: &Config) -> anyhow::Result<()> {
         .compute_vectors(|done, all| {
             bar.set_length(all as u64);
             bar.set_position(done as u64);
+            // Without a terminal the bar draws nothing: log every tenth instead.
+            if bar.is_hidden() && (done == 1 || done * 10 / all.max(1) != (done - 1) * 10 / all.max(1)) {
+                tracing::info!("vectors: {done} of {all} texts read");
+            }
         })
         .map_err(anyhow::Error::msg)?;
     bar.finish_and_clear();

@@ -282,6 +282,8 @@ pub(crate) enum Command {
     SchemaGrammar(String, tokio::sync::oneshot::Sender<Result<String, EngineError>>),
     /// Where the mood's four steering coefficients are read, before a step.
     SteeringSource(SteeringSource),
+    /// Stop every queued and running generation (each ends as cancelled).
+    CancelAll,
 }
 
 /// Reads the current steering coefficients (excited, frustrated, calm,
@@ -349,6 +351,11 @@ impl EngineHandle {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.commands.send(Command::Load(tx)).map_err(|_| EngineError::Stopped)?;
         rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// Stop every generation, queued or running: each ends as `cancelled`.
+    pub fn cancel_all(&self) {
+        let _ = self.commands.send(Command::CancelAll);
     }
 
     /// Steer with the coefficients `source` reads (when vectors exist).

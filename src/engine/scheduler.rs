@@ -177,6 +177,8 @@ pub struct Engine {
     steering: Steering,
     /// Where the mood's steering coefficients are read.
     steering_source: Option<SteeringSource>,
+    /// The server is shutting down: every generation ends as cancelled.
+    closing: bool,
     /// Raw pointers are neither Send nor Sync: this makes `Engine` `!Send`.
     _not_send: PhantomData<*const ()>,
 }
@@ -362,6 +364,7 @@ impl Engine {
             waiting: Arc::clone(&waiting),
             steering,
             steering_source: None,
+            closing: false,
             _not_send: PhantomData,
         };
         Ok((engine, EngineHandle { commands: tx, info: Arc::new(info), waiting }))
@@ -428,17 +431,27 @@ impl Engine {
 
     fn handle(&mut self, command: Command) {
         match command {
-            Command::Generate { request, events, cancel } => match self.admit(request, events.clone(), cancel) {
+            Command::Generate { request, events, cancel } => {
+                if self.closing {
+                    // Shutting down: answered at once, as cancelled.
+                    cancel.cancel();
+                }
+                match self.admit(request, events.clone(), cancel) {
                 Ok(job) => self.queue.push_back(job),
                 Err(e) => {
                     self.waiting.fetch_sub(1, Ordering::Relaxed);
                     let _ = events.send(GenerationEvent::Failed(e));
                 }
-            },
+                }
+            }
             Command::Load(reply) => {
                 let _ = reply.send(self.load_report());
             }
             Command::SteeringSource(source) => self.steering_source = Some(source),
+            Command::CancelAll => {
+                self.closing = true;
+                self.cancel_all();
+            }
             Command::SchemaGrammar(schema, reply) => {
                 self.assert_owner_thread();
                 let grammar = llama_cpp_2::json_schema_to_grammar(&schema)
@@ -1078,6 +1091,13 @@ impl Engine {
                     usage: job.usage,
                     truncated: job.truncated,
                 };
+                tracing::info!(
+                    prompt_tokens = completion.usage.prompt_tokens,
+                    cached_tokens = completion.usage.cached_tokens,
+                    completion_tokens = completion.usage.completion_tokens,
+                    finish_reason = ?completion.finish_reason,
+                    "generation finished"
+                );
                 let _ = job.events.send(GenerationEvent::Done(completion));
             }
         }

@@ -256,9 +256,11 @@ impl Inference {
         self.streams().len()
     }
 
-    /// Stop every stream (shutdown).
-    pub fn cancel_all_streams(&self) {
+    /// Stop every stream and every generation (shutdown): running replies
+    /// end as `cancelled`, so their requests are answered.
+    pub fn cancel_all(&self) {
         self.streams().cancel_all();
+        self.engine.cancel_all();
     }
 
     /// The native tool-call format in use, if any (`[model] tool_format`).

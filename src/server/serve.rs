@@ -17,11 +17,14 @@ use crate::engine::{Engine, EngineSettings};
 use crate::server::inference::Inference;
 use crate::server::mcp::ElpisServer;
 use crate::server::mood::Mood;
-use crate::server::transport::stdio_lines;
+use crate::server::transport::{stdio_lines, Ledger};
 use crate::session::Recorder;
 
-/// How long in-flight answers may still be written after stdin closed.
-const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
+/// How long requests still running at the end may take to be answered once
+/// generation has stopped (they answer within a step; this only bounds a hang).
+const ANSWER_LIMIT: Duration = Duration::from_secs(30);
+/// How long the last answers may take to be written to stdout.
+const FLUSH_LIMIT: Duration = Duration::from_secs(10);
 
 /// Load the model on this thread and spawn the engine loop on the LocalSet
 /// (the caller runs inside one). The `chat` command uses it too.
@@ -40,7 +43,14 @@ pub fn start_with(config: &Config, settings: EngineSettings) -> anyhow::Result<(
 }
 
 /// Serve MCP on stdio until the client goes, stdin closes or a signal comes.
+///
+/// Every request read is answered before the process exits: at the end,
+/// generation stops (running replies end as `cancelled`), the answers still
+/// owed are written, and only then does the process leave. Stdin closing
+/// before `initialize` is an orderly end too (exit 0).
 pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot listen for SIGTERM")?;
     let (inference, engine_task) = start(&config)?;
     let stdin_closed = CancellationToken::new();
     let recorder = match std::env::var_os("ELPIS_RECORD") {
@@ -57,47 +67,111 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let reader = StdinWatch { inner: reader, eof: stdin_closed.clone(), recorder: recorder.clone() };
     let stdout_broken = CancellationToken::new();
     let writer = StdoutWatch { inner: writer, broken: stdout_broken.clone() };
-    let transport = stdio_lines(reader, writer, config.server.max_line_bytes);
-    let service = ElpisServer::new(Arc::clone(&inference), recorder.clone())
-        .serve(transport)
-        .await
-        .context("MCP initialisation failed")?;
-    tracing::info!("serving MCP on stdio");
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot listen for SIGTERM")?;
+    let (transport, session) = stdio_lines(reader, writer, config.server.max_line_bytes);
+    let handshake = ElpisServer::new(Arc::clone(&inference), recorder.clone()).serve(transport);
+    let end = tokio::select! {
+        service = handshake => match service {
+            Ok(service) => {
+                tracing::info!("serving MCP on stdio");
+                serve_until_the_end(service, &session.ledger, &stdin_closed, &stdout_broken, &mut sigterm).await
+            }
+            Err(rmcp::service::ServerInitializeError::ConnectionClosed(_)) => {
+                tracing::info!("stdin closed before the session began");
+                End::Orderly
+            }
+            Err(e) => End::Failed(anyhow::Error::new(e).context("MCP initialisation failed")),
+        },
+        _ = stdout_broken.cancelled() => End::ReaderGone,
+        _ = sigterm.recv() => {
+            tracing::info!("SIGTERM before the session began");
+            End::Orderly
+        }
+        _ = tokio::signal::ctrl_c() => End::Orderly,
+    };
+    inference.cancel_all();
+    if !matches!(end, End::ReaderGone) {
+        // Every line queued for stdout is written before the process leaves
+        // (bounded: a client that never reads must not hold the exit).
+        if tokio::time::timeout(FLUSH_LIMIT, session.flushed()).await.is_err() {
+            tracing::warn!("stdout did not take the last answers within {FLUSH_LIMIT:?}");
+        }
+    }
+    engine_task.abort();
+    tracing::info!("shut down");
+    match end {
+        End::Failed(e) => Err(e),
+        End::Orderly | End::ReaderGone => Ok(()),
+    }
+}
+
+/// How a session ended.
+enum End {
+    /// Stdin closed, a signal, or the client left: every answer owed was written.
+    Orderly,
+    /// Nobody reads stdout any more: nothing more can be written.
+    ReaderGone,
+    Failed(anyhow::Error),
+}
+
+/// Serve an initialised session until it ends; then stop generating and
+/// wait until every request read has been answered.
+async fn serve_until_the_end(
+    service: rmcp::service::RunningService<rmcp::RoleServer, ElpisServer>,
+    ledger: &Ledger,
+    stdin_closed: &CancellationToken,
+    stdout_broken: &CancellationToken,
+    sigterm: &mut tokio::signal::unix::Signal,
+) -> End {
     let cancel = service.cancellation_token();
+    let inference = Arc::clone(service.service().inference());
     let mut waiting = Box::pin(service.waiting());
-    let finished = tokio::select! {
+    let signalled = tokio::select! {
         _ = &mut waiting => {
             tracing::info!("client disconnected");
-            true
+            return End::Orderly;
         }
         _ = stdin_closed.cancelled() => {
             tracing::info!("stdin closed");
             false
         }
-        _ = stdout_broken.cancelled() => {
-            // Nobody can read an answer any more: stop, as on stdin EOF.
-            true
-        }
+        _ = stdout_broken.cancelled() => return End::ReaderGone,
         _ = sigterm.recv() => {
             tracing::info!("SIGTERM");
-            false
+            true
         }
         _ = tokio::signal::ctrl_c() => {
             tracing::info!("SIGINT");
-            false
+            true
         }
     };
-    // Stop all generation now; quick answers still in flight get a moment.
-    inference.cancel_all_streams();
-    engine_task.abort();
-    if !finished {
-        let _ = tokio::time::timeout(SHUTDOWN_GRACE, &mut waiting).await;
+    // Stop all generation now: running replies end as cancelled, and their
+    // requests are answered with what was written so far.
+    inference.cancel_all();
+    let limit = tokio::time::sleep(ANSWER_LIMIT);
+    tokio::pin!(limit);
+    if signalled {
+        // Stdin may stay open after a signal: stop once nothing read is owed.
+        tokio::select! {
+            _ = ledger.settled(false) => {}
+            _ = &mut waiting => {}
+            _ = stdout_broken.cancelled() => return End::ReaderGone,
+            _ = &mut limit => tracing::warn!(owed = ledger.owed(), "answers still owed after {ANSWER_LIMIT:?}: leaving anyway"),
+        }
+        cancel.cancel();
+        let _ = tokio::time::timeout(ANSWER_LIMIT, waiting).await;
+    } else {
+        // At stdin's end rmcp stops serving once every request read has
+        // been answered (the transport holds the end of input back till then).
+        tokio::select! {
+            _ = &mut waiting => {}
+            _ = stdout_broken.cancelled() => return End::ReaderGone,
+            _ = &mut limit => {
+                tracing::warn!(owed = ledger.owed(), "answers still owed after {ANSWER_LIMIT:?}: leaving anyway");
+                cancel.cancel();
+            }
+        }
     }
-    cancel.cancel();
-    tracing::info!("shut down");
-    Ok(())
+    End::Orderly
 }
 
 /// Wraps stdout to notice a reader that is gone: a failed write (EPIPE, or

@@ -261,6 +261,11 @@ impl Server {
         }
     }
 
+    /// Whether the response to `id` has arrived (without taking it).
+    pub fn has_response(&self, id: &Value) -> bool {
+        self.inbox.0.lock().unwrap().responses.contains_key(&id_key(id))
+    }
+
     pub fn wait(&self, id: &Value) -> Value {
         self.wait_timed(id, TIMEOUT).0
     }
@@ -327,7 +332,7 @@ impl Server {
     /// Close stdin and require a clean exit (code 0).
     pub fn shutdown(mut self) {
         self.close_stdin();
-        let status = self.wait_exit(Duration::from_secs(20));
+        let status = self.wait_exit(Duration::from_secs(120));
         assert!(status.success(), "exit status {status:?}; stderr:\n{}", self.stderr());
         let inbox = self.inbox.0.lock().unwrap();
         assert!(inbox.garbage.is_empty(), "non-protocol output on stdout: {:?}", inbox.garbage);

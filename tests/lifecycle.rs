@@ -1,0 +1,127 @@
+//! The session's edges through the real binary: whatever arrives before
+//! `initialize` gets a clear answer, and every request read before stdin
+//! closes is answered before the server exits 0, even when the request and
+//! stdin's end are written together.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+/// Write `input` to a fresh server's stdin in one go, close it, and collect
+/// every stdout line and the exit status.
+fn one_shot(input: &str) -> (Vec<Value>, std::process::ExitStatus, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_elpis-server"))
+        .env("ELPIS_MODEL_PATH", model_path())
+        .env("ELPIS_MODEL_N_THREADS", "1")
+        .env("ELPIS_MODEL_SEED", SEED)
+        .env("ELPIS_EMOTION_STEERING", "off")
+        .env_remove("ELPIS_QUIET")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).unwrap();
+    drop(stdin);
+    let started = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(300), "the server hung");
+    let stdout = String::from_utf8(out.stdout).expect("stdout is UTF-8");
+    let lines = stdout
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("stdout line is not JSON ({e}): {l}")))
+        .collect();
+    (lines, out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn line(msg: Value) -> String {
+    format!("{msg}\n")
+}
+
+fn initialize(id: u64) -> String {
+    line(json!({"jsonrpc": "2.0", "id": id, "method": "initialize", "params": {"protocolVersion": "2025-06-18",
+        "capabilities": {}, "clientInfo": {"name": "elpis-tests", "version": "1"}}}))
+}
+
+fn answer<'a>(lines: &'a [Value], id: &Value) -> &'a Value {
+    let answers: Vec<&Value> = lines.iter().filter(|l| l.get("id") == Some(id) && l.get("method").is_none()).collect();
+    assert_eq!(answers.len(), 1, "request {id} got {} answers: {lines:?}", answers.len());
+    answers[0]
+}
+
+#[test]
+fn a_request_before_initialize_is_answered_even_with_stdin_closing_at_once() {
+    let request = line(json!({"jsonrpc": "2.0", "id": 7, "method": "tools/list"}));
+    for _ in 0..3 {
+        let (lines, status, stderr) = one_shot(&request);
+        assert!(status.success(), "{status:?}: {stderr}");
+        let a = answer(&lines, &json!(7));
+        assert_eq!(a["error"]["code"], -32600, "{a}");
+        let message = a["error"]["message"].as_str().unwrap();
+        assert!(message.contains("send initialize first") && message.contains("io.modelcontextprotocol/protocolVersion"), "{message}");
+        assert_eq!(lines.len(), 1, "{lines:?}");
+    }
+}
+
+#[test]
+fn stdin_closing_before_initialize_exits_zero() {
+    let (lines, status, stderr) = one_shot("");
+    assert!(status.success(), "{status:?}: {stderr}");
+    assert!(lines.is_empty(), "{lines:?}");
+    // A notification before initialize is no reason to end badly either.
+    let (lines, status, stderr) = one_shot(&line(json!({"jsonrpc": "2.0", "method": "notifications/initialized"})));
+    assert!(status.success(), "{status:?}: {stderr}");
+    assert!(lines.is_empty(), "{lines:?}");
+}
+
+#[test]
+fn the_session_goes_on_after_early_mistakes() {
+    let mut input = String::new();
+    input += &line(json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}}));
+    input += &line(json!({"jsonrpc": "2.0", "id": "early", "method": "tools/call", "params": {"name": "get_emotion", "arguments": {}}}));
+    // A sessionless client that forgot its capabilities hears which field is missing.
+    input += &line(json!({"jsonrpc": "2.0", "id": "partial", "method": "tools/list",
+        "params": {"_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}}}));
+    input += &line(json!({"jsonrpc": "2.0", "id": "ping", "method": "ping"}));
+    input += &initialize(1);
+    input += &line(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+    input += &line(json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "get_emotion", "arguments": {}}}));
+    let (lines, status, stderr) = one_shot(&input);
+    assert!(status.success(), "{status:?}: {stderr}");
+    assert!(answer(&lines, &json!("early"))["error"]["message"].as_str().unwrap().contains("send initialize first"));
+    let partial = answer(&lines, &json!("partial"));
+    assert_eq!(partial["error"]["code"], -32602, "{partial}");
+    assert!(partial["error"]["message"].as_str().unwrap().contains("io.modelcontextprotocol/clientCapabilities"), "{partial}");
+    assert_eq!(answer(&lines, &json!("ping"))["result"], json!({}));
+    assert!(answer(&lines, &json!(1))["result"]["serverInfo"].is_object());
+    let mood = parse_tool_response(answer(&lines, &json!(2))).ok();
+    assert!(mood["valence"].is_number(), "{mood}");
+}
+
+/// A generate written together with stdin's end, and quick calls behind it:
+/// each is answered before the exit (the generate cut short as cancelled).
+#[test]
+fn every_request_read_before_stdin_closes_is_answered() {
+    let mut input = initialize(1);
+    input += &line(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+    input += &line(json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"name": "generate", "arguments": {"messages": user("Write a long story."), "max_tokens": 2000, "temperature": 0}}}));
+    input += &line(json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+        "params": {"name": "generate_stream_start", "arguments": {"messages": user("Write a poem."), "max_tokens": 2000}}}));
+    input += &line(json!({"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": {"name": "get_capabilities", "arguments": {}}}));
+    input += &line(json!({"jsonrpc": "2.0", "id": 5, "method": "tools/list"}));
+    let (lines, status, stderr) = one_shot(&input);
+    assert!(status.success(), "{status:?}: {stderr}");
+    let generate = parse_tool_response(answer(&lines, &json!(2))).ok();
+    assert!(["cancelled", "length", "stop"].contains(&generate["finish_reason"].as_str().unwrap()), "{generate}");
+    assert!(generate["usage"]["completion_tokens"].as_u64().unwrap() < 2000, "{generate}");
+    parse_tool_response(answer(&lines, &json!(3))).ok();
+    parse_tool_response(answer(&lines, &json!(4))).ok();
+    assert_eq!(answer(&lines, &json!(5))["result"]["tools"].as_array().unwrap().len(), 9);
+}
