@@ -9,27 +9,36 @@
 //! # Layout
 //!
 //! Imports run one way: `main` → [`cli`] → [`server`] / [`harness`] →
-//! [`engine`], [`emotion`], [`config`].
+//! [`engine`], [`emotion`], [`config`] → [`prompt`].
 //!
 //! - [`cli`]: the command line: arguments, the runtime, and the dispatch to
 //!   serving or to a person's commands (`chat`, `prompt`, `vectors`,
 //!   `steering-check`, and `replay`, `soak`, `bench`, which print the
 //!   harness's reports).
 //! - [`server`]: the process Psyche spawns and the request path:
-//!   `serve` (stdio, lifecycle) → `mcp` (tools, resources) → `wire`
-//!   (argument types) → `inference` (what each tool does) → `streams`
-//!   (polled streams) and `mood` (the live emotional state).
-//! - [`engine`]: the one owner of llama.cpp: model, context, scheduler
-//!   (slots, batches, prompt cache), sampling, the model's Jinja template
-//!   and the built-in chat formats, data kept apart from template text,
-//!   native and generic tool-call grammars, emotion steering with control
-//!   vectors, detokenisation.
+//!   `serve` (stdio, lifecycle) → `transport` (every line answered) → `mcp`
+//!   (tools, resources) → `wire` (argument types) → `inference` (what each
+//!   tool does) → `streams` (polled streams) and `mood` (the live emotional
+//!   state).
+//! - [`engine`]: the one owner of llama.cpp, split by what each part owns:
+//!   the `!Send` [`engine::Engine`] and its loop (`scheduler`), loading
+//!   (`model`), requests becoming jobs (`admission`), a job and its sampler
+//!   (`job`, `sampler`), the KV sequences and queue (`slots`), one decode
+//!   step and its size (`step`, `planner`), emotion steering with control
+//!   vectors (`steering`, `vectors`, `sys`), detokenisation (`text`), the
+//!   measurements' probes (`probes`), and the plain data it sends and
+//!   receives (`request`, `handle`).
+//! - [`prompt`]: pure prompt code: messages, the model's Jinja template and
+//!   the built-in formats, data kept apart from template text, tool specs
+//!   and the native and generic tool-call formats with their grammars and
+//!   parsers.
 //! - [`emotion`]: the emotional state model, pure, time injected.
 //! - [`harness`]: what drives a spawned server to check it: `client`,
 //!   `replay`, `soak`, `bench`.
 //! - [`session`]: the session file format, and the recorder the server
 //!   writes it with (`ELPIS_RECORD`); the harness replays it.
-//! - [`config`]: the TOML file and `ELPIS_*` environment, validated.
+//! - [`config`]: the TOML file and `ELPIS_*` environment (`env`), the
+//!   predecessor's values (`legacy`), validated.
 //! - [`logging`]: tracing to stderr or `~/.elpis/elpis-server.log`.
 
 pub mod cli;
@@ -38,5 +47,6 @@ pub mod emotion;
 pub mod engine;
 pub mod harness;
 pub mod logging;
+pub mod prompt;
 pub mod server;
 pub mod session;

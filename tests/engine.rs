@@ -5,7 +5,8 @@
 mod common;
 
 use elpis::config::Config;
-use elpis::engine::{Engine, GenerationEvent, GenerationRequest, Grammar, Message, SamplingParams};
+use elpis::engine::{Engine, GenerationEvent, GenerationRequest, Grammar, SamplingParams};
+use elpis::prompt::Message;
 
 fn request(grammar: Option<&str>, max_tokens: u32) -> GenerationRequest {
     GenerationRequest {

@@ -6,7 +6,7 @@ use std::io::Write;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::Message;
+use crate::prompt::Message;
 use crate::server::inference::{Inference, Progress};
 use crate::server::wire::GenerateArgs;
 

@@ -14,7 +14,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::config::Config;
-use crate::engine::{Engine, Message};
+use crate::engine::Engine;
+use crate::prompt::Message;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -31,10 +32,10 @@ pub fn prompt(config: &Config) -> anyhow::Result<()> {
     std::io::stdin().read_to_string(&mut input).context("cannot read stdin")?;
     let cases: Vec<Case> = serde_json::from_str(&input)
         .context("stdin must be a JSON array of {\"messages\": [...], \"tools\"?: [...], \"plain\"?: [...]}")?;
-    let (engine, _handle) = Engine::load(&config.engine_settings())?;
+    let (mut engine, _handle) = Engine::load(&config.engine_settings())?;
     let mut out = Vec::with_capacity(cases.len());
     for case in cases {
-        out.push(engine.inspect_prompt(&case.messages, case.tools.as_deref(), &case.plain)?);
+        out.push(engine.probe().inspect_prompt(&case.messages, case.tools.as_deref(), &case.plain)?);
     }
     println!("{}", serde_json::to_string(&out)?);
     Ok(())

@@ -6,7 +6,7 @@
 
 use crate::config::Config;
 use crate::emotion::SteeringCoefficients;
-use crate::engine::{Engine, QUADRANTS};
+use crate::engine::{Engine, Probe, QUADRANTS};
 
 /// The measurement's neutral prompts: nothing in them leans to a mood.
 pub const NEUTRAL_PROMPTS: [&str; 24] = [
@@ -51,13 +51,14 @@ pub const NEGATIVE_WORDS: [&str; 24] = [
 
 fn load(config: &Config) -> anyhow::Result<Engine> {
     let (mut engine, _handle) = Engine::load(&config.measurement_settings())?;
-    engine.settle_steering();
+    engine.probe().settle_steering();
     Ok(engine)
 }
 
 /// `elpis-server vectors`.
 pub fn vectors(config: &Config) -> anyhow::Result<()> {
     let mut engine = load(config)?;
+    let mut engine = engine.probe();
     let bar = indicatif::ProgressBar::new(1).with_style(
         indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} texts, {elapsed} (eta {eta})")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
@@ -112,7 +113,8 @@ fn log_softmax_at(logits: &[f32], ids: &[i32]) -> f64 {
 /// `elpis-server steering-check`.
 pub fn check(config: &Config) -> anyhow::Result<()> {
     let model_path = config.model_path();
-    let mut engine = load(config)?;
+    let mut loaded = load(config)?;
+    let mut engine = loaded.probe();
     let report = engine.steering_report();
     if !report.enabled {
         // Vectors are missing: compute them first.
@@ -142,7 +144,7 @@ pub fn check(config: &Config) -> anyhow::Result<()> {
     let mut zero_equal = true;
     let mut max_zero_diff = 0f32;
     for prompt in NEUTRAL_PROMPTS {
-        let margin = |engine: &mut Engine, c: Option<[f32; 4]>| -> anyhow::Result<(f64, Vec<f32>)> {
+        let margin = |engine: &mut Probe, c: Option<[f32; 4]>| -> anyhow::Result<(f64, Vec<f32>)> {
             engine.set_steering(c).map_err(anyhow::Error::msg)?;
             let logits = engine.next_token_logits(prompt).map_err(anyhow::Error::msg)?;
             Ok((log_softmax_at(&logits, &pos_ids) - log_softmax_at(&logits, &neg_ids), logits))
@@ -176,7 +178,7 @@ pub fn check(config: &Config) -> anyhow::Result<()> {
         "strength 0 (all coefficients 0, vectors set) vs no control vector: logits {} (largest difference {max_zero_diff})",
         if zero_equal { "identical" } else { "DIFFER" }
     );
-    drop(engine);
+    drop(loaded);
     let (off, on) = crate::harness::bench::steering_speed(config)?;
     println!(
         "decode speed (128 tokens, one sequence, best of 3): steering off {off:.1} tok/s, on {on:.1} tok/s, ratio {:.3}",

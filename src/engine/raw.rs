@@ -32,13 +32,10 @@ pub fn raw_speed(
     chunk: usize,
     decode_tokens: usize,
 ) -> Result<RawSpeed, EngineError> {
-    let backend = super::scheduler::backend()?;
+    let backend = super::model::backend()?;
     let model = LlamaModel::load_from_file(backend, &settings.model_path, &LlamaModelParams::default())
         .map_err(|_| EngineError::ModelLoad(settings.model_path.clone()))?;
-    let threads = match settings.n_threads {
-        0 => std::thread::available_parallelism().map(|n| n.get() as i32).unwrap_or(1),
-        n => n as i32,
-    };
+    let threads = super::model::threads(settings.n_threads) as i32;
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(settings.context_length))
         .with_n_batch(chunk.max(1) as u32)

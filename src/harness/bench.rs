@@ -133,6 +133,7 @@ pub async fn bench(config: &Config, options: &BenchOptions) -> anyhow::Result<Be
 /// engine of this process; zeros when the model has no vectors.
 pub fn steering_speed(config: &Config) -> anyhow::Result<(f64, f64)> {
     let (mut engine, _handle) = Engine::load(&config.measurement_settings())?;
+    let mut engine = engine.probe();
     engine.settle_steering();
     if !engine.steering_report().enabled {
         eprintln!("bench: no emotion vectors for this model (elpis-server vectors computes them): no steering row");

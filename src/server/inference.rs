@@ -14,8 +14,9 @@ use crate::config::{ModelConfig, ServerConfig, ToolFormat};
 use crate::emotion::{Modulation, EVENTS};
 use crate::engine::{
     self, Completion, EngineHandle, FinishReason, Generation, GenerationEvent, GenerationRequest, Grammar, Interest,
-    Message, NativeToolFormat, SamplingParams, ROLES,
+    SamplingParams,
 };
+use crate::prompt::{self, Message, NativeToolFormat, ROLES};
 use crate::server::mood::Mood;
 use crate::server::streams::{StreamEnd, StreamRegistry};
 use crate::server::wire::{FunctionCallArgs, GenerateArgs, UpdateEmotionArgs};
@@ -276,35 +277,35 @@ impl Inference {
     /// template; with `tool_choice: "auto"` it may answer in text, returned as
     /// `content`), else as a generic JSON array.
     pub async fn function_call(&self, args: FunctionCallArgs, cancel: CancellationToken) -> Result<Value, ToolError> {
-        let tools = engine::parse_tools(&args.tools).map_err(ToolError)?;
-        let (tools, required) = engine::apply_tool_choice(tools, args.tool_choice.as_ref()).map_err(ToolError)?;
+        let tools = prompt::parse_tools(&args.tools).map_err(ToolError)?;
+        let (tools, required) = prompt::apply_tool_choice(tools, args.tool_choice.as_ref()).map_err(ToolError)?;
         let mut messages = args.messages;
         validate_messages(&messages)?;
         let native = self.native_tools();
         let grammar = match native {
             Some(format) => {
-                let call = self.engine.schema_grammar(&engine::call_schema(format, &tools)).await?;
+                let call = self.engine.schema_grammar(&prompt::call_schema(format, &tools)).await?;
                 Grammar {
-                    gbnf: engine::reply_grammar(format, &call),
-                    triggers: if required { Vec::new() } else { engine::triggers(format, &tools) },
+                    gbnf: prompt::reply_grammar(format, &call),
+                    triggers: if required { Vec::new() } else { prompt::triggers(format, &tools) },
                 }
             }
             None => {
-                let instructions = engine::tools_prompt(&tools);
+                let instructions = prompt::tools_prompt(&tools);
                 match messages.first_mut() {
                     Some(first) if first.role == "system" => {
                         first.content = format!("{}\n\n{instructions}", first.content);
                     }
                     _ => messages.insert(0, Message::new("system", instructions)),
                 }
-                Grammar { gbnf: self.engine.schema_grammar(&engine::reply_schema(&tools, required)).await?, triggers: Vec::new() }
+                Grammar { gbnf: self.engine.schema_grammar(&prompt::reply_schema(&tools, required)).await?, triggers: Vec::new() }
             }
         };
         let max_tokens = FUNCTION_CALL_MAX_TOKENS.min(self.defaults.max_tokens);
         let (mut request, used) = self.request(messages, Some(max_tokens as i64), args.temperature, true)?;
         request.grammar = Some(grammar);
         if native.is_some() {
-            request.tools = Some(engine::template_tools(&tools));
+            request.tools = Some(prompt::template_tools(&tools));
         }
         let completion = run_to_end(self.engine.generate(request), cancel, None).await?;
         let mut out = json!({
@@ -314,8 +315,8 @@ impl Inference {
             "usage": completion.usage,
         });
         let parsed = match native {
-            Some(format) => engine::parse_native(format, &completion.text, &tools).map(|r| (r.content, r.calls)),
-            None => engine::parse_reply(&completion.text, &tools).map(|calls| (String::new(), calls)),
+            Some(format) => prompt::parse_native(format, &completion.text, &tools).map(|r| (r.content, r.calls)),
+            None => prompt::parse_reply(&completion.text, &tools).map(|calls| (String::new(), calls)),
         };
         // A constrained reply cut by the token limit is a runaway (a string
         // or array the model never closed), not a call: say so plainly.
@@ -334,7 +335,7 @@ impl Inference {
                     .iter()
                     .map(|(name, arguments)| {
                         let id = format!("call_{}", &uuid::Uuid::new_v4().simple().to_string()[..24]);
-                        engine::openai_call(id, name, arguments)
+                        prompt::openai_call(id, name, arguments)
                     })
                     .collect();
                 out["tool_calls"] = json!(calls);

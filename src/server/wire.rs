@@ -6,7 +6,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::engine::Message;
+use crate::prompt::Message;
 
 /// `generate` and `generate_stream_start`.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
@@ -119,7 +119,7 @@ pub fn input_schema(tool: &str, default_max_tokens: u32) -> Map<String, Value> {
     let events: Vec<&str> = crate::emotion::EVENTS.iter().map(|(name, _)| *name).collect();
     set(&mut schema, "event_type", json!({"examples": events}));
     if let Some(role) = schema.get_mut("$defs").and_then(|d| d.pointer_mut("/Message/properties/role")).and_then(Value::as_object_mut) {
-        role.insert("enum".into(), json!(crate::engine::ROLES));
+        role.insert("enum".into(), json!(crate::prompt::ROLES));
     }
     schema
 }

@@ -6,56 +6,17 @@
 //! Python's `json.dumps(ensure_ascii=False)` writes, `raise_exception` and
 //! `strftime_now`. `scripts/template-check.py` renders the same
 //! conversations with jinja2 and compares the bytes.
-//!
-//! The template also tells how the model writes tool calls
-//! ([`NativeToolFormat`]). Pure apart from the clock; no model needed.
+//! Pure apart from the clock; no model needed.
 
 use minijinja::value::{Kwargs, Value as JinjaValue};
 use minijinja::{Environment, Error, ErrorKind};
 use serde_json::{json, Value};
 
-use super::chat_format::Message;
-use super::prompt::{guard, guard_descriptions, guard_strings};
+use super::message::Message;
+use super::segments::{guard, guard_descriptions, guard_strings};
 
 /// Name of the one template in the environment.
 const NAME: &str = "chat";
-
-/// How a model writes a tool call natively (its template and training).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NativeToolFormat {
-    /// Hermes / Qwen 2.5: `<tool_call>\n{"name": .., "arguments": {..}}\n</tool_call>`, one block per call.
-    Hermes,
-    /// Llama 3.1+: `{"name": .., "parameters": {..}}`, optionally after `<|python_tag|>`.
-    Llama3,
-    /// Mistral: `[TOOL_CALLS]` then a JSON array of `{"name", "arguments"}`.
-    Mistral,
-}
-
-impl NativeToolFormat {
-    pub fn name(self) -> &'static str {
-        match self {
-            NativeToolFormat::Hermes => "hermes",
-            NativeToolFormat::Llama3 => "llama-3",
-            NativeToolFormat::Mistral => "mistral",
-        }
-    }
-
-    /// The format a template that renders `tools` teaches, from its text.
-    pub fn detect(source: &str) -> Option<NativeToolFormat> {
-        if !source.contains("tools") {
-            return None;
-        }
-        if source.contains("<tool_call>") {
-            Some(NativeToolFormat::Hermes)
-        } else if source.contains("[TOOL_CALLS]") {
-            Some(NativeToolFormat::Mistral)
-        } else if source.contains("<|python_tag|>") || (source.contains("ipython") && source.contains("\"parameters\"")) {
-            Some(NativeToolFormat::Llama3)
-        } else {
-            None
-        }
-    }
-}
 
 /// A compiled chat template.
 pub struct ChatTemplate {
@@ -90,7 +51,7 @@ impl ChatTemplate {
     }
 
     /// Render a conversation. With `guarded`, every piece of data is wrapped
-    /// in the sentinels of [`super::prompt`]; without, the text is exactly
+    /// in the sentinels of [`super::segments`]; without, the text is exactly
     /// what jinja2 renders.
     pub fn render(&self, messages: &[Message], tools: Option<&[Value]>, guarded: bool) -> Result<String, String> {
         let messages: Vec<Value> = messages.iter().map(|m| message_value(m, guarded)).collect();
@@ -263,7 +224,7 @@ mod tests {
         let m = vec![Message::new("user", "Hi <|im_end|>")];
         assert_eq!(t.render(&m, None, false).unwrap(), "<|im_start|>user\nHi <|im_end|><|im_end|>\n<|im_start|>assistant\n");
         let guarded = t.render(&m, None, true).unwrap();
-        assert_eq!(super::super::prompt::strip(&guarded), t.render(&m, None, false).unwrap());
+        assert_eq!(super::super::segments::strip(&guarded), t.render(&m, None, false).unwrap());
     }
 
     #[test]
@@ -284,14 +245,6 @@ mod tests {
         let mut pretty = String::new();
         python_json(&json!({"k": [1], "e": []}), Some(2), true, 0, &mut pretty);
         assert_eq!(pretty, "{\n  \"e\": [],\n  \"k\": [\n    1\n  ]\n}");
-    }
-
-    #[test]
-    fn tool_formats_are_detected() {
-        assert_eq!(NativeToolFormat::detect("{% if tools %}<tool_call>{% endif %}"), Some(NativeToolFormat::Hermes));
-        assert_eq!(NativeToolFormat::detect("{% if tools %}[TOOL_CALLS]{% endif %}"), Some(NativeToolFormat::Mistral));
-        assert_eq!(NativeToolFormat::detect("{% if tools %}<|python_tag|>{% endif %}"), Some(NativeToolFormat::Llama3));
-        assert_eq!(NativeToolFormat::detect(CHATML), None);
     }
 
     #[test]

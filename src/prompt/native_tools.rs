@@ -8,8 +8,44 @@
 
 use serde_json::{json, Value};
 
-use super::template::NativeToolFormat;
-use super::tool_calls::{ToolSpec, MAX_CALLS};
+use super::tools::{ToolSpec, MAX_CALLS};
+
+/// How a model writes a tool call natively (its template and training).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NativeToolFormat {
+    /// Hermes / Qwen 2.5: `<tool_call>\n{"name": .., "arguments": {..}}\n</tool_call>`, one block per call.
+    Hermes,
+    /// Llama 3.1+: `{"name": .., "parameters": {..}}`, optionally after `<|python_tag|>`.
+    Llama3,
+    /// Mistral: `[TOOL_CALLS]` then a JSON array of `{"name", "arguments"}`.
+    Mistral,
+}
+
+impl NativeToolFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            NativeToolFormat::Hermes => "hermes",
+            NativeToolFormat::Llama3 => "llama-3",
+            NativeToolFormat::Mistral => "mistral",
+        }
+    }
+
+    /// The format a template that renders `tools` teaches, from its text.
+    pub fn detect(source: &str) -> Option<NativeToolFormat> {
+        if !source.contains("tools") {
+            return None;
+        }
+        if source.contains("<tool_call>") {
+            Some(NativeToolFormat::Hermes)
+        } else if source.contains("[TOOL_CALLS]") {
+            Some(NativeToolFormat::Mistral)
+        } else if source.contains("<|python_tag|>") || (source.contains("ipython") && source.contains("\"parameters\"")) {
+            Some(NativeToolFormat::Llama3)
+        } else {
+            None
+        }
+    }
+}
 
 /// What a native reply held: text (the answer, or words before the calls)
 /// and the calls.
@@ -218,7 +254,8 @@ fn json_values(text: &str) -> Result<Vec<Value>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::parse_tools;
+    use crate::prompt::parse_tools;
+    const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}";
 
     fn tools() -> Vec<ToolSpec> {
         parse_tools(&[
@@ -271,5 +308,13 @@ mod tests {
         let schema = call_schema(NativeToolFormat::Llama3, &tools());
         assert_eq!(schema["anyOf"][0]["required"], json!(["name", "parameters"]));
         assert_eq!(call_schema(NativeToolFormat::Mistral, &tools())["type"], "array");
+    }
+
+    #[test]
+    fn tool_formats_are_detected() {
+        assert_eq!(NativeToolFormat::detect("{% if tools %}<tool_call>{% endif %}"), Some(NativeToolFormat::Hermes));
+        assert_eq!(NativeToolFormat::detect("{% if tools %}[TOOL_CALLS]{% endif %}"), Some(NativeToolFormat::Mistral));
+        assert_eq!(NativeToolFormat::detect("{% if tools %}<|python_tag|>{% endif %}"), Some(NativeToolFormat::Llama3));
+        assert_eq!(NativeToolFormat::detect(CHATML), None);
     }
 }

@@ -1,0 +1,197 @@
+//! Loading: the model file checked, llama.cpp's backend, the model and its
+//! context created with the configured settings, and the facts about the
+//! model ([`ModelInfo`]) the server reports.
+
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
+use serde::Serialize;
+
+use crate::prompt::{ChatFormat, NativeToolFormat, Renderer, TemplateTexts};
+
+use super::planner::{MAX_BATCH, MAX_UBATCH};
+use super::request::EngineError;
+use super::steering::SteeringSettings;
+
+/// Settings the engine is built from (the `[model]` section, resolved).
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    pub model_path: PathBuf,
+    pub context_length: u32,
+    pub gpu_layers: u32,
+    /// 0 = one per available core.
+    pub n_threads: u32,
+    pub chat_format: ChatFormat,
+    pub parallel: u32,
+    pub max_step_ms: u32,
+    pub swa_full: bool,
+    /// Drop old turns instead of refusing a prompt that does not fit.
+    pub truncate_overflow: bool,
+    pub steering: SteeringSettings,
+}
+
+/// Facts about the loaded model, for `get_capabilities`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    pub model_path: String,
+    pub model_name: String,
+    pub architecture: String,
+    /// Tokens one generation may use (prompt + reply).
+    pub context_length: u32,
+    pub context_length_train: u32,
+    pub parameters: u64,
+    pub model_size_bytes: u64,
+    pub vocab_size: i32,
+    pub chat_format: String,
+    /// The GGUF carries its own chat template (used when `chat_format` is auto).
+    pub has_chat_template: bool,
+    /// How the model writes tool calls natively, when its template renders
+    /// tools and is in use; None: the generic JSON-array path.
+    #[serde(skip)]
+    pub native_tools: Option<NativeToolFormat>,
+    pub threads: u32,
+    pub gpu_layers: u32,
+    pub gpu_offload_supported: bool,
+    pub slots: u32,
+    pub max_step_ms: u32,
+    pub sliding_window_full: bool,
+}
+
+
+/// llama.cpp's backend, initialised once for the process (llama.cpp allows
+/// one); every engine and measurement in the process shares it.
+pub(super) fn backend() -> Result<&'static LlamaBackend, EngineError> {
+    static BACKEND: std::sync::OnceLock<LlamaBackend> = std::sync::OnceLock::new();
+    if let Some(backend) = BACKEND.get() {
+        return Ok(backend);
+    }
+    let backend = LlamaBackend::init().map_err(|e| EngineError::Backend(e.to_string()))?;
+    Ok(BACKEND.get_or_init(|| backend))
+}
+
+/// Send llama.cpp's and ggml's log lines to `tracing`.
+pub fn route_llama_logs() {
+    llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+}
+
+/// A clear error for a path that is not a readable GGUF file, before
+/// llama.cpp sees it.
+fn check_model_file(path: &Path) -> Result<(), EngineError> {
+    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => EngineError::ModelNotFound(path.to_path_buf()),
+        _ => EngineError::ModelUnreadable { path: path.to_path_buf(), reason: e.to_string() },
+    })?;
+    if meta.is_dir() {
+        return Err(EngineError::ModelIsDirectory(path.to_path_buf()));
+    }
+    let mut magic = [0u8; 4];
+    use std::io::Read;
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .map_err(|e| EngineError::ModelUnreadable { path: path.to_path_buf(), reason: e.to_string() })?;
+    if &magic != b"GGUF" {
+        return Err(EngineError::ModelUnreadable {
+            path: path.to_path_buf(),
+            reason: "not a GGUF file (wrong magic bytes)".into(),
+        });
+    }
+    Ok(())
+}
+
+/// The threads llama.cpp computes with: the setting, or one per core.
+pub(super) fn threads(n_threads: u32) -> u32 {
+    match n_threads {
+        0 => std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+        n => n,
+    }
+}
+
+/// A model and its context, loaded, with what was read off the GGUF.
+pub(super) struct Loaded {
+    pub model: &'static LlamaModel,
+    pub ctx: LlamaContext<'static>,
+    pub renderer: Renderer,
+    pub info: ModelInfo,
+    /// Tokens one sequence may hold.
+    pub n_ctx_seq: usize,
+    /// The model uses sliding-window attention and its caches are not
+    /// full-size: then a cached prefix cannot be partially kept.
+    pub swa_limited: bool,
+}
+
+/// Load the model and create its context (one KV sequence per slot).
+pub(super) fn load(settings: &EngineSettings) -> Result<Loaded, EngineError> {
+    check_model_file(&settings.model_path)?;
+    let backend = backend()?;
+    let gpu_offload_supported = backend.supports_gpu_offload();
+    let model_params = LlamaModelParams::default().with_n_gpu_layers(settings.gpu_layers);
+    let model = LlamaModel::load_from_file(backend, &settings.model_path, &model_params)
+        .map_err(|_| EngineError::ModelLoad(settings.model_path.clone()))?;
+    // The model lives as long as the process: leaking it lets the context
+    // borrow it for 'static.
+    let model: &'static LlamaModel = Box::leak(Box::new(model));
+
+    let threads = threads(settings.n_threads);
+    let parallel = settings.parallel.max(1);
+    let n_ctx = settings.context_length.saturating_mul(parallel);
+    let ctx_params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(n_ctx))
+        .with_n_batch(MAX_BATCH as u32)
+        .with_n_ubatch(MAX_UBATCH as u32)
+        .with_n_seq_max(parallel)
+        .with_kv_unified(false)
+        .with_swa_full(settings.swa_full)
+        .with_n_threads(threads as i32)
+        .with_n_threads_batch(threads as i32);
+    let ctx = model.new_context(backend, ctx_params).map_err(|_| EngineError::Context(n_ctx))?;
+    let n_ctx_seq = (ctx.n_ctx() / parallel) as usize;
+
+    let architecture = model.meta_val_str("general.architecture").unwrap_or_default();
+    let model_name = model.meta_val_str("general.name").unwrap_or_default();
+    let sliding_window = model
+        .meta_val_str(&format!("{architecture}.attention.sliding_window"))
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .unwrap_or(0);
+    let vocab = model.vocab();
+    let source = |name: Option<&str>| model.chat_template(name).ok().and_then(|t| t.to_string().ok());
+    let texts = TemplateTexts {
+        chat: source(None),
+        tool_use: source(Some("tool_use")),
+        bos: token_text(model, vocab.bos()),
+        eos: token_text(model, vocab.eos()),
+    };
+    let renderer = Renderer::new(settings.chat_format, &texts, &architecture).map_err(EngineError::Template)?;
+    let info = ModelInfo {
+        model_path: settings.model_path.display().to_string(),
+        model_name,
+        architecture,
+        context_length: n_ctx_seq as u32,
+        context_length_train: model.n_ctx_train(),
+        parameters: model.n_params(),
+        model_size_bytes: model.size(),
+        vocab_size: model.n_vocab(),
+        chat_format: renderer.name().to_string(),
+        has_chat_template: texts.chat.is_some(),
+        native_tools: renderer.native_tools(),
+        threads,
+        gpu_layers: settings.gpu_layers,
+        gpu_offload_supported,
+        slots: parallel,
+        max_step_ms: settings.max_step_ms,
+        sliding_window_full: settings.swa_full,
+    };
+    tracing::info!(?info, "model loaded");
+    Ok(Loaded { model, ctx, renderer, info, n_ctx_seq, swa_limited: sliding_window > 0 && !settings.swa_full })
+}
+
+/// A token's text as the vocabulary stores it (empty when it has none).
+pub(super) fn token_text(model: &LlamaModel, token: LlamaToken) -> String {
+    model.vocab().text(token).map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
+}

@@ -1,0 +1,181 @@
+//! What the engine is asked and what it answers: a [`GenerationRequest`]
+//! with its sampling and grammar, the [`GenerationEvent`]s a generation
+//! reports, its [`Completion`] and [`EngineError`]s, and the [`Interest`] a
+//! polled stream's reader shows. Plain data, shared with the server.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::prompt::Message;
+
+/// Sampling for one generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy decoding.
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: u32,
+    pub min_p: f64,
+    pub repeat_penalty: f64,
+    pub seed: u32,
+}
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    pub messages: Vec<Message>,
+    pub max_tokens: u32,
+    pub sampling: SamplingParams,
+    /// A GBNF grammar constraining the reply.
+    pub grammar: Option<Grammar>,
+    /// Tools for the model's own template (native tool calls), OpenAI shape.
+    pub tools: Option<Vec<serde_json::Value>>,
+    /// For a polled stream, how recently its reader showed up; None when a
+    /// client waits on the call itself (`generate`, `function_call`).
+    pub interest: Option<Interest>,
+}
+
+/// A grammar for one reply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grammar {
+    /// GBNF, root rule `root`.
+    pub gbnf: String,
+    /// Lazy grammar: regular expressions that start it when the reply so far
+    /// matches one (the first group's start is where the grammar applies).
+    /// Empty: the grammar holds from the first token.
+    pub triggers: Vec<String>,
+}
+
+/// Shortest silence after which a polled stream counts as unattended...
+const MIN_ATTENTION_S: f64 = 0.25;
+/// ...or this many of its own poll intervals, if longer.
+const ATTENTION_INTERVALS: f64 = 4.0;
+/// Before its first poll a stream counts as attended this long.
+const FIRST_POLL_GRACE_S: f64 = 1.0;
+
+/// How recently a client read a stream, shared by the stream registry
+/// (which touches it on every poll) and the scheduler (which lets work a
+/// client is waiting on right now go before a stream nobody reads).
+#[derive(Debug, Clone)]
+pub struct Interest(Arc<Mutex<InterestState>>);
+
+#[derive(Debug)]
+struct InterestState {
+    last: Instant,
+    /// Moving average of the time between polls, once there was one.
+    interval_s: Option<f64>,
+}
+
+impl Interest {
+    pub fn new(now: Instant) -> Self {
+        Interest(Arc::new(Mutex::new(InterestState { last: now, interval_s: None })))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, InterestState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A poll at `now`.
+    pub fn touch(&self, now: Instant) {
+        let mut s = self.state();
+        let gap = now.saturating_duration_since(s.last).as_secs_f64();
+        s.interval_s = Some(match s.interval_s {
+            Some(avg) => 0.7 * avg + 0.3 * gap,
+            None => gap,
+        });
+        s.last = now;
+    }
+
+    /// Seconds since the last poll (or the start).
+    pub fn idle_s(&self, now: Instant) -> f64 {
+        now.saturating_duration_since(self.state().last).as_secs_f64()
+    }
+
+    /// Whether the reader is still there: it polled within a few of its own
+    /// intervals (at least [`MIN_ATTENTION_S`]).
+    pub fn attended(&self, now: Instant) -> bool {
+        let s = self.state();
+        let idle = now.saturating_duration_since(s.last).as_secs_f64();
+        let patience = match s.interval_s {
+            Some(interval) => (ATTENTION_INTERVALS * interval).max(MIN_ATTENTION_S),
+            None => FIRST_POLL_GRACE_S,
+        };
+        idle <= patience
+    }
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// End-of-generation token or stop string.
+    Stop,
+    /// `max_tokens` reached, or the context is full.
+    Length,
+    /// Cancelled by the client.
+    Cancelled,
+    /// A stream nobody read for `server.stream_idle_s`: stopped by the
+    /// server (never by the engine), its text so far kept readable.
+    Abandoned,
+}
+
+/// Token accounting of one generation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    /// Prompt tokens served from the slot's KV cache instead of decoded.
+    pub cached_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+/// A finished generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub usage: Usage,
+    /// Old turns were dropped to fit the context.
+    pub truncated: bool,
+}
+
+/// What a generation reports as it runs. Exactly one `Done` or `Failed` ends
+/// the channel.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenerationEvent {
+    /// New text, always valid UTF-8, never part of a stop string.
+    Text(String),
+    /// Completed tokens so far (sent with each token, text or not).
+    Tokens(u32),
+    Done(Completion),
+    Failed(EngineError),
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    #[error("model file not found at {0}: set [model] path or ELPIS_MODEL_PATH (scripts/fetch-model.sh fetches the default model)")]
+    ModelNotFound(PathBuf),
+    #[error("model path {0} is a directory, not a GGUF file: set [model] path or ELPIS_MODEL_PATH to the .gguf file")]
+    ModelIsDirectory(PathBuf),
+    #[error("cannot read model file {path}: {reason}")]
+    ModelUnreadable { path: PathBuf, reason: String },
+    #[error("llama.cpp could not load {0} (truncated or not a GGUF model?): check the file, or fetch it again")]
+    ModelLoad(PathBuf),
+    #[error("cannot create a llama.cpp context of {0} tokens: lower model.context_length or model.parallel")]
+    Context(u32),
+    #[error("cannot initialise llama.cpp: {0}")]
+    Backend(String),
+    #[error("the prompt is {prompt} tokens but a generation may use at most {limit} (context_length {context}): shorten the messages, raise model.context_length, or set model.overflow = \"truncate\"")]
+    PromptTooLong { prompt: usize, limit: usize, context: u32 },
+    #[error("the model's chat template cannot render this conversation: {0} (set model.chat_format to a built-in format to avoid the template)")]
+    Template(String),
+    #[error("cannot build a grammar: {0}")]
+    Grammar(String),
+    #[error("llama.cpp decode failed: {0}")]
+    Decode(String),
+    #[error("the engine has stopped")]
+    Stopped,
+}
+

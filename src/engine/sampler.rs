@@ -1,0 +1,121 @@
+//! [`JobSampler`]: one generation's sampler chain and, for a constrained
+//! reply, its grammar with the fallback that keeps grammar checking cheap.
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::data::LlamaTokenData;
+use llama_cpp_2::token::data_array::LlamaTokenDataArray;
+use llama_cpp_2::token::LlamaToken;
+
+use super::request::{EngineError, Grammar, SamplingParams};
+
+/// Tokens a penalty sampler looks back over.
+const PENALTY_LAST_N: i32 = 64;
+/// Candidates the grammar checks at once when the sampled token was
+/// rejected. llama.cpp decodes every candidate's text and, per grammar
+/// level, reserves vectors the size of the whole array: over a 262k-token
+/// vocabulary that was >100 MiB of temporaries the allocator then kept.
+/// In chunks, best logits first, it is a few MiB, and usually one chunk.
+const GRAMMAR_CHUNK: usize = 4096;
+
+/// Samples one generation's tokens.
+pub(super) struct JobSampler {
+    chain: LlamaSampler,
+    grammar: Option<GrammarSampler>,
+}
+
+/// Grammar-constrained sampling by rejection: the normal chain picks a token
+/// and the grammar only checks it; the whole vocabulary is masked (slow with
+/// a large vocabulary) only when that token is not allowed.
+struct GrammarSampler {
+    grammar: LlamaSampler,
+    /// Picks among the grammar-allowed tokens after a rejection.
+    fallback: LlamaSampler,
+}
+
+impl JobSampler {
+    pub fn new(model: &LlamaModel, p: &SamplingParams, grammar: Option<&Grammar>) -> Result<JobSampler, EngineError> {
+        let mut chain = Vec::new();
+        if (p.repeat_penalty - 1.0).abs() > f64::EPSILON {
+            chain.push(LlamaSampler::penalties(model.n_vocab(), PENALTY_LAST_N, p.repeat_penalty as f32, 0.0, 0.0));
+        }
+        if p.temperature <= 0.0 {
+            chain.push(LlamaSampler::greedy());
+        } else {
+            if p.top_k > 0 {
+                chain.push(LlamaSampler::top_k(p.top_k as i32));
+            }
+            chain.push(LlamaSampler::top_p(p.top_p as f32, 1));
+            if p.min_p > 0.0 {
+                chain.push(LlamaSampler::min_p(p.min_p as f32, 1));
+            }
+            chain.push(LlamaSampler::temp(p.temperature as f32));
+            chain.push(LlamaSampler::dist(p.seed));
+        }
+        let grammar = match grammar {
+            Some(g) => Some(GrammarSampler {
+                grammar: if g.triggers.is_empty() {
+                    LlamaSampler::grammar(model, &g.gbnf, "root")
+                } else {
+                    LlamaSampler::grammar_lazy_patterns(model, &g.gbnf, "root", &g.triggers, &[])
+                }
+                .map_err(|e| EngineError::Grammar(format!("llama.cpp rejected the grammar ({e})")))?,
+                fallback: if p.temperature <= 0.0 {
+                    LlamaSampler::greedy()
+                } else {
+                    LlamaSampler::chain_simple([LlamaSampler::temp(p.temperature as f32), LlamaSampler::dist(p.seed)])
+                },
+            }),
+            None => None,
+        };
+        Ok(JobSampler { chain: LlamaSampler::chain_simple(chain), grammar })
+    }
+
+    /// The next token from the logits at `batch_index`, accepted by the
+    /// chain and the grammar. An error when no token of the vocabulary can
+    /// continue the grammar (accepting one it does not allow would abort the
+    /// process inside llama.cpp).
+    pub fn sample(&mut self, ctx: &LlamaContext, batch_index: i32) -> Result<LlamaToken, EngineError> {
+        let mut token = self.chain.sample(ctx, batch_index);
+        if let Some(g) = self.grammar.as_mut() {
+            let mut probe = LlamaTokenDataArray::new(vec![LlamaTokenData::new(token, 0.0, 0.0)], false);
+            probe.apply_sampler(&mut g.grammar);
+            if !probe.data[0].logit().is_finite() {
+                token = grammar_fallback(ctx.get_logits_ith(batch_index), g).ok_or_else(|| {
+                    EngineError::Grammar(
+                        "no token of the model's vocabulary can continue the grammar-constrained reply \
+                         (the grammar needs text this model cannot write)"
+                            .into(),
+                    )
+                })?;
+            }
+            g.grammar.accept(token);
+        }
+        Ok(token)
+    }
+}
+
+/// The token the grammar allows with the best chance, sampled by the job's
+/// fallback among the allowed ones of the first chunk (by logit) that has
+/// any; None when no token of the vocabulary is allowed.
+fn grammar_fallback(logits: &[f32], g: &mut GrammarSampler) -> Option<LlamaToken> {
+    let mut scratch: Vec<(f32, i32)> = logits.iter().enumerate().map(|(id, &logit)| (logit, id as i32)).collect();
+    let mut rest: &mut [(f32, i32)] = &mut scratch;
+    while !rest.is_empty() {
+        let n = GRAMMAR_CHUNK.min(rest.len());
+        if n < rest.len() {
+            rest.select_nth_unstable_by(n - 1, |a, b| b.0.total_cmp(&a.0));
+        }
+        let (chunk, tail) = rest.split_at_mut(n);
+        let data = chunk.iter().map(|&(logit, id)| LlamaTokenData::new(LlamaToken(id), logit, 0.0)).collect();
+        let mut candidates = LlamaTokenDataArray::new(data, false);
+        candidates.apply_sampler(&mut g.grammar);
+        if candidates.data.iter().any(|d| d.logit().is_finite()) {
+            candidates.apply_sampler(&mut g.fallback);
+            return candidates.selected_token();
+        }
+        rest = tail;
+    }
+    None
+}
