@@ -71,7 +71,7 @@ value, is_error = call("generate", messages=[])
 assert is_error and "messages" in value["error"], value
 
 resources = cli("--method", "resources/list")["resources"]
-assert sorted(r["uri"] for r in resources) == ["emotion://events", "emotion://state"], resources
+assert sorted(r["uri"] for r in resources) == ["elpis://metrics", "emotion://events", "emotion://state"], resources
 for r in resources:
     contents = cli("--method", "resources/read", "--uri", r["uri"])["contents"]
     assert contents[0]["mimeType"] == "application/json", contents

@@ -65,7 +65,7 @@ async def main(binary):
             bad = text_json(await session.call_tool("generate", {"messages": []}))
             assert "error" in bad, bad
             res = await session.list_resources()
-            assert sorted(str(r.uri) for r in res.resources) == ["emotion://events", "emotion://state"], res
+            assert sorted(str(r.uri) for r in res.resources) == ["elpis://metrics", "emotion://events", "emotion://state"], res
             state = await session.read_resource("emotion://state")
             assert "valence" in json.loads(state.contents[0].text)
             print("ok: tools, stream, function call, emotion, resources")

@@ -12,10 +12,14 @@ fn request(grammar: Option<&str>, max_tokens: u32) -> GenerationRequest {
     GenerationRequest {
         messages: vec![Message::new("user", "Say anything.")],
         max_tokens,
-        sampling: SamplingParams { temperature: 0.0, top_p: 1.0, top_k: 40, min_p: 0.0, repeat_penalty: 1.0, seed: 1 },
+        sampling: SamplingParams { temperature: 0.0, top_p: 1.0, top_k: 40, min_p: 0.0, repeat_penalty: 1.0, presence_penalty: 0.0, frequency_penalty: 0.0, seed: 1 },
         grammar: grammar.map(|g| Grammar { gbnf: g.to_string(), triggers: Vec::new() }),
         tools: None,
         interest: None,
+        stop: Vec::new(),
+        speculative: true,
+        prediction: None,
+        logprobs: None,
     }
 }
 
@@ -34,9 +38,11 @@ fn a_grammar_no_token_can_continue_ends_the_job_not_the_process() {
     let (config, _) = Config::load_with_env(None, &env).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, async move {
-        let (engine, handle) = Engine::load(&config.engine_settings()).unwrap();
-        tokio::task::spawn_local(engine.run());
+    let (engine, handle) = Engine::load(&config.engine_settings()).unwrap();
+    let over = tokio_util::sync::CancellationToken::new();
+    let done = over.clone();
+    // The session is a task; this thread drives the engine, as the server does.
+    let session = local.spawn_local(async move {
         let mut stuck = handle.generate(request(Some(r#"root ::= "\x00""#), 8));
         let error = loop {
             match stuck.events.recv().await {
@@ -63,5 +69,8 @@ fn a_grammar_no_token_can_continue_ends_the_job_not_the_process() {
         for slot in &load.slots {
             assert_eq!(slot.kv_pos_max, slot.tokens as i32 - 1, "{slot:?}");
         }
+        done.cancel();
     });
+    engine.drive(&runtime, &local, &over);
+    local.block_on(&runtime, session).unwrap();
 }

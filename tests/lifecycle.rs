@@ -20,6 +20,9 @@ fn one_shot(input: &str) -> (Vec<Value>, std::process::ExitStatus, String) {
         .env("ELPIS_MODEL_N_THREADS", "1")
         .env("ELPIS_MODEL_SEED", SEED)
         .env("ELPIS_EMOTION_STEERING", "off")
+        // Drafts are sized by timing, and batched verification rounds
+        // differently at near-ties: off, unless a test turns it on.
+        .env("ELPIS_MODEL_SPECULATIVE", "off")
         .env_remove("ELPIS_QUIET")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

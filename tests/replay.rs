@@ -62,6 +62,9 @@ fn all_sessions_replay_cleanly() {
                 .env("ELPIS_MODEL_N_THREADS", "1")
                 .env("ELPIS_MODEL_SEED", common::SEED)
                 .env("ELPIS_EMOTION_STEERING", "off")
+                // Drafts are sized by timing, and batched verification rounds
+                // differently at near-ties: off, unless a test turns it on.
+                .env("ELPIS_MODEL_SPECULATIVE", "off")
                 .env("ELPIS_LOGGING_LEVEL", "warn")
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
@@ -134,6 +137,9 @@ fn a_recorded_session_replays() {
         .env("ELPIS_MODEL_N_THREADS", "1")
         .env("ELPIS_MODEL_SEED", common::SEED)
         .env("ELPIS_EMOTION_STEERING", "off")
+        // Drafts are sized by timing, and batched verification rounds
+        // differently at near-ties: off, unless a test turns it on.
+        .env("ELPIS_MODEL_SPECULATIVE", "off")
         .output()
         .unwrap();
     let _ = std::fs::remove_file(&path);

@@ -19,6 +19,9 @@ fn rmcp_client_lists_and_calls() {
             .env("ELPIS_MODEL_N_THREADS", "1")
             .env("ELPIS_MODEL_SEED", common::SEED)
             .env("ELPIS_EMOTION_STEERING", "off")
+            // Drafts are sized by timing, and batched verification rounds
+            // differently at near-ties: off, unless a test turns it on.
+            .env("ELPIS_MODEL_SPECULATIVE", "off")
             .env("ELPIS_LOGGING_LEVEL", "error")
             .env_remove("ELPIS_QUIET");
         let client = ().serve(TokioChildProcess::new(command).unwrap()).await.unwrap();

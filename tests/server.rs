@@ -104,7 +104,7 @@ fn emotion_tools_and_resources() {
 
     let list = s.call("resources/list", json!({}));
     let uris: Vec<&str> = list["resources"].as_array().unwrap().iter().map(|r| r["uri"].as_str().unwrap()).collect();
-    assert_eq!(uris, vec!["emotion://state", "emotion://events"]);
+    assert_eq!(uris, vec!["emotion://state", "emotion://events", "elpis://metrics"]);
     let read = s.call("resources/read", json!({"uri": "emotion://state"}));
     let contents = &read["contents"][0];
     assert_eq!(contents["mimeType"], "application/json");
@@ -125,19 +125,22 @@ fn generate_returns_content_state_and_params() {
     let out = s.tool("generate", json!({"messages": user("Write one short sentence about the sea."), "max_tokens": 24})).ok();
     assert!(out["content"].is_string());
     assert_emotional_state(&out["emotional_state"]);
-    // Modulated from a neutral mood: temperature 0.7, top_p 0.9.
-    assert_eq!(out["modulated_params"], json!({"temperature": 0.7, "top_p": 0.9}));
+    // Modulated from a neutral mood: temperature 0.7, top_p 0.9 (and the
+    // rest of the sampling it used, from the config).
+    let used = |out: &Value| (out["modulated_params"]["temperature"].clone(), out["modulated_params"]["top_p"].clone());
+    assert_eq!(used(&out), (json!(0.7), json!(0.9)), "{out}");
+    assert_eq!((out["modulated_params"]["top_k"].clone(), out["modulated_params"]["presence_penalty"].clone()), (json!(40), json!(0.0)));
     let usage = &out["usage"];
     assert!(usage["prompt_tokens"].as_u64().unwrap() > 5);
     assert!(usage["completion_tokens"].as_u64().unwrap() <= 24);
     assert!(["stop", "length"].contains(&out["finish_reason"].as_str().unwrap()));
 
     let explicit = s.tool("generate", json!({"messages": user("Hi"), "max_tokens": 4, "temperature": 0.3})).ok();
-    assert_eq!(explicit["modulated_params"], json!({"temperature": 0.3, "top_p": 0.9}));
+    assert_eq!(used(&explicit), (json!(0.3), json!(0.9)));
     let unmodulated = s
         .tool("generate", json!({"messages": user("Hi"), "max_tokens": 4, "emotional_modulation": false}))
         .ok();
-    assert_eq!(unmodulated["modulated_params"], json!({"temperature": 0.7, "top_p": 0.9}));
+    assert_eq!(used(&unmodulated), (json!(0.7), json!(0.9)));
     s.shutdown();
 }
 

@@ -137,6 +137,9 @@ impl Raw {
             .env("ELPIS_MODEL_N_THREADS", "1")
             .env("ELPIS_MODEL_SEED", SEED)
             .env("ELPIS_EMOTION_STEERING", "off")
+            // Drafts are sized by timing, and batched verification rounds
+            // differently at near-ties: off, unless a test turns it on.
+            .env("ELPIS_MODEL_SPECULATIVE", "off")
             .env("ELPIS_LOGGING_LEVEL", "info")
             .env_remove("ELPIS_QUIET")
             .stdin(Stdio::piped())

@@ -22,7 +22,17 @@ pub async fn chat(
         messages.push(Message::new("system", system));
     }
     messages.push(Message::new("user", message));
-    let args = GenerateArgs { messages, max_tokens, temperature, emotional_modulation: Some(true) };
+    let args = GenerateArgs {
+        messages,
+        max_tokens,
+        temperature,
+        emotional_modulation: Some(true),
+        controls: Default::default(),
+        stop: None,
+        response_format: None,
+        tools: None,
+        tool_choice: None,
+    };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
     let printer = tokio::spawn(async move {
         let mut out = std::io::stdout();

@@ -98,25 +98,27 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         .build()
         .context("cannot start the tokio runtime")?;
     let local = tokio::task::LocalSet::new();
-    let result = local.block_on(&runtime, async move {
-        match cli.command {
-            None | Some(Command::Serve) => serve::serve(config).await,
-            Some(Command::Chat { message, system, max_tokens, temperature }) => {
-                // A one-shot reply steers with vectors that exist, but does
-                // not start computing missing ones (that is the server's job).
-                let mut settings = config.engine_settings();
-                settings.steering.compute_missing = false;
-                let (inference, _engine) = serve::start_with(&config, settings)?;
+    let result = match cli.command {
+        // These drive the engine on this thread, with the session a task.
+        None | Some(Command::Serve) => serve::serve(&runtime, &local, config),
+        Some(Command::Chat { message, system, max_tokens, temperature }) => {
+            // A one-shot reply steers with vectors that exist, but does
+            // not start computing missing ones (that is the server's job).
+            let mut settings = config.engine_settings();
+            settings.steering.compute_missing = false;
+            serve::with_engine(&runtime, &local, &config, settings, move |inference| async move {
                 chat::chat(&inference, message, system, max_tokens, temperature).await
-            }
-            Some(Command::Prompt) => prompt::prompt(&config),
-            Some(Command::Vectors) => steering::vectors(&config),
-            Some(Command::SteeringCheck) => steering::check(&config),
-            Some(Command::Replay { files, speed, stall_s, json }) => reports::replay_files(&files, speed, stall_s, json).await,
-            Some(Command::Soak { seconds, seed }) => reports::soak(seconds, seed).await,
-            Some(Command::Bench { runs, out }) => reports::bench(&config, runs, out).await,
+            })
         }
-    });
+        Some(Command::Prompt) => prompt::prompt(&config),
+        Some(Command::Vectors) => steering::vectors(&config),
+        Some(Command::SteeringCheck) => steering::check(&config),
+        Some(Command::Replay { files, speed, stall_s, json }) => {
+            local.block_on(&runtime, reports::replay_files(&files, speed, stall_s, json))
+        }
+        Some(Command::Soak { seconds, seed }) => local.block_on(&runtime, reports::soak(seconds, seed)),
+        Some(Command::Bench { runs, out }) => local.block_on(&runtime, reports::bench(&config, runs, out)),
+    };
     // Don't wait for the runtime's blocking pool (a stdin read may be parked there).
     runtime.shutdown_timeout(Duration::from_millis(100));
     result

@@ -142,6 +142,8 @@ pub struct ModelConfig {
     /// reused on models with sliding-window attention (costs memory).
     pub swa_full: bool,
     pub overflow: Overflow,
+    /// `auto` (speculative decoding from the text where it pays) or `off`.
+    pub speculative: String,
     /// Backend of the predecessor; only `llama-cpp` is served.
     pub backend: String,
     /// The predecessor's steering keys (its transformers backend read them
@@ -174,6 +176,7 @@ impl Default for ModelConfig {
             max_step_ms: 50,
             swa_full: true,
             overflow: Overflow::Error,
+            speculative: "auto".into(),
             backend: "llama-cpp".into(),
             emotion_vectors_dir: String::new(),
             steering_layer: None,
@@ -307,6 +310,10 @@ impl Config {
         if !(5..=10_000).contains(&m.max_step_ms) {
             return bad(format!("model.max_step_ms = {} is out of range: expected 5 to 10000", m.max_step_ms));
         }
+        m.speculative = m.speculative.trim().to_ascii_lowercase();
+        if !["auto", "off"].contains(&m.speculative.as_str()) {
+            return bad(format!("model.speculative = {:?} is unknown: expected \"auto\" or \"off\"", m.speculative));
+        }
         m.hardware_backend = m.hardware_backend.trim().to_ascii_lowercase();
         if !HARDWARE_BACKENDS.contains(&m.hardware_backend.as_str()) {
             return bad(format!(
@@ -390,7 +397,9 @@ impl Config {
             max_step_ms: m.max_step_ms,
             swa_full: m.swa_full,
             truncate_overflow: m.overflow == Overflow::Truncate,
+            speculative: m.speculative == "auto",
             steering: self.steering_settings(),
+            cache_dir: cache_dir(),
         }
     }
 

@@ -24,14 +24,16 @@ pub(super) struct Admission {
     max_token_bytes: usize,
     /// Drop old turns instead of refusing a prompt that does not fit.
     truncate_overflow: bool,
+    /// Speculative decoding is available on this engine.
+    speculative: bool,
     next_id: u64,
 }
 
 impl Admission {
-    pub fn new(model: &'static LlamaModel, renderer: Renderer, n_ctx_seq: usize, truncate_overflow: bool) -> Admission {
+    pub fn new(model: &'static LlamaModel, renderer: Renderer, n_ctx_seq: usize, truncate_overflow: bool, speculative: bool) -> Admission {
         let vocab = model.vocab();
         let max_token_bytes = vocab.tokens().map(|t| vocab.token_to_piece(t, true, None).len()).max().unwrap_or(64).max(1);
-        Admission { model, renderer, n_ctx_seq, max_token_bytes, truncate_overflow, next_id: 0 }
+        Admission { model, renderer, n_ctx_seq, max_token_bytes, truncate_overflow, speculative, next_id: 0 }
     }
 
     /// Render, tokenise and check a request; build its sampler.
@@ -74,6 +76,10 @@ impl Admission {
             }
         };
         let sampler = JobSampler::new(self.model, &request.sampling, request.grammar.as_ref())?;
+        let prediction = match (&request.prediction, request.speculative && self.speculative) {
+            (Some(text), true) => self.model.vocab().tokenize(text.as_bytes(), false, false),
+            _ => Vec::new(),
+        };
         let id = self.next_id;
         self.next_id += 1;
         Ok(Job {
@@ -84,13 +90,20 @@ impl Admission {
             started: false,
             interest: request.interest,
             max_tokens: request.max_tokens.max(1) as usize,
+            speculative: request.speculative && self.speculative,
+            prediction,
             sampler,
-            decoder: TextDecoder::new(self.renderer.stops().to_vec()),
+            decoder: TextDecoder::new(self.renderer.stops().iter().chain(&request.stop).cloned().collect()),
             pending: None,
             text: String::new(),
             truncated,
             events,
             cancel,
+            stop: request.stop,
+            logprobs: request.logprobs.map(|top| (top, Vec::new())),
+            admitted: std::time::Instant::now(),
+            started_at: None,
+            first_token_at: None,
         })
     }
 

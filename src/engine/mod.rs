@@ -11,11 +11,13 @@
 //!
 //! The rooms, by what each owns:
 //! - `scheduler`: the [`Engine`] itself (model, context, the loop);
-//! - `model`: loading the model and context, [`ModelInfo`];
+//! - `model`: loading the model and context, [`ModelInfo`]; `identity`:
+//!   which model file it is (its sha256, remembered);
 //! - `admission`: a request becomes a job (render, tokenise, fit);
 //! - `job`, `sampler`: one generation, and its sampler chain and grammar;
 //! - `slots`: the KV sequences and the queue (assignment, parking, trimming);
-//! - `step`, `planner`: one batch built and decoded, and how much it carries;
+//! - `step`, `planner`: one batch built and decoded, and how much it
+//!   carries; `speculative`: drafts from the text, and when they pay;
 //! - `steering`, `vectors`, `sys`: emotion steering with control vectors,
 //!   their files, and the raw llama.cpp calls (the one file with `unsafe`);
 //! - `text`: detokenisation; `probes`: what the person's commands measure;
@@ -25,6 +27,7 @@
 
 mod admission;
 mod handle;
+mod identity;
 mod job;
 mod model;
 mod planner;
@@ -34,6 +37,7 @@ mod request;
 mod sampler;
 mod scheduler;
 mod slots;
+mod speculative;
 mod steering;
 mod step;
 mod sys;
@@ -45,7 +49,8 @@ pub use model::{route_llama_logs, EngineSettings, ModelInfo};
 pub use probes::Probe;
 pub use raw::{raw_speed, RawSpeed};
 pub use request::{
-    Completion, EngineError, FinishReason, GenerationEvent, GenerationRequest, Grammar, Interest, SamplingParams, Usage,
+    Completion, EngineError, FinishReason, GenerationEvent, GenerationRequest, Grammar, Interest, SamplingParams, Timings,
+    TokenLogprob, TopLogprob, Usage,
 };
 pub use scheduler::Engine;
 pub use steering::{default_layers, SteeringReport, SteeringSettings};

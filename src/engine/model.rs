@@ -33,7 +33,12 @@ pub struct EngineSettings {
     pub swa_full: bool,
     /// Drop old turns instead of refusing a prompt that does not fit.
     pub truncate_overflow: bool,
+    /// Speculative decoding from the text (`model.speculative = "auto"`).
+    pub speculative: bool,
     pub steering: SteeringSettings,
+    /// The cache folder (`~/.cache/elpis`): the model's identity memo, its
+    /// vectors, its saved prompts.
+    pub cache_dir: PathBuf,
 }
 
 /// Facts about the loaded model, for `get_capabilities`.
@@ -61,6 +66,9 @@ pub struct ModelInfo {
     pub slots: u32,
     pub max_step_ms: u32,
     pub sliding_window_full: bool,
+    /// Speculative decoding is on (prompt lookup; off on a cut
+    /// sliding-window cache, which cannot drop rejected cells).
+    pub speculative: bool,
 }
 
 
@@ -145,7 +153,7 @@ pub(super) fn load(settings: &EngineSettings) -> Result<Loaded, EngineError> {
         .with_n_batch(MAX_BATCH as u32)
         .with_n_ubatch(MAX_UBATCH as u32)
         .with_n_seq_max(parallel)
-        .with_kv_unified(false)
+        .with_kv_unified(true)
         .with_swa_full(settings.swa_full)
         .with_n_threads(threads as i32)
         .with_n_threads_batch(threads as i32);
@@ -159,14 +167,7 @@ pub(super) fn load(settings: &EngineSettings) -> Result<Loaded, EngineError> {
         .ok()
         .and_then(|v| v.trim().parse::<u32>().ok())
         .unwrap_or(0);
-    let vocab = model.vocab();
-    let source = |name: Option<&str>| model.chat_template(name).ok().and_then(|t| t.to_string().ok());
-    let texts = TemplateTexts {
-        chat: source(None),
-        tool_use: source(Some("tool_use")),
-        bos: token_text(model, vocab.bos()),
-        eos: token_text(model, vocab.eos()),
-    };
+    let texts = template_texts(model);
     let renderer = Renderer::new(settings.chat_format, &texts, &architecture).map_err(EngineError::Template)?;
     let info = ModelInfo {
         model_path: settings.model_path.display().to_string(),
@@ -186,9 +187,23 @@ pub(super) fn load(settings: &EngineSettings) -> Result<Loaded, EngineError> {
         slots: parallel,
         max_step_ms: settings.max_step_ms,
         sliding_window_full: settings.swa_full,
+        speculative: settings.speculative && !(sliding_window > 0 && !settings.swa_full),
     };
     tracing::info!(?info, "model loaded");
     Ok(Loaded { model, ctx, renderer, info, n_ctx_seq, swa_limited: sliding_window > 0 && !settings.swa_full })
+}
+
+/// What the GGUF says about its prompts: its templates and the text of its
+/// BOS and EOS tokens.
+pub(super) fn template_texts(model: &LlamaModel) -> TemplateTexts {
+    let vocab = model.vocab();
+    let source = |name: Option<&str>| model.chat_template(name).ok().and_then(|t| t.to_string().ok());
+    TemplateTexts {
+        chat: source(None),
+        tool_use: source(Some("tool_use")),
+        bos: token_text(model, vocab.bos()),
+        eos: token_text(model, vocab.eos()),
+    }
 }
 
 /// A token's text as the vocabulary stores it (empty when it has none).

@@ -16,6 +16,7 @@ use llama_cpp_2::token::LlamaToken;
 use crate::prompt::{segments, Message};
 
 use super::admission::Admission;
+use super::identity::Identity;
 use super::model::token_text;
 use super::request::EngineError;
 use super::slots::SlotTable;
@@ -26,6 +27,7 @@ pub struct Probe<'a> {
     pub(super) model: &'static LlamaModel,
     pub(super) ctx: &'a mut LlamaContext<'static>,
     pub(super) slots: &'a mut SlotTable,
+    pub(super) identity: &'a mut Identity,
     pub(super) steering: &'a mut Steering,
     pub(super) admission: &'a Admission,
 }
@@ -43,7 +45,7 @@ impl Probe<'_> {
         let dir = self.steering.folder().ok_or_else(|| unavailable(self.steering))?.to_path_buf();
         let (model_ptr, threads) = self.steering.job_parts().ok_or_else(|| unavailable(self.steering))?;
         let mut job = VectorJob::new(self.model, model_ptr, threads, dir.clone())?;
-        while !job.slice()? {
+        while !job.slice(&mut || {})? {
             let (done, all) = job.progress();
             progress(done, all);
         }
@@ -55,8 +57,12 @@ impl Probe<'_> {
     /// Finish steering's setup now (identify the model, load its vectors).
     /// Computing missing vectors only happens when the settings ask for it.
     pub fn settle_steering(&mut self) {
+        self.identity.settle();
+        if let Some(sha256) = self.identity.sha256() {
+            self.steering.identified(self.model, sha256);
+        }
         while self.steering.busy() {
-            self.steering.setup_slice(self.model);
+            self.steering.setup_slice(&mut || {});
         }
     }
 

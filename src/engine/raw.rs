@@ -13,6 +13,8 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use serde::Serialize;
 
+use crate::prompt::{segments, Message, Renderer};
+
 use super::{EngineError, EngineSettings};
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -24,11 +26,12 @@ pub struct RawSpeed {
 }
 
 /// Read `prompt` (chunks of `chunk` tokens); then, from an empty cache,
-/// read `short_prompt` and decode `decode_tokens` after it.
+/// read `short` (rendered with the model's own template, as the server
+/// would) and decode `decode_tokens` after it.
 pub fn raw_speed(
     settings: &EngineSettings,
     prompt: &str,
-    short_prompt: &str,
+    short: &[Message],
     chunk: usize,
     decode_tokens: usize,
 ) -> Result<RawSpeed, EngineError> {
@@ -59,7 +62,11 @@ pub fn raw_speed(
     let prompt_s = started.elapsed().as_secs_f64();
     // Decode speed after a short prompt, as the server is measured.
     ctx.clear_kv_cache();
-    let short = model.vocab().tokenize(short_prompt.as_bytes(), true, true);
+    let texts = super::model::template_texts(&model);
+    let architecture = model.meta_val_str("general.architecture").unwrap_or_default();
+    let renderer = Renderer::new(settings.chat_format, &texts, &architecture).map_err(EngineError::Template)?;
+    let short_text = segments::joined(&renderer.render(short, None).map_err(EngineError::Template)?);
+    let short = model.vocab().tokenize(short_text.as_bytes(), true, true);
     batch.clear();
     for (i, &t) in short.iter().enumerate() {
         batch.add(t, i as i32, &[0], i + 1 == short.len()).map_err(|e| EngineError::Decode(e.to_string()))?;

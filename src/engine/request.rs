@@ -20,6 +20,10 @@ pub struct SamplingParams {
     pub top_k: u32,
     pub min_p: f64,
     pub repeat_penalty: f64,
+    /// OpenAI's penalties (0 = none): for a token already present, and per
+    /// time it was seen, over the last 64 tokens.
+    pub presence_penalty: f64,
+    pub frequency_penalty: f64,
     pub seed: u32,
 }
 
@@ -36,6 +40,32 @@ pub struct GenerationRequest {
     /// For a polled stream, how recently its reader showed up; None when a
     /// client waits on the call itself (`generate`, `function_call`).
     pub interest: Option<Interest>,
+    /// Strings that end the reply (besides the template's turn markers).
+    pub stop: Vec<String>,
+    /// Speculative decoding for this request (when the engine has it on).
+    pub speculative: bool,
+    /// The expected reply (OpenAI's predicted outputs), a source of drafts.
+    pub prediction: Option<String>,
+    /// Report each reply token's log-probability, with this many of the
+    /// most likely alternatives (None: no log-probabilities).
+    pub logprobs: Option<usize>,
+}
+
+/// A reply token's log-probability (OpenAI's `logprobs.content` entry),
+/// from the model's distribution before sampling settings apply.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
 }
 
 /// A grammar for one reply.
@@ -129,6 +159,10 @@ pub struct Usage {
     /// Prompt tokens served from the slot's KV cache instead of decoded.
     pub cached_tokens: u32,
     pub completion_tokens: u32,
+    /// Draft tokens decoded (speculative decoding), and how many of them
+    /// the model's own samples confirmed.
+    pub draft_tokens: u32,
+    pub accepted_tokens: u32,
 }
 
 /// A finished generation.
@@ -136,9 +170,62 @@ pub struct Usage {
 pub struct Completion {
     pub text: String,
     pub finish_reason: FinishReason,
+    /// The request's stop string that ended the reply, if one did.
+    pub stop_sequence: Option<String>,
     pub usage: Usage,
     /// Old turns were dropped to fit the context.
     pub truncated: bool,
+    pub timings: Timings,
+    /// Per reply token, when asked for.
+    pub logprobs: Option<Vec<TokenLogprob>>,
+}
+
+/// Where a generation's time went (llama-server's `timings`, Ollama's
+/// durations), in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Timings {
+    /// From the engine taking the request to a slot starting it.
+    pub queue_ms: f64,
+    /// Prompt tokens decoded, and those served from the cache instead.
+    pub prompt_computed_tokens: u32,
+    pub prompt_cached_tokens: u32,
+    /// From the slot starting it to the first reply token's logits.
+    pub prompt_ms: f64,
+    pub prompt_tokens_per_s: f64,
+    /// From the engine taking the request to the first reply token.
+    pub time_to_first_token_ms: f64,
+    /// From the first reply token to the last, and the pace of the tokens
+    /// after the first.
+    pub reply_tokens: u32,
+    pub reply_ms: f64,
+    pub reply_tokens_per_s: f64,
+    /// queue + prompt + reply.
+    pub total_ms: f64,
+}
+
+impl Timings {
+    /// From the moments a job went through (a moment not reached yet is
+    /// the next one reached, so the parts always add up to the total).
+    pub fn of(admitted: Instant, started: Option<Instant>, first_token: Option<Instant>, end: Instant, usage: &Usage) -> Timings {
+        let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1000.0;
+        let started = started.unwrap_or(end);
+        let first = first_token.unwrap_or(end).max(started);
+        let computed = usage.prompt_tokens.saturating_sub(usage.cached_tokens);
+        let per_s = |n: u32, ms: f64| if ms > 0.0 { n as f64 * 1000.0 / ms } else { 0.0 };
+        let (queue_ms, prompt_ms, reply_ms) = (ms(admitted, started), ms(started, first), ms(first, end));
+        Timings {
+            queue_ms,
+            prompt_computed_tokens: computed,
+            prompt_cached_tokens: usage.cached_tokens,
+            prompt_ms,
+            prompt_tokens_per_s: per_s(computed, prompt_ms),
+            time_to_first_token_ms: queue_ms + prompt_ms,
+            reply_tokens: usage.completion_tokens,
+            reply_ms,
+            reply_tokens_per_s: per_s(usage.completion_tokens.saturating_sub(1), reply_ms),
+            total_ms: queue_ms + prompt_ms + reply_ms,
+        }
+    }
 }
 
 /// What a generation reports as it runs. Exactly one `Done` or `Failed` ends

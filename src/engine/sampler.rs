@@ -37,8 +37,14 @@ struct GrammarSampler {
 impl JobSampler {
     pub fn new(model: &LlamaModel, p: &SamplingParams, grammar: Option<&Grammar>) -> Result<JobSampler, EngineError> {
         let mut chain = Vec::new();
-        if (p.repeat_penalty - 1.0).abs() > f64::EPSILON {
-            chain.push(LlamaSampler::penalties(model.n_vocab(), PENALTY_LAST_N, p.repeat_penalty as f32, 0.0, 0.0));
+        if (p.repeat_penalty - 1.0).abs() > f64::EPSILON || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            chain.push(LlamaSampler::penalties(
+                model.n_vocab(),
+                PENALTY_LAST_N,
+                p.repeat_penalty as f32,
+                p.frequency_penalty as f32,
+                p.presence_penalty as f32,
+            ));
         }
         if p.temperature <= 0.0 {
             chain.push(LlamaSampler::greedy());

@@ -1,11 +1,15 @@
 //! [`Engine`]: the owner of llama.cpp (model, context) and the loop that
-//! steps every running generation one batch at a time on the runtime's one
-//! thread.
+//! steps every running generation one batch at a time, on the thread that
+//! loaded the model.
 //!
-//! Each turn of the loop takes the commands that arrived, reaps cancelled
-//! jobs, gives queued jobs slots ([`SlotTable`]), does a slice of setup
-//! work (steering), sets the mood's steering blend, runs one
-//! [`DecodeStep`], and yields so MCP requests are answered between tokens.
+//! [`Engine::drive`] is that loop. Each turn runs the runtime's tasks
+//! (requests are read, answered and written), takes the commands that
+//! arrived, reaps cancelled jobs, gives queued jobs slots ([`SlotTable`]),
+//! does a slice of background work when its share allows, sets the mood's
+//! steering blend, and runs one [`DecodeStep`]. Inside a long step the
+//! runtime's tasks run too, between the step's graph nodes, so a request
+//! never waits for a prompt chunk to finish. The engine itself is not a
+//! task: nothing the tasks do can reach it except through its channel.
 //! A slot remembers the tokens in its cells, so a prompt that extends an
 //! earlier one only decodes the new suffix.
 
@@ -13,24 +17,35 @@ use std::marker::PhantomData;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::thread::ThreadId;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::model::LlamaModel;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use super::admission::Admission;
 use super::handle::{Command, EngineHandle, EngineLoad, SteeringSource};
+use super::identity::Identity;
 use super::model::{self, EngineSettings};
-use super::planner::StepBudget;
+use super::planner::StepPlanner;
 use super::probes::Probe;
 use super::request::{EngineError, GenerationEvent};
 use super::slots::SlotTable;
 use super::steering::Steering;
 use super::step::DecodeStep;
+use super::sys::RawPtrs;
 
-/// Yields between two decode steps (a yield costs microseconds).
-const YIELDS_PER_STEP: usize = 8;
+/// Yields that let the runtime's tasks run their course (read, dispatch,
+/// answer, write: each hop is a task woken in turn, one yield lets one
+/// round run; a yield costs microseconds).
+const YIELDS_PER_TURN: usize = 8;
+/// Inside a step, the runtime's tasks run at most this often.
+const ANSWER_EVERY: Duration = Duration::from_millis(5);
+/// Background work (identifying the model, computing its vectors) takes at
+/// most this share of the engine's time while generations run or wait; an
+/// idle engine gives it all.
+const BACKGROUND_SHARE: f64 = 0.08;
 
 /// The owner of llama.cpp. `!Send` by construction (see `_not_send`).
 pub struct Engine {
@@ -38,21 +53,30 @@ pub struct Engine {
     owner: ThreadId,
     model: &'static LlamaModel,
     ctx: LlamaContext<'static>,
+    /// The model's and context's raw pointers, when llama-cpp-2's layout
+    /// passed the startup check (steering and answering inside a step need them).
+    ptrs: Option<RawPtrs>,
     /// Requests become jobs here (render, tokenise, fit, sampler).
     admission: Admission,
     slots: SlotTable,
+    /// One batch at a time, with what steps cost and how drafts fare.
     step: DecodeStep,
-    budget: StepBudget,
     /// Tokens one sequence may hold.
     n_ctx_seq: usize,
     commands: mpsc::UnboundedReceiver<Command>,
     /// Set by a step that decoded something; cleared when the engine, idle
     /// again, has handed the memory its work no longer needs back to the OS.
     worked_since_trim: bool,
+    /// Which model file this is (names its cache folders).
+    identity: Identity,
     /// Emotion steering: control vectors on the context.
     steering: Steering,
     /// Where the mood's steering coefficients are read.
     steering_source: Option<SteeringSource>,
+    /// Milliseconds spent on generations and on background work (decayed),
+    /// to keep background work to its share.
+    foreground_ms: f64,
+    background_ms: f64,
     /// The server is shutting down: every generation ends as cancelled.
     closing: bool,
     /// Raw pointers are neither Send nor Sync: this makes `Engine` `!Send`.
@@ -64,8 +88,12 @@ impl Engine {
     /// from then on is the only thread that may touch them.
     pub fn load(settings: &EngineSettings) -> Result<(Engine, EngineHandle), EngineError> {
         let loaded = model::load(settings)?;
+        let ptrs = RawPtrs::recover(loaded.model, &loaded.ctx);
+        if let Err(e) = &ptrs {
+            tracing::warn!("llama-cpp-2's internals did not pass the startup check ({e}): no steering, and requests wait for long steps");
+        }
         let threads = loaded.info.threads as i32;
-        let steering = Steering::new(settings.steering.clone(), loaded.model, &loaded.ctx, &settings.model_path, threads);
+        let steering = Steering::new(settings.steering.clone(), loaded.model, ptrs.clone(), threads);
         let (tx, rx) = mpsc::unbounded_channel();
         let waiting = Arc::new(AtomicUsize::new(0));
         let parallel = loaded.info.slots;
@@ -73,15 +101,24 @@ impl Engine {
             owner: std::thread::current().id(),
             model: loaded.model,
             ctx: loaded.ctx,
-            admission: Admission::new(loaded.model, loaded.renderer, loaded.n_ctx_seq, settings.truncate_overflow),
+            ptrs: ptrs.as_ref().ok().copied(),
+            admission: Admission::new(
+                loaded.model,
+                loaded.renderer,
+                loaded.n_ctx_seq,
+                settings.truncate_overflow,
+                loaded.info.speculative,
+            ),
             slots: SlotTable::new(parallel, Arc::clone(&waiting), loaded.swa_limited),
-            step: DecodeStep::new(parallel),
-            budget: StepBudget::new(settings.max_step_ms),
+            step: DecodeStep::new(parallel, StepPlanner::new(settings.max_step_ms, ptrs.is_ok()), loaded.info.speculative),
             n_ctx_seq: loaded.n_ctx_seq,
             commands: rx,
             worked_since_trim: false,
+            identity: Identity::start(&settings.model_path, &settings.cache_dir),
             steering,
             steering_source: None,
+            foreground_ms: 0.0,
+            background_ms: 0.0,
             closing: false,
             _not_send: PhantomData,
         };
@@ -98,55 +135,94 @@ impl Engine {
         );
     }
 
-    /// Serve commands until every handle is dropped. Yields after each step.
-    pub async fn run(mut self) {
-        loop {
-            if self.slots.is_idle() && !self.steering.busy() {
-                if std::mem::take(&mut self.worked_since_trim) {
-                    // Sampling and grammar temporaries over a large
-                    // vocabulary are megabytes each; glibc keeps freed heap
-                    // pages, so a finished tool would hold them for good.
-                    super::sys::release_free_heap();
-                }
-                match self.commands.recv().await {
+    /// Drive the engine on this thread, with the runtime's tasks run between
+    /// steps and inside them, until `stop` is cancelled or every handle is
+    /// gone. Then every generation still running ends as cancelled.
+    pub fn drive(mut self, runtime: &tokio::runtime::Runtime, local: &tokio::task::LocalSet, stop: &CancellationToken) {
+        let mut last = Instant::now();
+        let mut answer_requests = || {
+            if last.elapsed() >= ANSWER_EVERY {
+                local.block_on(runtime, yield_rounds());
+                last = Instant::now();
+            }
+        };
+        while local.block_on(runtime, self.next_turn(stop)) {
+            self.turn(&mut answer_requests);
+        }
+        self.assert_owner_thread();
+        self.slots.cancel_all(&mut self.ctx);
+    }
+
+    /// Let the runtime's tasks run; when there is nothing to do, wait for a
+    /// command. Takes every command that arrived. False: stop.
+    async fn next_turn(&mut self, stop: &CancellationToken) -> bool {
+        yield_rounds().await;
+        if self.slots.is_idle() && !self.background_busy() {
+            if std::mem::take(&mut self.worked_since_trim) {
+                // Sampling and grammar temporaries over a large
+                // vocabulary are megabytes each; glibc keeps freed heap
+                // pages, so a finished tool would hold them for good.
+                super::sys::release_free_heap();
+            }
+            tokio::select! {
+                command = self.commands.recv() => match command {
                     Some(command) => self.handle(command),
-                    None => break,
-                }
+                    None => return false,
+                },
+                _ = stop.cancelled() => return false,
             }
-            loop {
-                match self.commands.try_recv() {
-                    Ok(command) => self.handle(command),
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => {
-                        self.assert_owner_thread();
-                        self.slots.cancel_all(&mut self.ctx);
-                        return;
-                    }
-                }
+        }
+        loop {
+            match self.commands.try_recv() {
+                Ok(command) => self.handle(command),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => return false,
             }
-            self.assert_owner_thread();
-            let now = Instant::now();
-            self.slots.reap_cancelled(&mut self.ctx);
-            self.slots.assign(now, &mut self.ctx);
-            if self.steering.busy() {
-                self.steering.setup_slice(self.model);
+        }
+        !stop.is_cancelled()
+    }
+
+    /// One turn of work: reap, assign, background work within its share,
+    /// steering, one decode step.
+    fn turn(&mut self, answer_requests: &mut dyn FnMut()) {
+        self.assert_owner_thread();
+        let now = Instant::now();
+        self.slots.reap_cancelled(&mut self.ctx);
+        self.slots.assign(now, &mut self.ctx);
+        let idle = self.slots.is_idle();
+        if self.background_busy() && (idle || self.background_ms <= BACKGROUND_SHARE * self.foreground_ms) {
+            let started = Instant::now();
+            self.background_slice(answer_requests);
+            self.background_ms += started.elapsed().as_secs_f64() * 1000.0;
+        }
+        if let (true, Some(source)) = (self.steering.is_on(), &self.steering_source) {
+            self.steering.apply(source());
+        }
+        let llama = (&mut self.ctx, self.ptrs.map(|p| p.ctx), self.model);
+        let report = self.step.run(now, &mut self.slots, llama, self.n_ctx_seq, answer_requests);
+        if report.rows > 0 {
+            self.worked_since_trim = true;
+            self.foreground_ms += report.elapsed_ms;
+        }
+        // The share is over recent time, not the whole life.
+        self.foreground_ms *= 0.995;
+        self.background_ms *= 0.995;
+    }
+
+    /// Background work is left: identifying the model, computing its vectors.
+    fn background_busy(&self) -> bool {
+        self.identity.busy() || self.steering.busy() || (self.steering.wants_identity() && !self.identity.busy())
+    }
+
+    fn background_slice(&mut self, answer_requests: &mut dyn FnMut()) {
+        if self.identity.busy() {
+            self.identity.slice();
+        } else if self.steering.wants_identity() {
+            if let Some(sha256) = self.identity.sha256() {
+                self.steering.identified(self.model, sha256);
             }
-            if let (true, Some(source)) = (self.steering.is_on(), &self.steering_source) {
-                self.steering.apply(source());
-            }
-            let report = self.step.run(now, &mut self.slots, &self.budget, &mut self.ctx, self.model, self.n_ctx_seq);
-            if report.rows > 0 {
-                self.worked_since_trim = true;
-                if report.prompt_rows > 0 {
-                    self.budget.observe(report.rows, report.elapsed_ms);
-                }
-            }
-            // Let every request that arrived during the step run its course
-            // (read, dispatch, answer, write) before the next step: each hop
-            // is a task woken in turn, and one yield only lets one round run.
-            for _ in 0..YIELDS_PER_STEP {
-                tokio::task::yield_now().await;
-            }
+        } else if self.steering.busy() {
+            self.steering.setup_slice(answer_requests);
         }
     }
 
@@ -184,7 +260,11 @@ impl Engine {
 
     fn load_report(&self) -> EngineLoad {
         let (active, queued, cached_tokens, slots) = self.slots.report(&self.ctx);
-        EngineLoad { active, queued, cached_tokens, slots, steering: self.steering.report() }
+        let mut steering = self.steering.report();
+        if let (true, Some((done, all))) = (self.steering.wants_identity(), self.identity.progress()) {
+            steering.reason = Some(format!("identifying the model file (sha256, {done} of {all} MiB)"));
+        }
+        EngineLoad { active, queued, cached_tokens, slots, steering }
     }
 
     /// The measurements' access to this engine (it is not serving: the
@@ -195,8 +275,16 @@ impl Engine {
             model: self.model,
             ctx: &mut self.ctx,
             slots: &mut self.slots,
+            identity: &mut self.identity,
             steering: &mut self.steering,
             admission: &self.admission,
         }
+    }
+}
+
+/// A few rounds of yielding: every task woken meanwhile runs its course.
+async fn yield_rounds() {
+    for _ in 0..YIELDS_PER_TURN {
+        tokio::task::yield_now().await;
     }
 }

@@ -117,6 +117,7 @@ impl SlotTable {
             if !job.started {
                 job.usage.cached_tokens = self.slots[i].cached.len() as u32;
                 job.started = true;
+                job.started_at = Some(now);
                 self.waiting.fetch_sub(1, Ordering::Relaxed);
             }
             self.tick += 1;
@@ -155,6 +156,17 @@ impl SlotTable {
         }
         tracing::debug!(seq = slot.seq, tokens = job.prompt.len(), "an unread stream yields its slot");
         self.queue.push_back(job);
+    }
+
+    /// Remove slot `i`'s cells at positions `keep..written` (a draft's
+    /// rejected tokens; `cached` already holds `keep` tokens). A cache that
+    /// cannot drop them fails the job rather than keep cells it does not
+    /// account for.
+    pub fn drop_tail(&mut self, i: usize, keep: usize, written: usize, ctx: &mut LlamaContext) {
+        let seq = self.slots[i].seq as u32;
+        if keep < written && !matches!(ctx.clear_kv_cache_seq(Some(seq), Some(keep as u32), None), Ok(true)) {
+            self.fail(i, EngineError::Decode("the KV cache could not drop a draft's rejected cells".into()), ctx);
+        }
     }
 
     /// End the job on slot `i` (finished): its prompt stays as cache.

@@ -3,30 +3,25 @@
 //! blend Σ coefficient × direction on the context whenever the mood's
 //! coefficients moved by more than [`RESET_THRESHOLD`] since the last set.
 //!
-//! Every piece of setup is done in small slices, one per engine loop turn,
-//! so MCP requests are answered meanwhile: hashing the model file (16 MiB a
-//! slice) to name its cache folder, then, when vectors are missing and
-//! `steering = "auto"`, decoding the contrastive pairs one text a slice on a
-//! small second context that captures every layer's output.
+//! Setup is background work, done in slices (see the engine's loop): the
+//! cache folder is named by the model's identity (its sha256, known once
+//! [`super::identity`] has it), and when vectors are missing and
+//! `steering = "auto"`, the contrastive pairs are decoded one text a slice
+//! on a small second context that captures every layer's output.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 
-use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_sys_2 as ffi;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
-use super::sys::{self, CaptureContext};
+use super::sys::{self, CaptureContext, RawPtrs};
 use super::vectors::{self, DirectionSet, QUADRANTS};
 
 /// Coefficients are set again when one moved by more than this.
 const RESET_THRESHOLD: f32 = 0.01;
-/// Bytes of the model file hashed per slice.
-const HASH_SLICE: usize = 16 << 20;
 /// Context size of the capture context (a pair's text is far shorter).
 const CAPTURE_CTX: u32 = 256;
 
@@ -138,13 +133,14 @@ impl VectorJob {
         &self.dest
     }
 
-    /// Decode one text. Returns true when every pair has been read.
-    pub fn slice(&mut self) -> Result<bool, String> {
+    /// Decode one text (`between` runs between its graph nodes). Returns
+    /// true when every pair has been read.
+    pub fn slice(&mut self, between: &mut dyn FnMut()) -> Result<bool, String> {
         let Some((q, pos, neg)) = self.texts.get(self.next) else { return Ok(true) };
         match self.pending.take() {
-            None => self.pending = Some(self.capture.hidden_states(pos)?),
+            None => self.pending = Some(self.capture.hidden_states(pos, between)?),
             Some(positive) => {
-                let negative = self.capture.hidden_states(neg)?;
+                let negative = self.capture.hidden_states(neg, between)?;
                 let diff = positive
                     .iter()
                     .zip(&negative)
@@ -176,7 +172,8 @@ impl VectorJob {
 
 enum State {
     Off(String),
-    Hashing { file: std::fs::File, hasher: Sha256, buf: Vec<u8>, done: u64, total: u64 },
+    /// Waiting for the model's identity, which names the cache folder.
+    Identifying,
     Computing(Box<VectorJob>),
     On { sets: Box<[DirectionSet; 4]>, applied: Option<[f32; 4]> },
 }
@@ -197,8 +194,8 @@ pub struct Steering {
 
 impl Steering {
     /// Decide how to start: off (and why), straight to loading a configured
-    /// folder, or identifying the model to find its cached vectors.
-    pub fn new(settings: SteeringSettings, model: &LlamaModel, ctx: &LlamaContext, model_path: &Path, threads: i32) -> Steering {
+    /// folder, or waiting for the model's identity to find its cached vectors.
+    pub fn new(settings: SteeringSettings, model: &LlamaModel, ptrs: Result<RawPtrs, String>, threads: i32) -> Steering {
         let n_embd = model.n_embd() as usize;
         let n_layer = model.n_layer() as usize;
         let layers = settings.layers.unwrap_or_else(|| default_layers(n_layer));
@@ -213,14 +210,14 @@ impl Steering {
             threads,
             dir: None,
         };
-        s.state = s.start(model, ctx, model_path);
+        s.state = s.start(ptrs);
         if let State::Off(reason) = &s.state {
             tracing::info!("emotion steering is off: {reason}");
         }
         s
     }
 
-    fn start(&mut self, model: &LlamaModel, ctx: &LlamaContext, model_path: &Path) -> State {
+    fn start(&mut self, ptrs: Result<RawPtrs, String>) -> State {
         if !self.settings.enabled {
             return State::Off("emotion.steering = \"off\"".into());
         }
@@ -231,11 +228,10 @@ impl Steering {
                 self.n_layer - 1
             ));
         }
-        let pointers = sys::model_ptr(model).and_then(|m| Ok((m, sys::context_ptr(ctx, m)?)));
-        match pointers {
-            Ok((m, c)) => {
-                self.model_ptr = Some(m);
-                self.ctx_ptr = Some(c);
+        match ptrs {
+            Ok(p) => {
+                self.model_ptr = Some(p.model);
+                self.ctx_ptr = Some(p.ctx);
             }
             Err(e) => {
                 tracing::warn!("emotion steering turned itself off: {e}");
@@ -246,13 +242,37 @@ impl Steering {
             self.dir = Some(dir.clone());
             return self.load(&dir);
         }
-        match std::fs::File::open(model_path) {
-            Ok(file) => {
-                let total = file.metadata().map(|m| m.len()).unwrap_or(0);
-                State::Hashing { file, hasher: Sha256::new(), buf: vec![0u8; HASH_SLICE], done: 0, total }
-            }
-            Err(e) => State::Off(format!("cannot read the model file to identify it: {e}")),
+        State::Identifying
+    }
+
+    /// Waiting for the model's identity (to find its cached vectors).
+    pub fn wants_identity(&self) -> bool {
+        matches!(self.state, State::Identifying)
+    }
+
+    /// The model is identified (its sha256), or cannot be: load its cached
+    /// vectors, or start computing them when missing and allowed.
+    pub fn identified(&mut self, model: &LlamaModel, sha256: Result<&str, &str>) {
+        if !self.wants_identity() {
+            return;
         }
+        let state = match sha256 {
+            Ok(hash) => {
+                let dir = self.settings.cache_dir.join("vectors").join(hash);
+                self.dir = Some(dir.clone());
+                let complete = QUADRANTS.iter().all(|q| dir.join(format!("{q}.gguf")).exists());
+                if complete || !self.settings.compute_missing {
+                    self.load(&dir)
+                } else {
+                    self.compute(model, dir)
+                }
+            }
+            Err(why) => State::Off(why.to_string()),
+        };
+        if let State::Off(reason) = &state {
+            tracing::warn!("emotion steering is off: {reason}");
+        }
+        self.state = state;
     }
 
     fn load(&mut self, dir: &Path) -> State {
@@ -265,53 +285,17 @@ impl Steering {
         }
     }
 
-    /// Setup work is left (the engine keeps stepping while it is).
+    /// Vectors are being computed (background work is left).
     pub fn busy(&self) -> bool {
-        matches!(self.state, State::Hashing { .. } | State::Computing(_))
+        matches!(self.state, State::Computing(_))
     }
 
-    /// One slice of setup work.
-    pub fn setup_slice(&mut self, model: &LlamaModel) {
-        enum Next {
-            Continue,
-            Found(PathBuf),
-            Finished,
-            Off(String),
-        }
-        let next = match &mut self.state {
-            State::Hashing { file, hasher, buf, done, .. } => {
-                match file.read(buf) {
-                    Ok(0) => {
-                        let hash: String = std::mem::take(hasher).finalize().iter().map(|b| format!("{b:02x}")).collect();
-                        Next::Found(self.settings.cache_dir.join("vectors").join(hash))
-                    }
-                    Ok(n) => {
-                        hasher.update(&buf[..n]);
-                        *done += n as u64;
-                        Next::Continue
-                    }
-                    Err(e) => Next::Off(format!("cannot read the model file to identify it: {e}")),
-                }
-            }
-            State::Computing(job) => match job.slice() {
-                Ok(false) => Next::Continue,
-                Ok(true) => Next::Finished,
-                Err(e) => Next::Off(format!("computing the vectors failed: {e}")),
-            },
-            _ => Next::Continue,
-        };
-        let state = match next {
-            Next::Continue => return,
-            Next::Found(dir) => {
-                self.dir = Some(dir.clone());
-                let complete = QUADRANTS.iter().all(|q| dir.join(format!("{q}.gguf")).exists());
-                if complete || !self.settings.compute_missing {
-                    self.load(&dir)
-                } else {
-                    self.compute(model, dir)
-                }
-            }
-            Next::Finished => {
+    /// One slice of the computation (`between` runs between graph nodes).
+    pub fn setup_slice(&mut self, between: &mut dyn FnMut()) {
+        let State::Computing(job) = &mut self.state else { return };
+        let state = match job.slice(between) {
+            Ok(false) => return,
+            Ok(true) => {
                 let State::Computing(job) = std::mem::replace(&mut self.state, State::Off(String::new())) else {
                     return;
                 };
@@ -324,7 +308,7 @@ impl Steering {
                     Err(e) => State::Off(e),
                 }
             }
-            Next::Off(reason) => State::Off(reason),
+            Err(e) => State::Off(format!("computing the vectors failed: {e}")),
         };
         if let State::Off(reason) = &state {
             tracing::warn!("emotion steering is off: {reason}");
@@ -399,12 +383,7 @@ impl Steering {
     pub fn report(&self) -> SteeringReport {
         let (state, reason, applied, progress) = match &self.state {
             State::Off(reason) => ("off", Some(reason.clone()), None, None),
-            State::Hashing { done, total, .. } => (
-                "identifying",
-                Some(format!("identifying the model file (sha256, {} of {} MiB)", done >> 20, total >> 20)),
-                None,
-                None,
-            ),
+            State::Identifying => ("identifying", Some("identifying the model file (sha256)".to_string()), None, None),
             State::Computing(job) => {
                 let (done, all) = job.progress();
                 ("computing", Some(format!("computing this model's vectors ({done} of {all} texts read)")), None, Some(done as f64 / all.max(1) as f64))

@@ -1,71 +1,111 @@
 //! [`DecodeStep`]: one batch built from the slot table, one `decode`, and
-//! the samples it makes possible. A step carries the last sampled token of
-//! every generating slot and then prompt chunks, oldest job first, within
-//! the step's budget. While any work a client waits on exists, streams
-//! nobody reads pause (their tokens would only slow the batch down).
+//! the samples it makes possible. A step carries, for every generating
+//! slot, its last sampled token (and, when one pays, a draft of the tokens
+//! likely to follow: [`super::speculative`]), then prompt chunks, oldest job
+//! first, as many rows as the [`StepPlanner`] gives: few when somebody
+//! reads the tokens of this step (their pace comes first), a full chunk
+//! when only prompts are being read. While any work a client waits on
+//! exists, streams nobody reads pause (their tokens would only slow the
+//! batch down). The runtime's tasks run between the step's graph nodes, so
+//! requests are answered in the middle of a long step.
 
+use std::ptr::NonNull;
 use std::time::Instant;
 
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
+use llama_cpp_sys_2 as ffi;
 
-use super::planner::{StepBudget, MAX_BATCH, MIN_CHUNK};
+use super::planner::{Mode, StepPlanner, MAX_BATCH};
 use super::slots::SlotTable;
+use super::speculative::{lookup, Draft, Drafts, MAX_DRAFT};
+use super::sys;
 
-/// The batch one step decodes, kept between steps.
+/// The batch one step decodes, what steps cost, and how drafts fare: kept
+/// between steps.
 pub(super) struct DecodeStep {
     batch: LlamaBatch<'static>,
+    pub planner: StepPlanner,
+    pub drafts: Drafts,
+    /// Speculative decoding is on (`model.speculative = "auto"`) and the
+    /// KV cache can drop rejected cells (not a cut sliding-window cache).
+    speculative: bool,
 }
 
-/// What a step did, for the planner and the log.
+/// What a step did.
 pub(super) struct StepReport {
     /// Rows decoded (0: nothing to do).
     pub rows: usize,
-    pub prompt_rows: usize,
     pub elapsed_ms: f64,
 }
 
+/// A position (and the draft after it) whose logits a slot samples.
+struct Sample {
+    slot: usize,
+    /// Batch row of the first logits to sample.
+    row: i32,
+    /// Draft tokens decoded after it, each with its own row.
+    draft: Option<Draft>,
+}
+
 impl DecodeStep {
-    pub fn new(parallel: u32) -> DecodeStep {
-        DecodeStep { batch: LlamaBatch::new(MAX_BATCH, parallel as i32) }
+    pub fn new(parallel: u32, planner: StepPlanner, speculative: bool) -> DecodeStep {
+        DecodeStep { batch: LlamaBatch::new(MAX_BATCH, parallel as i32), planner, drafts: Drafts::default(), speculative }
     }
 
-    /// Build the step's batch, decode it, and sample every slot that now
-    /// has logits to sample from.
+    /// Build the step's batch, decode it (with `between` run between its
+    /// graph nodes, when the context's pointer is known), and sample every
+    /// slot that now has logits to sample from.
     pub fn run(
         &mut self,
         now: Instant,
         slots: &mut SlotTable,
-        budget: &StepBudget,
-        ctx: &mut LlamaContext<'static>,
-        model: &'static LlamaModel,
+        llama: (&mut LlamaContext<'static>, Option<NonNull<ffi::llama_context>>, &'static LlamaModel),
         n_ctx_seq: usize,
+        between: &mut dyn FnMut(),
     ) -> StepReport {
+        let (ctx, ctx_ptr, model) = llama;
         self.batch.clear();
         // Per slot: whether its job is attended (None: no job).
         let attended: Vec<Option<bool>> = slots.slots.iter().map(|s| s.job.as_ref().map(|j| j.attended(now))).collect();
         let urgent = attended.contains(&Some(true)) || slots.queue_attended(now);
         let paused: Vec<bool> = attended.iter().map(|a| urgent && *a == Some(false)).collect();
-        // (slot index, batch index) of every position whose logits we sample.
-        let mut sample_at: Vec<(usize, i32)> = Vec::new();
-        let mut generating = 0;
-        for (i, slot) in slots.slots.iter_mut().enumerate() {
-            if paused[i] {
-                continue;
-            }
+        let generating: Vec<usize> = (0..slots.slots.len())
+            .filter(|&i| !paused[i] && slots.slots[i].job.as_ref().is_some_and(|j| j.pending.is_some()))
+            .collect();
+        // Somebody reads the tokens of this step: keep their pace.
+        let cadence = generating.iter().any(|&i| attended[i] == Some(true));
+        let mut samples: Vec<Sample> = Vec::new();
+        let mut rows = generating.len();
+        for &i in &generating {
+            let draft = if self.speculative { self.draft_for(slots, i, rows, n_ctx_seq) } else { None };
+            let slot = &mut slots.slots[i];
             let Some(job) = slot.job.as_mut() else { continue };
             let Some(token) = job.pending.take() else { continue };
-            let pos = slot.cached.len() as i32;
-            if self.batch.add(token, pos, &[slot.seq], true).is_err() {
+            let pos = slot.cached.len();
+            let extra = draft.as_ref().map_or(0, |d| d.tokens.len());
+            if self.batch.n_tokens() as usize + 1 + extra > MAX_BATCH
+                || self.batch.add(token, pos as i32, &[slot.seq], true).is_err()
+            {
                 job.pending = Some(token);
                 continue;
             }
             slot.cached.push(token);
-            sample_at.push((i, self.batch.n_tokens() - 1));
-            generating += 1;
+            let row = self.batch.n_tokens() - 1;
+            if let Some(d) = &draft {
+                for (j, &t) in d.tokens.iter().enumerate() {
+                    // Room was checked above: these adds cannot fail.
+                    let _ = self.batch.add(t, (pos + 1 + j) as i32, &[slot.seq], true);
+                }
+                rows += d.tokens.len();
+            }
+            samples.push(Sample { slot: i, row, draft });
         }
-        let mut room = budget.tokens().saturating_sub(generating).max(MIN_CHUNK);
+        let drafting = samples.iter().any(|s| s.draft.is_some());
+        let mode = if cadence { Mode::Cadence } else { Mode::Throughput };
+        let mut room = self.planner.prompt_rows(mode, rows).min(MAX_BATCH - self.batch.n_tokens() as usize);
         let mut prefilling: Vec<(u64, usize)> = slots
             .slots
             .iter()
@@ -92,7 +132,7 @@ impl DecodeStep {
                 }
                 slot.cached.push(job.prompt[pos]);
                 if last {
-                    sample_at.push((i, self.batch.n_tokens() - 1));
+                    samples.push(Sample { slot: i, row: self.batch.n_tokens() - 1, draft: None });
                 }
             }
             let fed = slot.cached.len() - start;
@@ -101,37 +141,123 @@ impl DecodeStep {
         }
         let rows = self.batch.n_tokens() as usize;
         if rows == 0 {
-            return StepReport { rows: 0, prompt_rows: 0, elapsed_ms: 0.0 };
+            return StepReport { rows: 0, elapsed_ms: 0.0 };
         }
         let started = Instant::now();
-        if let Err(e) = ctx.decode(&mut self.batch) {
+        let batch = &mut self.batch;
+        let decoded = match ctx_ptr {
+            Some(ptr) => sys::decode_between_nodes(ptr, between, || ctx.decode(batch)),
+            None => ctx.decode(batch),
+        };
+        if let Err(e) = decoded {
             tracing::error!("decode failed: {e}");
             slots.fail_running(&e.to_string(), ctx);
-            return StepReport { rows, prompt_rows, elapsed_ms: f64::NAN };
+            return StepReport { rows, elapsed_ms: f64::NAN };
         }
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
-        tracing::trace!(rows, prompt_rows, elapsed_ms, "decode step");
-        for (i, batch_index) in sample_at {
-            sample_slot(slots, i, batch_index, ctx, model, n_ctx_seq);
+        tracing::trace!(rows, prompt_rows, elapsed_ms, ?mode, drafting, "decode step");
+        // Steps where every row has logits (decoding and drafts) cost more
+        // per row than prompt chunks: they are learned apart.
+        self.planner.observe(rows, elapsed_ms, prompt_rows == 0);
+        for sample in samples {
+            self.sample(slots, sample, ctx, model, n_ctx_seq);
         }
-        StepReport { rows, prompt_rows, elapsed_ms }
+        StepReport { rows, elapsed_ms }
     }
-}
 
-/// Sample slot `i`'s next token from the logits at `batch_index`, and end
-/// its job when that token finishes it.
-fn sample_slot(slots: &mut SlotTable, i: usize, batch_index: i32, ctx: &mut LlamaContext, model: &LlamaModel, n_ctx_seq: usize) {
-    let slot = &mut slots.slots[i];
-    let cells = slot.cached.len();
-    let Some(job) = slot.job.as_mut() else { return };
-    let finish = match job.sampler.sample(ctx, batch_index) {
-        Ok(token) => job.take_token(model, token, cells, n_ctx_seq),
-        Err(e) => {
-            slots.fail(i, e, ctx);
-            return;
+    /// A draft for generating slot `i`, sized to pay on this machine with
+    /// `rows` rows in the step so far; None when none does.
+    fn draft_for(&mut self, slots: &SlotTable, i: usize, rows: usize, n_ctx_seq: usize) -> Option<Draft> {
+        let slot = &slots.slots[i];
+        let job = slot.job.as_ref()?;
+        if !job.speculative {
+            return None;
         }
-    };
-    if let Some(reason) = finish {
-        slots.finish(i, reason, ctx);
+        let pending = job.pending?;
+        // Never past the token limit or the context: the last token there is sampled, not drafted.
+        let left = job.max_tokens.saturating_sub(job.usage.completion_tokens as usize + 1);
+        let room = n_ctx_seq.saturating_sub(slot.cached.len() + 2);
+        let max = MAX_DRAFT.min(left).min(room);
+        let mut history = Vec::with_capacity(slot.cached.len() + 1);
+        history.extend_from_slice(&slot.cached);
+        history.push(pending);
+        let mut draft = lookup(&history, &job.prediction, max)?;
+        let planner = &self.planner;
+        let k = self.drafts.choose(&draft, rows, |r| planner.predict_logits(r));
+        tracing::trace!(
+            found = draft.tokens.len(),
+            k,
+            ngram = draft.ngram,
+            acceptance = self.drafts.acceptance(draft.source, draft.ngram),
+            c1 = ?self.planner.predict_logits(rows),
+            c2 = ?self.planner.predict_logits(rows + 1),
+            c4 = ?self.planner.predict_logits(rows + 3),
+            "draft"
+        );
+        if k == 0 {
+            return None;
+        }
+        draft.tokens.truncate(k);
+        Some(draft)
+    }
+
+    /// Sample a slot's logits: the position after its last token, then, in
+    /// order, after each draft token while the samples agree with the
+    /// draft. The first disagreement is the next token; the cells of the
+    /// draft tokens after it are removed.
+    fn sample(&mut self, slots: &mut SlotTable, s: Sample, ctx: &mut LlamaContext, model: &LlamaModel, n_ctx_seq: usize) {
+        let i = s.slot;
+        let drafted: &[LlamaToken] = s.draft.as_ref().map_or(&[], |d| &d.tokens);
+        // Cells the step wrote for this slot: its token and the whole draft.
+        let written = slots.slots[i].cached.len() + drafted.len();
+        let mut accepted = 0;
+        let mut finish = None;
+        let mut failure = None;
+        {
+            let slot = &mut slots.slots[i];
+            let Some(job) = slot.job.as_mut() else { return };
+            for at in 0..=drafted.len() {
+                let row = s.row + at as i32;
+                let token = match job.sampler.sample(ctx, row) {
+                    Ok(token) => token,
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                };
+                if job.logprobs.is_some() {
+                    job.note_logprob(model, ctx.get_logits_ith(row), token);
+                }
+                finish = job.take_token(model, token, slot.cached.len(), n_ctx_seq);
+                if finish.is_some() {
+                    break;
+                }
+                match drafted.get(at) {
+                    // The draft holds: its cell is already computed.
+                    Some(&d) if d == token => {
+                        job.pending = None;
+                        slot.cached.push(d);
+                        accepted += 1;
+                    }
+                    // The sample is the next token to decode.
+                    _ => break,
+                }
+            }
+            if let Some(d) = &s.draft {
+                job.usage.draft_tokens += drafted.len() as u32;
+                job.usage.accepted_tokens += accepted as u32;
+                self.drafts.observe(d.source, d.ngram, drafted.len(), accepted);
+            }
+        }
+        if slots.slots[i].cached.len() < written {
+            // Rejected draft cells go.
+            let keep = slots.slots[i].cached.len();
+            slots.drop_tail(i, keep, written, ctx);
+        }
+        if let Some(e) = failure {
+            slots.fail(i, e, ctx);
+        } else if let Some(reason) = finish {
+            slots.finish(i, reason, ctx);
+        }
     }
 }

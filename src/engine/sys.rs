@@ -1,8 +1,9 @@
 //! The one file with `unsafe`: calls that no safe crate makes for us. Each
 //! block says why it is sound. Besides `malloc_trim`, these are the llama.cpp
 //! calls llama-cpp-2 does not wrap (control vectors, the eval callback, a
-//! context that has one), reached through raw pointers recovered from
-//! llama-cpp-2's types and checked against its safe API before any use.
+//! context that has one, and the callback ggml's CPU backend makes between
+//! graph nodes), reached through raw pointers recovered from llama-cpp-2's
+//! types and checked against its safe API before any use.
 
 /// Hand the heap's free pages back to the operating system.
 ///
@@ -112,6 +113,21 @@ pub fn context_ptr(ctx: &LlamaContext, model: NonNull<ffi::llama_model>) -> Resu
     Ok(ptr)
 }
 
+/// The raw pointers of the engine's model and context, recovered and
+/// checked once at load (see [`model_ptr`], [`context_ptr`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RawPtrs {
+    pub model: NonNull<ffi::llama_model>,
+    pub ctx: NonNull<ffi::llama_context>,
+}
+
+impl RawPtrs {
+    pub fn recover(model: &LlamaModel, ctx: &LlamaContext) -> Result<RawPtrs, String> {
+        let model_raw = model_ptr(model)?;
+        Ok(RawPtrs { model: model_raw, ctx: context_ptr(ctx, model_raw)? })
+    }
+}
+
 /// Set a control vector on the context: `data` holds `n_embd` floats per
 /// layer from layer 1 on (llama.cpp's layout), applied to layers
 /// `il_start..=il_end`. `None` clears it.
@@ -210,9 +226,10 @@ impl CaptureContext {
         Ok(CaptureContext { ctx, capture, n_ctx: n_ctx as usize })
     }
 
-    /// Decode `tokens` from an empty memory; each layer's output at the last
-    /// token (layers whose output was not seen are empty).
-    pub fn hidden_states(&mut self, tokens: &[LlamaToken]) -> Result<Vec<Vec<f32>>, String> {
+    /// Decode `tokens` from an empty memory, `between` run between graph
+    /// nodes; each layer's output at the last token (layers whose output was
+    /// not seen are empty).
+    pub fn hidden_states(&mut self, tokens: &[LlamaToken], between: &mut dyn FnMut()) -> Result<Vec<Vec<f32>>, String> {
         if tokens.is_empty() || tokens.len() > self.n_ctx {
             return Err(format!("a capture text must be 1 to {} tokens, not {}", self.n_ctx, tokens.len()));
         }
@@ -224,11 +241,12 @@ impl CaptureContext {
         // decoding a batch that borrows `ids` (alive across the call) are
         // ordinary uses; the callback writes into `self.capture`, which no
         // other reference touches during the decode.
-        let rc = unsafe {
-            ffi::llama_memory_clear(ffi::llama_get_memory(self.ctx.as_ptr()), true);
+        let ctx = self.ctx;
+        let rc = decode_between_nodes(ctx, between, || unsafe {
+            ffi::llama_memory_clear(ffi::llama_get_memory(ctx.as_ptr()), true);
             let batch = ffi::llama_batch_get_one(ids.as_mut_ptr(), ids.len() as i32);
-            ffi::llama_decode(self.ctx.as_ptr(), batch)
-        };
+            ffi::llama_decode(ctx.as_ptr(), batch)
+        });
         if rc != 0 {
             return Err(format!("capture decode failed ({rc})"));
         }
@@ -242,4 +260,51 @@ impl Drop for CaptureContext {
         // freed exactly once, here; the callback's data outlives the call.
         unsafe { ffi::llama_free(self.ctx.as_ptr()) }
     }
+}
+
+// ---------------------------------------------------------------------------
+// Work between graph nodes: ggml's CPU backend calls a context's "abort
+// callback" on the thread that called `llama_decode` (its first worker)
+// after every node of the graph. Elpis never aborts; it uses the call to
+// answer requests in the middle of a long step (see `step`).
+// ---------------------------------------------------------------------------
+
+/// What runs between graph nodes during one decode, and a panic it raised
+/// (carried out of the C callback, raised again after the decode).
+struct BetweenNodes<'a> {
+    work: &'a mut dyn FnMut(),
+    panic: Option<Box<dyn std::any::Any + Send>>,
+}
+
+extern "C" fn between_nodes(data: *mut c_void) -> bool {
+    // SAFETY: `data` is the `BetweenNodes` that `decode_between_nodes` lent
+    // for the length of one decode, on this same thread (ggml's first
+    // worker is the thread that called `llama_decode`); nothing else refers
+    // to it meanwhile.
+    let hook = unsafe { &mut *(data as *mut BetweenNodes) };
+    if hook.panic.is_none() {
+        // A panic must not unwind through C: keep it for later.
+        if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (hook.work)())) {
+            hook.panic = Some(panic);
+        }
+    }
+    false
+}
+
+/// Run `decode` (a `llama_decode` on `ctx`, or on a context `ctx` stands
+/// for) with `work` called between its graph nodes, on this thread.
+pub fn decode_between_nodes<T>(ctx: NonNull<ffi::llama_context>, work: &mut dyn FnMut(), decode: impl FnOnce() -> T) -> T {
+    let mut hook = BetweenNodes { work, panic: None };
+    // SAFETY: `ctx` is a live context of the engine's, checked by
+    // `context_ptr` (or created by `CaptureContext`); the callback and its
+    // data (`hook`, on this stack frame) stay valid until the callback is
+    // removed below, after the decode has returned.
+    unsafe { ffi::llama_set_abort_callback(ctx.as_ptr(), Some(between_nodes), (&mut hook as *mut BetweenNodes).cast()) };
+    let out = decode();
+    // SAFETY: as above; clearing leaves the context without a callback.
+    unsafe { ffi::llama_set_abort_callback(ctx.as_ptr(), None, std::ptr::null_mut()) };
+    if let Some(panic) = hook.panic {
+        std::panic::resume_unwind(panic);
+    }
+    out
 }

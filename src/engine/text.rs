@@ -12,8 +12,8 @@ pub struct TextDecoder {
     held: String,
     /// Strings that end the generation; never emitted.
     stops: Vec<String>,
-    /// Set once a stop string was seen; later pushes emit nothing.
-    stopped: bool,
+    /// Set once a stop string was seen (which one); later pushes emit nothing.
+    stopped: Option<usize>,
 }
 
 /// What one piece produced.
@@ -31,8 +31,13 @@ impl TextDecoder {
     }
 
     /// Add the bytes of one token piece.
+    /// The stop string that ended the text, once one did.
+    pub fn stopped_by(&self) -> Option<&str> {
+        self.stopped.map(|i| self.stops[i].as_str())
+    }
+
     pub fn push(&mut self, bytes: &[u8]) -> Decoded {
-        if self.stopped {
+        if self.stopped.is_some() {
             return Decoded { text: String::new(), stopped: true };
         }
         self.pending.extend_from_slice(bytes);
@@ -44,7 +49,7 @@ impl TextDecoder {
     /// The generation ended: hand out whatever is held (an incomplete
     /// character becomes U+FFFD).
     pub fn finish(&mut self) -> String {
-        if self.stopped {
+        if self.stopped.is_some() {
             return String::new();
         }
         if !self.pending.is_empty() {
@@ -58,10 +63,11 @@ impl TextDecoder {
     }
 
     fn release(&mut self) -> Decoded {
-        if let Some(at) = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min() {
+        let first = self.stops.iter().enumerate().filter_map(|(i, s)| self.held.find(s.as_str()).map(|at| (at, i))).min();
+        if let Some((at, i)) = first {
             let text = self.held[..at].to_string();
             self.held.clear();
-            self.stopped = true;
+            self.stopped = Some(i);
             return Decoded { text, stopped: true };
         }
         // Keep back the longest suffix that is a proper prefix of a stop string.
@@ -161,8 +167,10 @@ mod tests {
     #[test]
     fn earliest_of_several_stops_wins() {
         let mut d = TextDecoder::new(vec!["<b>".into(), "<a>".into()]);
+        assert_eq!(d.stopped_by(), None);
         let out = d.push(b"x<a>y<b>");
         assert_eq!(out, Decoded { text: "x".into(), stopped: true });
+        assert_eq!(d.stopped_by(), Some("<a>"));
     }
 
     #[test]

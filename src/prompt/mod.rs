@@ -12,16 +12,22 @@
 //!   forge a turn.
 //! - [`tools`]: tool specs from the wire, and the generic JSON-array call
 //!   format (prompt, schema, parser); [`native_tools`]: the model's own call
-//!   formats (Hermes, Llama 3, Mistral), their grammars and parsers.
+//!   formats (Hermes, Llama 3, Mistral), their grammars and parsers;
+//!   [`call_guard`]: what of a reply that may call tools can stream as text.
+//! - [`response_format`]: a reply that must be JSON (OpenAI's shape), and
+//!   the check that its schema is one the grammar enforces.
 
+pub mod call_guard;
 pub mod formats;
 pub mod message;
 pub mod native_tools;
 pub mod render;
+pub mod response_format;
 pub mod segments;
 pub mod template;
 pub mod tools;
 
+pub use call_guard::CallGuard;
 pub use formats::ChatFormat;
 pub use message::{Message, ROLES};
 pub use native_tools::{call_schema, reply_grammar, template_tools, triggers, NativeReply, NativeToolFormat};

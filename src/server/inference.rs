@@ -6,20 +6,20 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ModelConfig, ServerConfig, ToolFormat};
-use crate::emotion::{Modulation, EVENTS};
-use crate::engine::{
-    self, Completion, EngineHandle, FinishReason, Generation, GenerationEvent, GenerationRequest, Grammar, Interest,
-    SamplingParams,
-};
-use crate::prompt::{self, Message, NativeToolFormat, ROLES};
+use crate::emotion::EVENTS;
+use crate::engine::{self, Completion, EngineHandle, FinishReason, Generation, GenerationEvent, GenerationRequest, Interest};
+use crate::prompt::{self, CallGuard, Message, NativeToolFormat, ROLES};
+use crate::server::calls::{self, ToolUse};
+use crate::server::controls::{self, Used};
+use crate::server::metrics::Metrics;
 use crate::server::mood::Mood;
 use crate::server::streams::{StreamEnd, StreamRegistry};
-use crate::server::wire::{FunctionCallArgs, GenerateArgs, UpdateEmotionArgs};
+use crate::server::wire::{Controls, FunctionCallArgs, GenerateArgs, UpdateEmotionArgs};
 
 /// A failure reported to the client as `{"error": message}`.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -54,6 +54,18 @@ pub struct Inference {
     stream_idle: Duration,
     /// Generations that may wait for a slot (`server.max_queued`).
     max_queued: usize,
+    /// The cumulative figures of `elpis://metrics`.
+    metrics: Arc<Metrics>,
+}
+
+/// A generation request, validated, and what its result carries beyond text.
+struct Prepared {
+    request: GenerationRequest,
+    used: Used,
+    /// Tools the reply may call (`tools` given).
+    tools: Option<ToolUse>,
+    /// The reply must be JSON (`response_format`).
+    json: bool,
 }
 
 impl Inference {
@@ -66,6 +78,7 @@ impl Inference {
             defaults,
             stream_idle: Duration::from_secs_f64(limits.stream_idle_s),
             max_queued: limits.max_queued,
+            metrics: Arc::default(),
         }
     }
 
@@ -73,14 +86,17 @@ impl Inference {
         self.streams.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Validate and build the engine request; returns the sampling actually used.
+    /// Validate and build the engine request (messages, length, sampling
+    /// and the other controls); the sampling actually used comes with it.
     fn request(
         &self,
         messages: Vec<Message>,
         max_tokens: Option<i64>,
         temperature: Option<f64>,
         modulate: bool,
-    ) -> Result<(GenerationRequest, Modulation), ToolError> {
+        controls: &Controls,
+        stop: Option<&Vec<String>>,
+    ) -> Result<(GenerationRequest, Used), ToolError> {
         validate_messages(&messages)?;
         let context = self.engine.info().context_length;
         let max_tokens = match max_tokens {
@@ -91,32 +107,54 @@ impl Inference {
             // Beyond the context the generation stops at its end anyway.
             Some(n) => n.min(context as i64) as u32,
         };
-        let used = match temperature {
-            Some(t) if !t.is_finite() || !(0.0..=2.0).contains(&t) => {
-                return Err(ToolError(format!("temperature = {t} is out of range: expected 0 to 2 (0 = greedy)")));
-            }
-            Some(t) => Modulation { temperature: t, top_p: self.defaults.top_p },
-            None if modulate => self.mood.modulation(),
-            None => Modulation { temperature: self.defaults.temperature, top_p: self.defaults.top_p },
-        };
+        let used = controls::sampling(&self.defaults, || self.mood.modulation(), temperature, modulate, controls)?;
+        let stop = controls::stops(stop)?;
+        let prediction = controls::prediction(controls.prediction.as_ref())?;
         let waiting = self.engine.waiting();
         if waiting >= self.max_queued {
+            self.metrics.refused();
             return Err(ToolError(format!(
                 "busy: {waiting} generations are already waiting for a slot (server.max_queued = {}): \
                  try again when some have finished",
                 self.max_queued
             )));
         }
-        let seed = self.defaults.seed.unwrap_or_else(|| uuid::Uuid::new_v4().as_u128() as u32);
-        let sampling = SamplingParams {
-            temperature: used.temperature,
-            top_p: used.top_p,
-            top_k: self.defaults.top_k,
-            min_p: self.defaults.min_p,
-            repeat_penalty: self.defaults.repeat_penalty,
-            seed,
+        let request = GenerationRequest {
+            messages,
+            max_tokens,
+            sampling: used.sampling(),
+            grammar: None,
+            tools: None,
+            interest: None,
+            stop,
+            speculative: controls.speculative.unwrap_or(true),
+            prediction,
+            logprobs: controls::logprobs(controls)?,
         };
-        Ok((GenerationRequest { messages, max_tokens, sampling, grammar: None, tools: None, interest: None }, used))
+        Ok((request, used))
+    }
+
+    /// `generate` and `generate_stream_start` arguments, validated, with
+    /// their tools or JSON constraint set up.
+    async fn prepare(&self, args: GenerateArgs) -> Result<Prepared, ToolError> {
+        let modulate = args.modulation();
+        if args.tools.is_some() && args.response_format.is_some() {
+            return Err(ToolError("tools and response_format cannot be combined: give one of them".into()));
+        }
+        if args.tools.is_none() && args.tool_choice.is_some() {
+            return Err(ToolError("tool_choice needs tools: give the tools the model may call".into()));
+        }
+        let schema = prompt::response_format::schema(args.response_format.as_ref()).map_err(ToolError)?;
+        let (mut request, used) =
+            self.request(args.messages, args.max_tokens, args.temperature, modulate, &args.controls, args.stop.as_ref())?;
+        let tools = match &args.tools {
+            Some(tools) => Some(ToolUse::prepare(&self.engine, self.native_tools(), tools, args.tool_choice.as_ref(), &mut request).await?),
+            None => None,
+        };
+        if let Some(schema) = &schema {
+            calls::json_reply(&self.engine, schema, &mut request).await?;
+        }
+        Ok(Prepared { request, used, tools, json: schema.is_some() })
     }
 
     /// `generate`: run to the end (or until `cancel`), sending progress when asked.
@@ -126,89 +164,72 @@ impl Inference {
         cancel: CancellationToken,
         progress: Option<mpsc::UnboundedSender<Progress>>,
     ) -> Result<Value, ToolError> {
-        let modulate = args.modulation();
-        let (request, used) = self.request(args.messages, args.max_tokens, args.temperature, modulate)?;
-        let generation = self.engine.generate(request);
-        let completion = run_to_end(generation, cancel, progress).await?;
+        let Prepared { request, used, tools, json } = self.prepare(args).await?;
+        let mut guard = tools.as_ref().map(ToolUse::guard);
+        let completion = self.run(request, cancel, progress.as_ref(), guard.as_mut()).await?;
         if completion.finish_reason != FinishReason::Cancelled {
             self.mood.react_to_response(&completion.text);
         }
-        Ok(json!({
+        let extra = completion_fields(&completion, tools.as_ref(), json);
+        if let (Some(g), Some(p)) = (guard.as_mut(), &progress) {
+            // Held-back text that was no call after all goes out last.
+            let had_calls = extra.get("tool_calls").and_then(Value::as_array).is_some_and(|c| !c.is_empty());
+            let rest = g.finish(had_calls);
+            if !rest.is_empty() {
+                let _ = p.send((completion.usage.completion_tokens, rest));
+            }
+        }
+        let mut out = json!({
             "content": completion.text,
             "emotional_state": self.mood.snapshot(),
             "modulated_params": used,
-            "finish_reason": completion.finish_reason,
-            "usage": completion.usage,
-            "truncated": completion.truncated,
-        }))
+        });
+        if let Value::Object(map) = &mut out {
+            map.extend(extra);
+        }
+        Ok(out)
+    }
+
+    /// Queue `request` and drive it to its end, counted in the metrics.
+    async fn run(
+        &self,
+        request: GenerationRequest,
+        cancel: CancellationToken,
+        progress: Option<&mpsc::UnboundedSender<Progress>>,
+        guard: Option<&mut CallGuard>,
+    ) -> Result<Completion, ToolError> {
+        self.metrics.queued();
+        let result = run_to_end(self.engine.generate(request), cancel, progress, guard).await;
+        match &result {
+            Ok(c) => self.metrics.ended(c),
+            Err(_) => self.metrics.failed(),
+        }
+        result
     }
 
     /// `generate_stream_start`: queue the generation, register the stream and
     /// pump its events into the registry in the background.
-    pub fn stream_start(&self, args: GenerateArgs) -> Result<Value, ToolError> {
-        let modulate = args.modulation();
-        let (mut request, used) = self.request(args.messages, args.max_tokens, args.temperature, modulate)?;
+    pub async fn stream_start(&self, args: GenerateArgs) -> Result<Value, ToolError> {
+        let Prepared { mut request, used, tools, json } = self.prepare(args).await?;
         let cancel = CancellationToken::new();
         let interest = Interest::new(Instant::now());
         request.interest = Some(interest.clone());
         let id = self.streams().start(cancel.clone(), interest.clone(), Instant::now())?;
-        let mut generation = self.engine.generate(request);
-        let stream_cancel = generation.cancel.clone();
-        let streams = Arc::clone(&self.streams);
-        let mood = Arc::clone(&self.mood);
-        let stream_id = id.clone();
-        let idle_limit = self.stream_idle;
-        tokio::spawn(async move {
-            let mut abandoned = false;
-            // Checks whether anybody still reads the stream (an interval keeps
-            // its tick when another branch wins, unlike a fresh sleep per event).
-            let mut watch = tokio::time::interval(idle_limit.div_f64(4.0).min(Duration::from_secs(1)));
-            watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                let event = tokio::select! {
-                    event = generation.events.recv() => event,
-                    _ = cancel.cancelled() => {
-                        stream_cancel.cancel();
-                        return;
-                    }
-                    _ = watch.tick(), if !abandoned => {
-                        // Nobody read it for the idle limit: stop generating for nobody.
-                        if interest.idle_s(Instant::now()) >= idle_limit.as_secs_f64() {
-                            tracing::info!(stream_id = %stream_id, "stream unread for {:.1} s: abandoned, generation stopped", idle_limit.as_secs_f64());
-                            abandoned = true;
-                            stream_cancel.cancel();
-                        }
-                        continue;
-                    }
-                };
-                let mut registry = streams.lock().unwrap_or_else(|p| p.into_inner());
-                match event {
-                    Some(GenerationEvent::Text(text)) => registry.push_text(&stream_id, &text),
-                    Some(GenerationEvent::Tokens(n)) => registry.set_tokens(&stream_id, n),
-                    Some(GenerationEvent::Done(mut completion)) => {
-                        if abandoned && completion.finish_reason == FinishReason::Cancelled {
-                            completion.finish_reason = FinishReason::Abandoned;
-                        }
-                        let finished = completion.finish_reason != FinishReason::Cancelled;
-                        let text = completion.text.clone();
-                        registry.end(&stream_id, StreamEnd::Finished(completion));
-                        drop(registry);
-                        if finished {
-                            mood.react_to_response(&text);
-                        }
-                        return;
-                    }
-                    Some(GenerationEvent::Failed(e)) => {
-                        registry.end(&stream_id, StreamEnd::Failed(e.to_string()));
-                        return;
-                    }
-                    None => {
-                        registry.end(&stream_id, StreamEnd::Failed(engine::EngineError::Stopped.to_string()));
-                        return;
-                    }
-                }
-            }
-        });
+        self.metrics.queued();
+        let pump = StreamPump {
+            generation: self.engine.generate(request),
+            streams: Arc::clone(&self.streams),
+            mood: Arc::clone(&self.mood),
+            metrics: Arc::clone(&self.metrics),
+            stream_id: id.clone(),
+            idle_limit: self.stream_idle,
+            interest,
+            cancel,
+            guard: tools.as_ref().map(ToolUse::guard),
+            tools,
+            json,
+        };
+        tokio::spawn(pump.run());
         Ok(json!({
             "stream_id": id,
             "status": "started",
@@ -230,10 +251,10 @@ impl Inference {
             out["full_content"] = json!(full);
             out["emotional_state"] = json!(self.mood.snapshot());
             match end {
-                StreamEnd::Finished(c) => {
-                    out["finish_reason"] = json!(c.finish_reason);
-                    out["usage"] = json!(c.usage);
-                    out["truncated"] = json!(c.truncated);
+                StreamEnd::Finished(_, extra) => {
+                    if let Value::Object(map) = &mut out {
+                        map.extend(extra);
+                    }
                 }
                 StreamEnd::Failed(message) => out["error"] = json!(message),
             }
@@ -277,77 +298,21 @@ impl Inference {
     /// template; with `tool_choice: "auto"` it may answer in text, returned as
     /// `content`), else as a generic JSON array.
     pub async fn function_call(&self, args: FunctionCallArgs, cancel: CancellationToken) -> Result<Value, ToolError> {
-        let tools = prompt::parse_tools(&args.tools).map_err(ToolError)?;
-        let (tools, required) = prompt::apply_tool_choice(tools, args.tool_choice.as_ref()).map_err(ToolError)?;
-        let mut messages = args.messages;
-        validate_messages(&messages)?;
-        let native = self.native_tools();
-        let grammar = match native {
-            Some(format) => {
-                let call = self.engine.schema_grammar(&prompt::call_schema(format, &tools)).await?;
-                Grammar {
-                    gbnf: prompt::reply_grammar(format, &call),
-                    triggers: if required { Vec::new() } else { prompt::triggers(format, &tools) },
-                }
-            }
-            None => {
-                let instructions = prompt::tools_prompt(&tools);
-                match messages.first_mut() {
-                    Some(first) if first.role == "system" => {
-                        first.content = format!("{}\n\n{instructions}", first.content);
-                    }
-                    _ => messages.insert(0, Message::new("system", instructions)),
-                }
-                Grammar { gbnf: self.engine.schema_grammar(&prompt::reply_schema(&tools, required)).await?, triggers: Vec::new() }
-            }
-        };
+        validate_messages(&args.messages)?;
         let max_tokens = FUNCTION_CALL_MAX_TOKENS.min(self.defaults.max_tokens);
-        let (mut request, used) = self.request(messages, Some(max_tokens as i64), args.temperature, true)?;
-        request.grammar = Some(grammar);
-        if native.is_some() {
-            request.tools = Some(prompt::template_tools(&tools));
-        }
-        let completion = run_to_end(self.engine.generate(request), cancel, None).await?;
+        let (mut request, used) =
+            self.request(args.messages, Some(max_tokens as i64), args.temperature, true, &args.controls, None)?;
+        let tools = ToolUse::prepare(&self.engine, self.native_tools(), &args.tools, args.tool_choice.as_ref(), &mut request).await?;
+        let completion = self.run(request, cancel, None, None).await?;
         let mut out = json!({
             "emotional_state": self.mood.snapshot(),
             "modulated_params": used,
             "finish_reason": completion.finish_reason,
             "usage": completion.usage,
+            "timings": completion.timings,
         });
-        let parsed = match native {
-            Some(format) => prompt::parse_native(format, &completion.text, &tools).map(|r| (r.content, r.calls)),
-            None => prompt::parse_reply(&completion.text, &tools).map(|calls| (String::new(), calls)),
-        };
-        // A constrained reply cut by the token limit is a runaway (a string
-        // or array the model never closed), not a call: say so plainly.
-        let parsed = match parsed {
-            Err(_) if completion.finish_reason == FinishReason::Length => Err(format!(
-                "the reply hit the token limit ({} tokens) inside a call, before the JSON was complete: \
-                 the model ran away (for example an unbounded string or array); retry, lower the temperature, \
-                 or bound the schema (maxLength, maxItems)",
-                completion.usage.completion_tokens
-            )),
-            other => other,
-        };
-        match parsed {
-            Ok((content, calls)) => {
-                let calls: Vec<Value> = calls
-                    .iter()
-                    .map(|(name, arguments)| {
-                        let id = format!("call_{}", &uuid::Uuid::new_v4().simple().to_string()[..24]);
-                        prompt::openai_call(id, name, arguments)
-                    })
-                    .collect();
-                out["tool_calls"] = json!(calls);
-                if !content.is_empty() {
-                    out["content"] = json!(content);
-                }
-            }
-            Err(parse_error) => {
-                out["tool_calls"] = json!([]);
-                out["raw_content"] = json!(completion.text);
-                out["parse_error"] = json!(parse_error);
-            }
+        if let Value::Object(map) = &mut out {
+            map.extend(tools.read(&completion));
         }
         Ok(out)
     }
@@ -376,6 +341,20 @@ impl Inference {
     /// `emotion://events`: event name to `[valence_delta, arousal_delta]`.
     pub fn emotion_events() -> Value {
         Value::Object(EVENTS.iter().map(|(name, (dv, da))| (name.to_string(), json!([dv, da]))).collect())
+    }
+
+    /// `elpis://metrics`: the totals since start, with the engine's load now.
+    pub async fn metrics(&self) -> Value {
+        let (totals, uptime_s) = self.metrics.snapshot();
+        let load = self.engine.load().await.unwrap_or_default();
+        let cells: usize = load.slots.iter().map(|s| s.tokens).sum();
+        let mut out = json!(totals);
+        out["uptime_s"] = json!(uptime_s);
+        out["busy_slots"] = json!(load.active);
+        out["queued_generations"] = json!(load.queued);
+        out["kv_cells_in_use"] = json!(cells);
+        out["active_streams"] = json!(self.open_streams());
+        out
     }
 
     /// `get_capabilities`.
@@ -416,15 +395,51 @@ impl Inference {
             "queued_generations": load.queued,
             "cached_tokens": load.cached_tokens,
             "slot_states": load.slots,
+            "speculative": {
+                "enabled": info.speculative,
+                "mode": if info.speculative { "auto" } else { "off" },
+                "sources": if info.speculative { json!(["prompt-lookup", "prediction"]) } else { json!([]) },
+                "draft_model": null,
+            },
+            "generation_controls": ["stop", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty",
+                "frequency_penalty", "seed", "response_format", "tools", "tool_choice", "speculative", "prediction"],
+            "resources": [crate::server::mcp::EMOTION_STATE_URI, crate::server::mcp::EMOTION_EVENTS_URI, crate::server::mcp::METRICS_URI],
         })
     }
 }
 
-/// Drive a generation to its end, forwarding progress; `cancel` stops it.
+/// What a finished reply's result carries besides its text: the
+/// completion's facts, and its calls or JSON reading.
+fn completion_fields(completion: &Completion, tools: Option<&ToolUse>, json: bool) -> Map<String, Value> {
+    let mut out = Map::new();
+    out.insert("finish_reason".into(), json!(completion.finish_reason));
+    if let Some(stop) = &completion.stop_sequence {
+        out.insert("stop_sequence".into(), json!(stop));
+    }
+    out.insert("usage".into(), json!(completion.usage));
+    out.insert("timings".into(), json!(completion.timings));
+    out.insert("truncated".into(), json!(completion.truncated));
+    if let Some(logprobs) = &completion.logprobs {
+        out.insert("logprobs".into(), json!({"content": logprobs}));
+    }
+    if let Some(tools) = tools {
+        out.extend(tools.read(completion));
+    }
+    if json {
+        if let Some(problem) = calls::json_problem(completion) {
+            out.insert("parse_error".into(), json!(problem));
+        }
+    }
+    out
+}
+
+/// Drive a generation to its end, forwarding progress (text a tool call's
+/// `guard` lets through); `cancel` stops it.
 async fn run_to_end(
     mut generation: Generation,
     cancel: CancellationToken,
-    progress: Option<mpsc::UnboundedSender<Progress>>,
+    progress: Option<&mpsc::UnboundedSender<Progress>>,
+    mut guard: Option<&mut CallGuard>,
 ) -> Result<Completion, ToolError> {
     let mut tokens = 0;
     loop {
@@ -437,7 +452,11 @@ async fn run_to_end(
         };
         match event {
             Some(GenerationEvent::Text(text)) => {
-                if let Some(p) = &progress {
+                let text = match &mut guard {
+                    Some(g) => g.push(&text),
+                    None => text,
+                };
+                if let (Some(p), false) = (progress, text.is_empty()) {
                     let _ = p.send((tokens, text));
                 }
             }
@@ -445,6 +464,91 @@ async fn run_to_end(
             Some(GenerationEvent::Done(c)) => return Ok(c),
             Some(GenerationEvent::Failed(e)) => return Err(e.into()),
             None => return Err(engine::EngineError::Stopped.into()),
+        }
+    }
+}
+
+/// A stream's generation, pumped into the registry: text as it comes (what
+/// a tool call's guard lets through), abandonment when nobody reads, and
+/// the ending with its result's fields.
+struct StreamPump {
+    generation: Generation,
+    streams: Arc<Mutex<StreamRegistry>>,
+    mood: Arc<Mood>,
+    metrics: Arc<Metrics>,
+    stream_id: String,
+    idle_limit: Duration,
+    interest: Interest,
+    cancel: CancellationToken,
+    tools: Option<ToolUse>,
+    guard: Option<CallGuard>,
+    json: bool,
+}
+
+impl StreamPump {
+    async fn run(mut self) {
+        let stream_cancel = self.generation.cancel.clone();
+        let mut abandoned = false;
+        // Checks whether anybody still reads the stream (an interval keeps
+        // its tick when another branch wins, unlike a fresh sleep per event).
+        let mut watch = tokio::time::interval(self.idle_limit.div_f64(4.0).min(Duration::from_secs(1)));
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let event = tokio::select! {
+                event = self.generation.events.recv() => event,
+                _ = self.cancel.cancelled() => {
+                    stream_cancel.cancel();
+                    return;
+                }
+                _ = watch.tick(), if !abandoned => {
+                    // Nobody read it for the idle limit: stop generating for nobody.
+                    if self.interest.idle_s(Instant::now()) >= self.idle_limit.as_secs_f64() {
+                        tracing::info!(stream_id = %self.stream_id, "stream unread for {:.1} s: abandoned, generation stopped", self.idle_limit.as_secs_f64());
+                        abandoned = true;
+                        stream_cancel.cancel();
+                    }
+                    continue;
+                }
+            };
+            let mut registry = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+            match event {
+                Some(GenerationEvent::Text(text)) => {
+                    let text = match &mut self.guard {
+                        Some(g) => g.push(&text),
+                        None => text,
+                    };
+                    registry.push_text(&self.stream_id, &text);
+                }
+                Some(GenerationEvent::Tokens(n)) => registry.set_tokens(&self.stream_id, n),
+                Some(GenerationEvent::Done(mut completion)) => {
+                    if abandoned && completion.finish_reason == FinishReason::Cancelled {
+                        completion.finish_reason = FinishReason::Abandoned;
+                    }
+                    self.metrics.ended(&completion);
+                    let extra = completion_fields(&completion, self.tools.as_ref(), self.json);
+                    if let Some(g) = &mut self.guard {
+                        let had_calls = extra.get("tool_calls").and_then(Value::as_array).is_some_and(|c| !c.is_empty());
+                        registry.push_text(&self.stream_id, &g.finish(had_calls));
+                    }
+                    let finished = completion.finish_reason != FinishReason::Cancelled;
+                    let text = completion.text.clone();
+                    registry.end(&self.stream_id, StreamEnd::Finished(completion, extra));
+                    drop(registry);
+                    if finished {
+                        self.mood.react_to_response(&text);
+                    }
+                    return;
+                }
+                Some(GenerationEvent::Failed(e)) => {
+                    self.metrics.failed();
+                    registry.end(&self.stream_id, StreamEnd::Failed(e.to_string()));
+                    return;
+                }
+                None => {
+                    registry.end(&self.stream_id, StreamEnd::Failed(engine::EngineError::Stopped.to_string()));
+                    return;
+                }
+            }
         }
     }
 }

@@ -26,6 +26,7 @@ use crate::server::wire::{input_schema, output_schema, parse_args, FunctionCallA
 
 pub const EMOTION_STATE_URI: &str = "emotion://state";
 pub const EMOTION_EVENTS_URI: &str = "emotion://events";
+pub const METRICS_URI: &str = "elpis://metrics";
 
 /// The server handler; cheap to clone (rmcp runs each request in its own task).
 #[derive(Clone)]
@@ -60,7 +61,7 @@ impl ElpisServer {
                 result
             }
             "generate_stream_start" => {
-                let started = inference.stream_start(parse_args(name, args).map_err(ToolError)?);
+                let started = inference.stream_start(parse_args(name, args).map_err(ToolError)?).await;
                 if let (Some(recorder), Ok(result)) = (&self.recorder, &started) {
                     let id = serde_json::to_value(&ctx.id).unwrap_or(Value::Null);
                     recorder.stream_started(id, result["stream_id"].as_str().unwrap_or_default());
@@ -254,6 +255,7 @@ impl ServerHandler for ElpisServer {
         Ok(ListResourcesResult::with_all_items(vec![
             resource(EMOTION_STATE_URI, "emotional-state", "The current emotional state object"),
             resource(EMOTION_EVENTS_URI, "emotional-events", "Event name to [valence_delta, arousal_delta]"),
+            resource(METRICS_URI, "metrics", "The server's cumulative figures: generations, tokens, seconds, refusals, and its load now"),
         ]))
     }
 
@@ -265,9 +267,10 @@ impl ServerHandler for ElpisServer {
         let value = match request.uri.as_str() {
             EMOTION_STATE_URI => self.inference.get_emotion(),
             EMOTION_EVENTS_URI => Inference::emotion_events(),
+            METRICS_URI => self.inference.metrics().await,
             other => {
                 return Err(ErrorData::resource_not_found(
-                    format!("resource {other:?} not found: the resources are {EMOTION_STATE_URI} and {EMOTION_EVENTS_URI}"),
+                    format!("resource {other:?} not found: the resources are {EMOTION_STATE_URI}, {EMOTION_EVENTS_URI} and {METRICS_URI}"),
                     None,
                 ))
             }

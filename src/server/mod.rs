@@ -2,12 +2,17 @@
 //! through it. [`serve`] owns stdio and the process's lifetime; [`mcp`] is
 //! the rmcp handler (tools and resources, thin); [`wire`] holds the tools'
 //! argument types and schemas; [`inference`] does what each tool means, from
-//! validated arguments to the result object, through the engine's handle;
+//! validated arguments to the result object, through the engine's handle
+//! ([`controls`] validates sampling and stops, [`calls`] sets up tool calls
+//! and JSON replies and reads them back, [`metrics`] counts);
 //! [`streams`] keeps the polled streams; [`mood`] is the live emotional state;
 //! [`transport`] reads and writes the JSON-RPC lines, answering every one.
 
+pub mod calls;
+pub mod controls;
 pub mod inference;
 pub mod mcp;
+pub mod metrics;
 pub mod mood;
 pub mod serve;
 pub mod streams;

@@ -2,6 +2,7 @@
 //! stdio, and stop promptly (exit 0) when stdin closes or SIGTERM/SIGINT
 //! arrives, even in the middle of a generation.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -10,6 +11,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use rmcp::ServiceExt;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::runtime::Runtime;
+use tokio::signal::unix::Signal;
+use tokio::task::LocalSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -26,32 +30,58 @@ const ANSWER_LIMIT: Duration = Duration::from_secs(30);
 /// How long the last answers may take to be written to stdout.
 const FLUSH_LIMIT: Duration = Duration::from_secs(10);
 
-/// Load the model on this thread and spawn the engine loop on the LocalSet
-/// (the caller runs inside one). The `chat` command uses it too.
-pub fn start(config: &Config) -> anyhow::Result<(Arc<Inference>, tokio::task::JoinHandle<()>)> {
-    start_with(config, config.engine_settings())
-}
-
-/// [`start`] with engine settings of the caller's choosing.
-pub fn start_with(config: &Config, settings: EngineSettings) -> anyhow::Result<(Arc<Inference>, tokio::task::JoinHandle<()>)> {
+/// Load the engine on this thread, run `session` as a task on the runtime
+/// while this thread drives the engine (the engine is no task: only this
+/// thread, in [`Engine::drive`], touches it), and return the session's
+/// result. The engine stops when the session ends. The `chat` command uses
+/// it too.
+pub fn with_engine<T, Fut>(
+    runtime: &Runtime,
+    local: &LocalSet,
+    config: &Config,
+    settings: EngineSettings,
+    session: impl FnOnce(Arc<Inference>) -> Fut,
+) -> anyhow::Result<T>
+where
+    T: 'static,
+    Fut: Future<Output = anyhow::Result<T>> + 'static,
+{
     let (engine, handle) = Engine::load(&settings)?;
-    let task = tokio::task::spawn_local(engine.run());
     let mood = Arc::new(Mood::new(config.emotion.clone()));
     let steering_mood = Arc::clone(&mood);
     handle.steer_with(Box::new(move || steering_mood.steering()));
-    Ok((Arc::new(Inference::new(handle, mood, config.model.clone(), &config.server)), task))
+    let inference = Arc::new(Inference::new(handle, mood, config.model.clone(), &config.server));
+    let over = CancellationToken::new();
+    let session_over = over.clone();
+    let session = session(inference);
+    let task = local.spawn_local(async move {
+        let result = session.await;
+        session_over.cancel();
+        result
+    });
+    engine.drive(runtime, local, &over);
+    local.block_on(runtime, task).map_err(|e| anyhow::anyhow!("the session stopped abnormally: {e}"))?
 }
 
 /// Serve MCP on stdio until the client goes, stdin closes or a signal comes.
+pub fn serve(runtime: &Runtime, local: &LocalSet, config: Config) -> anyhow::Result<()> {
+    // Listening before the model loads: a SIGTERM during the load is an
+    // orderly end too, not a kill.
+    let sigterm = {
+        let _entered = runtime.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("cannot listen for SIGTERM")?
+    };
+    let settings = config.engine_settings();
+    with_engine(runtime, local, &config.clone(), settings, move |inference| session(config, inference, sigterm))
+}
+
+/// The MCP session on stdio.
 ///
 /// Every request read is answered before the process exits: at the end,
 /// generation stops (running replies end as `cancelled`), the answers still
-/// owed are written, and only then does the process leave. Stdin closing
+/// owed are written, and only then does the session end. Stdin closing
 /// before `initialize` is an orderly end too (exit 0).
-pub async fn serve(config: Config) -> anyhow::Result<()> {
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot listen for SIGTERM")?;
-    let (inference, engine_task) = start(&config)?;
+async fn session(config: Config, inference: Arc<Inference>, mut sigterm: Signal) -> anyhow::Result<()> {
     let stdin_closed = CancellationToken::new();
     let recorder = match std::env::var_os("ELPIS_RECORD") {
         Some(path) if !path.is_empty() => {
@@ -96,7 +126,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             tracing::warn!("stdout did not take the last answers within {FLUSH_LIMIT:?}");
         }
     }
-    engine_task.abort();
     tracing::info!("shut down");
     match end {
         End::Failed(e) => Err(e),
@@ -120,7 +149,7 @@ async fn serve_until_the_end(
     ledger: &Ledger,
     stdin_closed: &CancellationToken,
     stdout_broken: &CancellationToken,
-    sigterm: &mut tokio::signal::unix::Signal,
+    sigterm: &mut Signal,
 ) -> End {
     let cancel = service.cancellation_token();
     let inference = Arc::clone(service.service().inference());

@@ -30,7 +30,9 @@ pub enum StreamError {
 /// How a stream ended.
 #[derive(Debug, Clone)]
 pub enum StreamEnd {
-    Finished(Completion),
+    /// The completion, and the fields its completing read carries
+    /// (finish_reason, usage, timings, and tool calls or JSON problems).
+    Finished(Completion, serde_json::Map<String, serde_json::Value>),
     Failed(String),
 }
 
@@ -119,7 +121,7 @@ impl StreamRegistry {
 
     pub fn end(&mut self, id: &str, end: StreamEnd) {
         if let Some(s) = self.streams.get_mut(id) {
-            if let StreamEnd::Finished(c) = &end {
+            if let StreamEnd::Finished(c, _) = &end {
                 s.total_tokens = c.usage.completion_tokens;
             }
             s.end = Some(end);
@@ -162,12 +164,18 @@ mod tests {
     use crate::engine::{FinishReason, Interest, Usage};
 
     fn done(text: &str) -> StreamEnd {
-        StreamEnd::Finished(Completion {
-            text: text.into(),
-            finish_reason: FinishReason::Stop,
-            usage: Usage { completion_tokens: 3, ..Usage::default() },
-            truncated: false,
-        })
+        StreamEnd::Finished(
+            Completion {
+                text: text.into(),
+                finish_reason: FinishReason::Stop,
+                stop_sequence: None,
+                usage: Usage { completion_tokens: 3, ..Usage::default() },
+                truncated: false,
+                timings: Default::default(),
+                logprobs: None,
+            },
+            Default::default(),
+        )
     }
 
     #[test]

@@ -22,6 +22,59 @@ pub struct GenerateArgs {
     /// Derive temperature/top_p from the emotional state (default true).
     #[serde(default)]
     pub emotional_modulation: Option<bool>,
+    #[serde(flatten)]
+    pub controls: Controls,
+    /// Stop strings (up to 8): the reply ends before the first of them (finish_reason "stop", stop_sequence names it).
+    #[serde(default)]
+    pub stop: Option<Vec<String>>,
+    /// Constrain the reply to JSON: {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": {...}}} ({"type": "text"}: unconstrained).
+    #[serde(default)]
+    pub response_format: Option<Value>,
+    /// Tools in OpenAI format the model may call (as function_call takes them); the completed result carries tool_calls.
+    #[serde(default)]
+    pub tools: Option<Vec<Value>>,
+    /// OpenAI tool_choice (with tools): "auto" (default), "required", or {"type": "function", "function": {"name": ...}}.
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
+}
+
+/// Sampling and decoding controls shared by the generation tools, all
+/// optional: an explicit value wins over the mood's and the config's.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+pub struct Controls {
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches this (0 < top_p <= 1).
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    /// Keep only the k most likely tokens (0 = no limit).
+    #[serde(default)]
+    pub top_k: Option<i64>,
+    /// Drop tokens less likely than this share of the most likely one (0..1).
+    #[serde(default)]
+    pub min_p: Option<f64>,
+    /// Penalty for tokens seen in the last 64 (1 = none, up to 2).
+    #[serde(default)]
+    pub repeat_penalty: Option<f64>,
+    /// Penalty for any token already present (0 = none, up to 2).
+    #[serde(default)]
+    pub presence_penalty: Option<f64>,
+    /// Penalty growing with how often a token was seen (0 = none, up to 2).
+    #[serde(default)]
+    pub frequency_penalty: Option<f64>,
+    /// Sampling seed: the same seed, settings and prompt give the same reply.
+    #[serde(default)]
+    pub seed: Option<i64>,
+    /// Speculative decoding for this request (default: the server's model.speculative); false turns it off.
+    #[serde(default)]
+    pub speculative: Option<bool>,
+    /// The expected reply (OpenAI predicted outputs: {"type": "content", "content": "..."}), for example the file being edited: a source of drafts.
+    #[serde(default)]
+    pub prediction: Option<Value>,
+    /// Report each reply token's log-probability (the result's logprobs.content).
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    /// With each token, this many of the most likely alternatives (0..20).
+    #[serde(default)]
+    pub top_logprobs: Option<i64>,
 }
 
 impl GenerateArgs {
@@ -50,6 +103,8 @@ pub struct FunctionCallArgs {
     /// OpenAI tool_choice: "auto" (default), "required", or {"type": "function", "function": {"name": ...}}.
     #[serde(default)]
     pub tool_choice: Option<Value>,
+    #[serde(flatten)]
+    pub controls: Controls,
 }
 
 /// `update_emotion`.
@@ -72,12 +127,20 @@ pub struct NoArgs {}
 /// Parse tool arguments; the error names the offending argument.
 pub fn parse_args<T: DeserializeOwned>(tool: &str, arguments: Option<Map<String, Value>>) -> Result<T, String> {
     let value = Value::Object(arguments.unwrap_or_default());
-    serde_path_to_error::deserialize(value).map_err(|e| {
+    let describe = |e: serde_path_to_error::Error<serde_json::Error>| {
         let path = e.path().to_string();
         if path == "." || path.is_empty() {
             format!("invalid arguments for {tool}: {}", e.inner())
         } else {
             format!("invalid argument {path} for {tool}: {}", e.inner())
+        }
+    };
+    serde_path_to_error::deserialize(value.clone()).map_err(|e| {
+        // A flattened field's error comes without its path: the controls
+        // parsed alone name it.
+        match serde_path_to_error::deserialize::<_, Controls>(value) {
+            Err(inner) if e.path().to_string() == "." => describe(inner),
+            _ => describe(e),
         }
     })
 }
@@ -112,7 +175,37 @@ pub fn input_schema(tool: &str, default_max_tokens: u32) -> Map<String, Value> {
             target.extend(extra);
         }
     };
+    // Free-form values get a schema saying what they are.
+    let replace = |schema: &mut Map<String, Value>, property: &str, with: Value| {
+        if let Some(p) = schema.get_mut("properties").and_then(Value::as_object_mut).and_then(|p| p.get_mut(property)) {
+            let description = p.get("description").cloned();
+            *p = with;
+            if let (Some(d), Some(obj)) = (description, p.as_object_mut()) {
+                obj.insert("description".into(), d);
+            }
+        }
+    };
+    replace(&mut schema, "response_format", json!({"type": "object", "properties": {
+        "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
+        "json_schema": {"type": "object", "properties": {"name": {"type": "string"}, "schema": {"type": "object"}}, "required": ["schema"]}},
+        "required": ["type"]}));
+    replace(&mut schema, "prediction", json!({"type": "object", "properties": {
+        "type": {"type": "string", "enum": ["content"]}, "content": {"type": "string"}}, "required": ["type", "content"]}));
+    replace(&mut schema, "tool_choice", json!({"anyOf": [{"type": "string", "enum": ["auto", "required"]},
+        {"type": "object", "properties": {"type": {"type": "string"}, "function": {"type": "object", "properties": {"name": {"type": "string"}}}}}]}));
     set(&mut schema, "max_tokens", json!({"minimum": 1, "default": default_max_tokens}));
+    set(&mut schema, "top_p", json!({"exclusiveMinimum": 0.0, "maximum": 1.0}));
+    set(&mut schema, "top_k", json!({"minimum": 0, "maximum": 100000}));
+    set(&mut schema, "min_p", json!({"minimum": 0.0, "maximum": 1.0}));
+    set(&mut schema, "repeat_penalty", json!({"exclusiveMinimum": 0.0, "maximum": 2.0}));
+    set(&mut schema, "presence_penalty", json!({"minimum": 0.0, "maximum": 2.0, "default": 0.0}));
+    set(&mut schema, "frequency_penalty", json!({"minimum": 0.0, "maximum": 2.0, "default": 0.0}));
+    set(&mut schema, "seed", json!({"minimum": 0, "maximum": u32::MAX}));
+    set(&mut schema, "speculative", json!({"default": true}));
+    set(&mut schema, "logprobs", json!({"default": false}));
+    set(&mut schema, "top_logprobs", json!({"minimum": 0, "maximum": crate::server::controls::MAX_TOP_LOGPROBS}));
+    set(&mut schema, "stop", json!({"maxItems": crate::server::controls::MAX_STOPS,
+        "items": {"type": "string", "minLength": 1, "maxLength": crate::server::controls::MAX_STOP_BYTES}}));
     set(&mut schema, "temperature", json!({"minimum": 0.0, "maximum": 2.0}));
     set(&mut schema, "emotional_modulation", json!({"default": true}));
     set(&mut schema, "intensity", json!({"minimum": 0.0, "maximum": 2.0, "default": 1.0}));
@@ -174,13 +267,26 @@ fn emotional_state_schema() -> Value {
 pub fn output_schema(tool: &str) -> Map<String, Value> {
     let state = emotional_state_schema();
     let usage = json!({"type": "object", "properties": {
-        "prompt_tokens": {"type": "integer"}, "cached_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"}}});
-    let sampling = json!({"type": "object", "properties": {"temperature": {"type": "number"}, "top_p": {"type": "number"}}});
+        "prompt_tokens": {"type": "integer"}, "cached_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"},
+        "draft_tokens": {"type": "integer"}, "accepted_tokens": {"type": "integer"}}});
+    let timings = json!({"type": "object", "properties": {
+        "queue_ms": {"type": "number"}, "prompt_computed_tokens": {"type": "integer"}, "prompt_cached_tokens": {"type": "integer"},
+        "prompt_ms": {"type": "number"}, "prompt_tokens_per_s": {"type": "number"}, "time_to_first_token_ms": {"type": "number"},
+        "reply_tokens": {"type": "integer"}, "reply_ms": {"type": "number"}, "reply_tokens_per_s": {"type": "number"},
+        "total_ms": {"type": "number"}}});
+    let sampling = json!({"type": "object", "properties": {"temperature": {"type": "number"}, "top_p": {"type": "number"},
+        "top_k": {"type": "integer"}, "min_p": {"type": "number"}, "repeat_penalty": {"type": "number"},
+        "presence_penalty": {"type": "number"}, "frequency_penalty": {"type": "number"}, "seed": {"type": "integer"}}});
     let finish = json!({"type": "string", "enum": ["stop", "length", "cancelled", "abandoned"]});
+    let calls = json!({"type": "array", "items": {"type": "object", "properties": {
+        "id": {"type": "string"}, "type": {"type": "string"},
+        "function": {"type": "object", "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}}}}});
     let schema = match tool {
         "generate" => json!({"type": "object", "properties": {
             "content": {"type": "string"}, "emotional_state": state, "modulated_params": sampling,
-            "finish_reason": finish, "usage": usage, "truncated": {"type": "boolean"}},
+            "finish_reason": finish, "stop_sequence": {"type": "string"}, "usage": usage, "timings": timings,
+            "truncated": {"type": "boolean"}, "tool_calls": calls, "raw_content": {"type": "string"}, "parse_error": {"type": "string"},
+            "logprobs": {"type": "object", "properties": {"content": {"type": "array"}}}},
             "required": ["content", "emotional_state", "modulated_params"]}),
         "generate_stream_start" => json!({"type": "object", "properties": {
             "stream_id": {"type": "string"}, "status": {"type": "string"}, "emotional_state": state, "modulated_params": sampling},
@@ -188,16 +294,16 @@ pub fn output_schema(tool: &str) -> Map<String, Value> {
         "generate_stream_read" => json!({"type": "object", "properties": {
             "stream_id": {"type": "string"}, "new_content": {"type": "string"}, "is_complete": {"type": "boolean"},
             "total_tokens": {"type": "integer"}, "full_content": {"type": "string"}, "emotional_state": state,
-            "finish_reason": finish, "usage": usage, "truncated": {"type": "boolean"}, "error": {"type": "string"}},
+            "finish_reason": finish, "stop_sequence": {"type": "string"}, "usage": usage, "timings": timings,
+            "truncated": {"type": "boolean"}, "tool_calls": calls, "content": {"type": "string"},
+            "raw_content": {"type": "string"}, "parse_error": {"type": "string"}, "error": {"type": "string"}},
             "required": ["new_content", "is_complete", "total_tokens"]}),
         "generate_stream_cancel" => json!({"type": "object", "properties": {
             "status": {"type": "string"}, "stream_id": {"type": "string"}}, "required": ["status", "stream_id"]}),
         "function_call" => json!({"type": "object", "properties": {
-            "tool_calls": {"type": "array", "items": {"type": "object", "properties": {
-                "id": {"type": "string"}, "type": {"type": "string"},
-                "function": {"type": "object", "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}}}}},
-            "content": {"type": "string"}, "emotional_state": state, "modulated_params": sampling, "finish_reason": finish,
-            "usage": usage, "raw_content": {"type": "string"}, "parse_error": {"type": "string"},
+            "tool_calls": calls,
+            "emotional_state": state, "modulated_params": sampling, "finish_reason": finish,
+            "usage": usage, "timings": timings, "raw_content": {"type": "string"}, "parse_error": {"type": "string"},
             "content": {"type": "string", "description": "The model's text: its answer when it called no tool, or words before its calls"}},
             "required": ["tool_calls", "emotional_state"]}),
         "get_capabilities" => json!({"type": "object", "properties": {
@@ -232,6 +338,12 @@ mod tests {
         assert!(e.contains("content"), "{e}");
         let e = parse_args::<StreamArgs>("generate_stream_read", obj(json!({"stream_id": 5}))).unwrap_err();
         assert!(e.contains("stream_id"), "{e}");
+        let e = parse_args::<GenerateArgs>("generate", obj(json!({"messages": [], "top_p": "high"}))).unwrap_err();
+        assert!(e.contains("top_p"), "{e}");
+        let e = parse_args::<FunctionCallArgs>("function_call", obj(json!({"messages": [], "tools": [], "seed": "s"}))).unwrap_err();
+        assert!(e.contains("seed"), "{e}");
+        let e = parse_args::<GenerateArgs>("generate", obj(json!({"messages": [], "stop": "x"}))).unwrap_err();
+        assert!(e.contains("stop"), "{e}");
         // Unknown arguments are ignored (Psyche's future fields must not break it).
         assert!(parse_args::<GenerateArgs>("generate", obj(json!({"messages": [], "bogus": 1}))).is_ok());
     }

@@ -75,6 +75,9 @@ pub fn inspect_prompts(model: &str, cases: &Value) -> Vec<Value> {
         .env("ELPIS_MODEL_PATH", model)
         .env("ELPIS_MODEL_N_THREADS", "1")
         .env("ELPIS_EMOTION_STEERING", "off")
+        // Drafts are sized by timing, and batched verification rounds
+        // differently at near-ties: off, unless a test turns it on.
+        .env("ELPIS_MODEL_SPECULATIVE", "off")
         .env_remove("ELPIS_QUIET")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -148,6 +151,9 @@ impl Server {
             // computes them in the background when missing): off, unless a
             // test turns it on.
             .env("ELPIS_EMOTION_STEERING", "off")
+            // Drafts are sized by timing, and batched verification rounds
+            // differently at near-ties: off, unless a test turns it on.
+            .env("ELPIS_MODEL_SPECULATIVE", "off")
             .env_remove("ELPIS_QUIET")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

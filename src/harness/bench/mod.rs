@@ -1,8 +1,13 @@
 //! `elpis-server bench`: the numbers behind the scheduler's targets, measured
-//! in one run on one machine and model: the raw llama-cpp-2 floor against
+//! in one run on one machine and the configured model (the default model
+//! unless ELPIS_MODEL_PATH says otherwise): the raw llama-cpp-2 floor against
 //! the server over stdio, quick-call latency while decoding and during a long
-//! prefill, cold vs grown-prompt time to first token, aggregate throughput
-//! with 1, 2 and 4 streams, and peak memory. Prints a table, writes JSON.
+//! prefill, a prompt read beside a decoding stream, cold vs grown-prompt time
+//! to first token, aggregate throughput with 1, 2 and 4 streams, a user's
+//! first minutes ([`startup`]: the first stream after start, a first launch
+//! that computes the vectors), and memory. Prints a table, writes JSON.
+
+mod startup;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -14,6 +19,7 @@ use crate::harness::client::{percentiles, tool_result_object, McpClient};
 use crate::config::Config;
 use crate::emotion::SteeringCoefficients;
 use crate::engine::{raw_speed, Engine, RawSpeed};
+use crate::prompt::Message;
 
 const TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -70,6 +76,24 @@ pub struct BenchRun {
     pub steering_off_tps: f64,
     pub steering_on_tps: f64,
     pub steering_ratio: f64,
+    /// A ~2,000-token prompt read while a stream decodes beside it: the
+    /// prompt's tokens/s, and the stream's tokens/s meanwhile (against
+    /// each alone).
+    pub prefill_beside_stream_tps: f64,
+    pub prefill_beside_ratio: f64,
+    pub stream_beside_prefill_tps: f64,
+    pub stream_beside_ratio: f64,
+    /// Quick calls during the first stream of a fresh server (steering on,
+    /// vectors cached), and that stream's step.
+    pub first_stream_quick_p50_ms: f64,
+    pub first_stream_quick_p99_ms: f64,
+    pub first_stream_p99_over_step: f64,
+    /// A first launch: decode while the model is identified and its
+    /// vectors computed, against the same reply once they are done.
+    pub first_launch_tps: f64,
+    pub first_launch_settled_tps: f64,
+    pub first_launch_ratio: f64,
+    pub first_launch_vectors_s: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -101,15 +125,28 @@ fn messages(system: &str, user: &str) -> Value {
 pub async fn bench(config: &Config, options: &BenchOptions) -> anyhow::Result<BenchReport> {
     let settings = config.engine_settings();
     let binary = std::env::current_exe()?;
+    eprintln!("bench: model {}", config.model_path().display());
+    let vectors = prepare_vectors(config)?;
     let mut runs = Vec::new();
     let mut info = (0, 0, 0);
+    // The server rows run without steering (the raw loop has none); its own
+    // rows measure it.
+    let mut env = options.env.clone();
+    env.push(("ELPIS_EMOTION_STEERING".into(), "off".into()));
     for run in 0..options.runs.max(1) {
         eprintln!("bench: run {} of {}", run + 1, options.runs.max(1));
-        let short = "<start_of_turn>user\nYou are a storyteller.\n\nWrite a long story about a lighthouse keeper.<end_of_turn>\n<start_of_turn>model\n";
-        let raw = raw_speed(&settings, &long_prompt(run as u64 + 1000), short, 128, 128)?;
-        let (mut r, i) = bench_server(&binary, &options.env, raw, run as u64, &config.model_path()).await?;
-        (r.steering_off_tps, r.steering_on_tps) = steering_speed(config)?;
-        r.steering_ratio = if r.steering_off_tps > 0.0 { r.steering_on_tps / r.steering_off_tps } else { 0.0 };
+        let short = [Message::new("system", "You are a storyteller."), Message::new("user", "Write a long story about a lighthouse keeper.")];
+        let raw = raw_speed(&settings, &long_prompt(run as u64 + 1000), &short, 128, 128)?;
+        let (mut r, i) = bench_server(&binary, &env, raw, run as u64, &config.model_path()).await?;
+        if vectors {
+            (r.steering_off_tps, r.steering_on_tps) = steering_speed(config)?;
+            r.steering_ratio = r.steering_on_tps / r.steering_off_tps;
+            let (p50, p99, step) = startup::first_stream(&binary, &options.env).await?;
+            (r.first_stream_quick_p50_ms, r.first_stream_quick_p99_ms, r.first_stream_p99_over_step) = (p50, p99, p99 / step);
+        }
+        let (computing, settled, vectors_s) = startup::first_launch(&binary, &options.env, &config.model_path()).await?;
+        (r.first_launch_tps, r.first_launch_settled_tps, r.first_launch_vectors_s) = (computing, settled, vectors_s);
+        r.first_launch_ratio = computing / settled;
         info = i;
         runs.push(r);
     }
@@ -126,6 +163,26 @@ pub async fn bench(config: &Config, options: &BenchOptions) -> anyhow::Result<Be
     print_table(&report);
     println!("JSON written to {}", options.out.display());
     Ok(report)
+}
+
+/// Make sure the model has its vectors (computing them now, once, when
+/// missing): the steering rows and the first stream need them. False when
+/// steering is unavailable.
+fn prepare_vectors(config: &Config) -> anyhow::Result<bool> {
+    let (mut engine, _handle) = Engine::load(&config.measurement_settings())?;
+    let mut probe = engine.probe();
+    probe.settle_steering();
+    if probe.steering_report().enabled {
+        return Ok(true);
+    }
+    eprintln!("bench: computing this model's emotion vectors first (once)");
+    match probe.compute_vectors(|_, _| {}) {
+        Ok(_) => Ok(true),
+        Err(e) => {
+            eprintln!("bench: no steering rows: {e}");
+            Ok(false)
+        }
+    }
 }
 
 /// Decode speed without and with steering (a positive mood at strength 1),
@@ -148,6 +205,14 @@ pub fn steering_speed(config: &Config) -> anyhow::Result<(f64, f64)> {
         on = on.max(engine.decode_speed("Once upon a time", 128).map_err(anyhow::Error::msg)?);
     }
     Ok((off, on))
+}
+
+/// Tokens per second between the first and the last progress notification.
+fn tps_between_marks(marks: &[(f64, Instant)]) -> f64 {
+    match (marks.first(), marks.last()) {
+        (Some(first), Some(last)) if last.1 > first.1 => (last.0 - first.0) / (last.1 - first.1).as_secs_f64(),
+        _ => 0.0,
+    }
 }
 
 async fn tool(client: &mut McpClient, name: &str, args: Value) -> anyhow::Result<Value> {
@@ -211,12 +276,7 @@ async fn bench_server(
     let args = json!({"messages": messages("You are a storyteller.", "Write a long story about a lighthouse keeper."),
                       "max_tokens": 128, "temperature": 0});
     let (_, _, marks) = generate_timed(&mut client, args, "decode").await?;
-    if let (Some(first), Some(last)) = (marks.first(), marks.last()) {
-        let secs = (last.1 - first.1).as_secs_f64();
-        if secs > 0.0 {
-            r.server_decode_tps = (last.0 - first.0) / secs;
-        }
-    }
+    r.server_decode_tps = tps_between_marks(&marks);
     r.decode_ratio = r.server_decode_tps / r.raw_decode_tps;
     r.step_ms = 1000.0 / r.server_decode_tps;
 
@@ -249,6 +309,7 @@ async fn bench_server(
     r.prefill_p99_over_max_step = r.prefill_quick_p99_ms / max_step_ms;
     r.rss_long_prompt_mib = settled_rss_mib(&client).await;
 
+
     // The same conversation, grown by a turn (the idle-react pattern).
     let grown = json!([
         {"role": "system", "content": system},
@@ -261,6 +322,11 @@ async fn bench_server(
     r.ttft_grown_ms = ttft_grown;
     r.grown_cached_tokens = grown_result["usage"]["cached_tokens"].as_f64().unwrap_or(0.0);
     r.ttft_ratio = r.ttft_grown_ms / r.ttft_cold_ms;
+
+    // A prompt of the same size read while a stream decodes beside it.
+    (r.prefill_beside_stream_tps, r.stream_beside_prefill_tps) = prefill_beside_stream(&mut client, run).await?;
+    r.prefill_beside_ratio = r.prefill_beside_stream_tps / r.server_prompt_tps;
+    r.stream_beside_ratio = r.stream_beside_prefill_tps / r.server_decode_tps;
 
     // Quick calls while a stream decodes.
     let start = tool(
@@ -352,6 +418,68 @@ async fn bench_server(
     Ok((r, info))
 }
 
+/// Start a stream, and once it decodes, a cold ~2,000-token prompt: over
+/// ten seconds, the prompt's tokens/s (the slots' cells grow by the stream's
+/// tokens and the prompt's) and the stream's. Both are stopped after.
+async fn prefill_beside_stream(client: &mut McpClient, run: u64) -> anyhow::Result<(f64, f64)> {
+    const WINDOW: Duration = Duration::from_secs(10);
+    let args = json!({"messages": messages("You are a storyteller.", "Write a long story about a lighthouse keeper."),
+                      "max_tokens": 2000, "temperature": 0});
+    let start = tool(client, "generate_stream_start", args).await?;
+    let id = start["stream_id"].as_str().unwrap_or_default().to_string();
+    // Read it as Psyche does (every 50 ms) until it decodes.
+    let mut read = tool(client, "generate_stream_read", json!({"stream_id": id})).await?;
+    while read["total_tokens"].as_u64().unwrap_or(0) < 2 && read["is_complete"] == false {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        read = tool(client, "generate_stream_read", json!({"stream_id": id})).await?;
+    }
+    let cells = |caps: &Value| -> f64 {
+        caps["slot_states"].as_array().map_or(0.0, |slots| slots.iter().filter_map(|s| s["tokens"].as_f64()).sum())
+    };
+    let system = long_prompt(run * 7 + 3);
+    let cold = json!({"messages": messages(&system, "What do you remember?"), "max_tokens": 1, "temperature": 0});
+    let (cold_id, _) = client.request("tools/call", json!({"name": "generate", "arguments": cold})).await?;
+    // The window opens once the prompt is being read.
+    let (began, cells_before, stream_before) = loop {
+        let caps = tool(client, "get_capabilities", json!({})).await?;
+        let r = tool(client, "generate_stream_read", json!({"stream_id": id})).await?;
+        if caps["active_generations"] == 2 || r["is_complete"] == true {
+            break (Instant::now(), cells(&caps), r["total_tokens"].as_f64().unwrap_or(0.0));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (mut cells_now, mut stream_now) = (cells_before, stream_before);
+    let mut last_caps = Instant::now();
+    while began.elapsed() < WINDOW {
+        let r = tool(client, "generate_stream_read", json!({"stream_id": id})).await?;
+        stream_now = r["total_tokens"].as_f64().unwrap_or(stream_now);
+        if r["is_complete"] == true {
+            break;
+        }
+        if last_caps.elapsed() >= Duration::from_millis(500) {
+            let caps = tool(client, "get_capabilities", json!({})).await?;
+            if caps["active_generations"] != 2 {
+                break;
+            }
+            cells_now = cells(&caps);
+            last_caps = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The last look at both at once.
+    let caps = tool(client, "get_capabilities", json!({})).await?;
+    let r = tool(client, "generate_stream_read", json!({"stream_id": id})).await?;
+    if caps["active_generations"] == 2 {
+        cells_now = cells(&caps);
+        stream_now = r["total_tokens"].as_f64().unwrap_or(stream_now);
+    }
+    let secs = began.elapsed().as_secs_f64();
+    client.send(&json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": cold_id}})).await?;
+    let _ = tool(client, "generate_stream_cancel", json!({"stream_id": id})).await;
+    let stream_tokens = stream_now - stream_before;
+    Ok(((cells_now - cells_before - stream_tokens).max(0.0) / secs, stream_tokens / secs))
+}
+
 /// The server's RSS once the engine had a moment to go idle.
 async fn settled_rss_mib(client: &McpClient) -> f64 {
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -393,6 +521,10 @@ fn print_table(report: &BenchReport) {
         ("RSS MiB: start / generate / function_call", format!("{:.0} / {:.0} / {:.0}", m.rss_start_mib, m.rss_generate_mib, m.rss_function_call_mib), "target <= model + KV + 64"),
         ("RSS MiB: long prompt / streams", format!("{:.0} / {:.0}", m.rss_long_prompt_mib, m.rss_streams_mib), "target <= model + KV + 64"),
         ("decode tok/s steering off / on", format!("{:.1} / {:.1} = {:.3}x", m.steering_off_tps, m.steering_on_tps, m.steering_ratio), "target >= 0.97x"),
+        ("prompt tok/s beside a decoding stream", format!("{:.0} = {:.2}x alone", m.prefill_beside_stream_tps, m.prefill_beside_ratio), ""),
+        ("stream tok/s while a prompt is read", format!("{:.1} = {:.2}x alone", m.stream_beside_prefill_tps, m.stream_beside_ratio), "target >= 0.8x"),
+        ("quick calls in the first stream p50 / p99", format!("{:.1} / {:.1} ms = {:.2} steps", m.first_stream_quick_p50_ms, m.first_stream_quick_p99_ms, m.first_stream_p99_over_step), "target p99 <= 2 steps"),
+        ("first launch: decode computing / settled", format!("{:.1} / {:.1} tok/s = {:.2}x (vectors in {:.0} s)", m.first_launch_tps, m.first_launch_settled_tps, m.first_launch_ratio, m.first_launch_vectors_s), "target >= 0.9x"),
         ("peak RSS / model file", format!("{:.0} / {:.0} MiB = {:.2}x", m.peak_rss_mib, m.model_file_mib, m.rss_over_model), ""),
     ];
     for (name, value, target) in rows {

@@ -1,0 +1,207 @@
+//! Speculative decoding from the text itself (prompt-lookup decoding): for a
+//! generating slot, the longest recent suffix of its tokens (prompt plus
+//! reply) that occurred earlier, in the request's predicted output or in
+//! those tokens, proposes the tokens that followed it as a draft. The step
+//! decodes `[last, d1..dk]` at once and samples each position in order with
+//! the job's own sampler (and grammar), keeping drafts up to the first
+//! mismatch (see `step`): the reply is what one-token decoding would write,
+//! up to the rounding of batched arithmetic at near-ties.
+//!
+//! It pays only when acceptance is high enough for what a wider step costs
+//! on this machine, so [`Drafts`] keeps the acceptance seen per draft source
+//! and match length, and [`Drafts::choose`] takes the draft length with the
+//! best expected tokens per millisecond from the planner's cost curve, or
+//! none when no length beats one token a step by a margin. Free chat, where
+//! drafts rarely hold, stays at one token a step.
+
+use llama_cpp_2::token::LlamaToken;
+
+/// Longest and shortest suffix looked up.
+const MAX_NGRAM: usize = 6;
+const MIN_NGRAM: usize = 2;
+/// Longest draft one slot proposes in a step.
+pub(super) const MAX_DRAFT: usize = 12;
+/// How far back in a slot's tokens a match is looked for.
+const LOOKBACK: usize = 8192;
+/// Speculate only for a gain of at least this (the cost curve is an estimate).
+const MARGIN: f64 = 1.08;
+/// Acceptance assumed before anything was seen (optimistic enough to try).
+const PRIOR_ACCEPTANCE: f64 = 0.6;
+/// Weight of the prior, in draft positions.
+const PRIOR_WEIGHT: f64 = 8.0;
+/// Old observations fade: counts are multiplied by this on each new one.
+const FORGET: f64 = 0.995;
+/// One choice in this many tries a draft a token longer than the best.
+const EXPLORE_EVERY: u64 = 16;
+
+/// Where a draft came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Source {
+    /// The request's predicted output.
+    Prediction,
+    /// The slot's own tokens (prompt and reply so far).
+    History,
+}
+
+/// A proposed continuation.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Draft {
+    pub tokens: Vec<LlamaToken>,
+    pub source: Source,
+    /// Length of the suffix that matched.
+    pub ngram: usize,
+}
+
+/// Look up a draft continuing `history` (a slot's cells and its pending
+/// token): the predicted output first, then the history itself.
+pub(super) fn lookup(history: &[LlamaToken], prediction: &[LlamaToken], max: usize) -> Option<Draft> {
+    if max == 0 || history.len() < MIN_NGRAM {
+        return None;
+    }
+    for n in (MIN_NGRAM..=MAX_NGRAM.min(history.len())).rev() {
+        let suffix = &history[history.len() - n..];
+        if let Some(tokens) = continuation(prediction, suffix, prediction.len(), max) {
+            return Some(Draft { tokens, source: Source::Prediction, ngram: n });
+        }
+        // In the history, an earlier occurrence (not the suffix itself).
+        let from = history.len().saturating_sub(LOOKBACK);
+        if let Some(tokens) = continuation(&history[from..], suffix, history.len() - from - 1, max) {
+            return Some(Draft { tokens, source: Source::History, ngram: n });
+        }
+    }
+    None
+}
+
+/// The tokens after the most recent occurrence of `needle` in `hay` that
+/// ends before `limit` and has at least one token after it.
+fn continuation(hay: &[LlamaToken], needle: &[LlamaToken], limit: usize, max: usize) -> Option<Vec<LlamaToken>> {
+    let n = needle.len();
+    let last_end = limit.min(hay.len().saturating_sub(1));
+    (n..=last_end).rev().find(|&end| hay[end - n..end] == *needle).map(|end| hay[end..(end + max).min(hay.len())].to_vec())
+}
+
+/// Acceptance seen so far, per source and match length.
+#[derive(Debug, Clone)]
+pub(super) struct Drafts {
+    /// (accepted, reached) draft positions, decayed.
+    seen: [[(f64, f64); MAX_NGRAM + 1]; 2],
+    /// Draft lengths chosen so far (for exploring).
+    choices: u64,
+}
+
+impl Default for Drafts {
+    fn default() -> Self {
+        Drafts { seen: [[(0.0, 0.0); MAX_NGRAM + 1]; 2], choices: 0 }
+    }
+}
+
+impl Drafts {
+    fn bucket(&mut self, source: Source, ngram: usize) -> &mut (f64, f64) {
+        &mut self.seen[source as usize][ngram.min(MAX_NGRAM)]
+    }
+
+    /// The chance that a draft position is accepted once the one before it was.
+    pub fn acceptance(&self, source: Source, ngram: usize) -> f64 {
+        let (accepted, reached) = self.seen[source as usize][ngram.min(MAX_NGRAM)];
+        (accepted + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (reached + PRIOR_WEIGHT)
+    }
+
+    /// A draft of `drafted` tokens was verified: `accepted` of them held.
+    pub fn observe(&mut self, source: Source, ngram: usize, drafted: usize, accepted: usize) {
+        if drafted == 0 {
+            return;
+        }
+        for row in self.seen.iter_mut() {
+            for b in row.iter_mut() {
+                b.0 *= FORGET;
+                b.1 *= FORGET;
+            }
+        }
+        // Positions reached: every accepted one, and the first rejected.
+        let reached = accepted + usize::from(accepted < drafted);
+        let b = self.bucket(source, ngram);
+        b.0 += accepted as f64;
+        b.1 += reached as f64;
+    }
+
+    /// How many of `draft`'s tokens to decode, given `cost(rows)`: the
+    /// milliseconds of a step of that many rows with logits (None: unknown),
+    /// and `base` rows the step has without this draft. 0: do not speculate.
+    /// Now and then ([`EXPLORE_EVERY`] choices) one token more than the best
+    /// is taken, so the cost of a wider step is measured, not only guessed.
+    pub fn choose(&mut self, draft: &Draft, base: usize, cost: impl Fn(usize) -> Option<f64>) -> usize {
+        let best = self.best(draft, base, cost);
+        self.choices += 1;
+        if best > 0 && self.choices % EXPLORE_EVERY == 0 {
+            return (best + 1).min(draft.tokens.len()).min(MAX_DRAFT);
+        }
+        best
+    }
+
+    fn best(&self, draft: &Draft, base: usize, cost: impl Fn(usize) -> Option<f64>) -> usize {
+        let a = self.acceptance(draft.source, draft.ngram);
+        let Some(alone) = cost(base) else { return 0 };
+        let (mut best, mut best_gain) = (0, MARGIN);
+        let mut expected = 0.0;
+        let mut reach = 1.0;
+        for k in 1..=draft.tokens.len().min(MAX_DRAFT) {
+            reach *= a;
+            expected += reach;
+            let Some(wide) = cost(base + k) else { break };
+            let gain = (1.0 + expected) * alone / wide;
+            if gain > best_gain {
+                (best, best_gain) = (k, gain);
+            }
+        }
+        best
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(ids: &[i32]) -> Vec<LlamaToken> {
+        ids.iter().map(|&i| LlamaToken(i)).collect()
+    }
+
+    #[test]
+    fn the_longest_recent_suffix_proposes_what_followed_it() {
+        // ... 1 2 3 4 5 ... 9 1 2 3 -> 4 5 9 1 2 3 (the most recent occurrence wins).
+        let history = t(&[7, 1, 2, 3, 4, 5, 9, 1, 2, 3]);
+        let d = lookup(&history, &[], 4).unwrap();
+        assert_eq!((d.tokens, d.source, d.ngram), (t(&[4, 5, 9, 1]), Source::History, 3));
+        // The prediction goes first, and a draft never runs past what is known.
+        let d = lookup(&history, &t(&[0, 1, 2, 3, 8, 8]), 4).unwrap();
+        assert_eq!((d.tokens, d.source, d.ngram), (t(&[8, 8]), Source::Prediction, 3));
+        assert_eq!(lookup(&t(&[1, 2, 3, 4]), &[], 4), None, "nothing repeats");
+        assert_eq!(lookup(&t(&[5, 5]), &[], 4).map(|d| d.tokens), None, "a suffix needs an earlier occurrence with a token after it");
+        assert_eq!(lookup(&t(&[5, 5, 5]), &[], 4).map(|d| d.tokens), Some(t(&[5])));
+    }
+
+    #[test]
+    fn drafts_are_taken_only_when_they_pay() {
+        let draft = Draft { tokens: t(&[1; 12]), source: Source::History, ngram: 4 };
+        // A CPU: a step of r rows with logits costs 38 (1 + 0.4 (r - 1)) ms.
+        let cpu = |r: usize| Some(38.0 * (1.0 + 0.4 * (r as f64 - 1.0)));
+        let mut d = Drafts::default();
+        for _ in 0..200 {
+            d.observe(Source::History, 4, 8, 8);
+        }
+        assert!(d.acceptance(Source::History, 4) > 0.95);
+        assert!(d.choose(&draft, 1, cpu) >= 4, "near-certain drafts pay for a wide step");
+        for _ in 0..1000 {
+            d.observe(Source::History, 4, 4, 1);
+        }
+        assert!((d.acceptance(Source::History, 4) - 0.5).abs() < 0.05);
+        assert_eq!(d.choose(&draft, 1, cpu), 0, "drafts that hold half the time are not worth a wider step here");
+        // On hardware where width is nearly free, they are.
+        let gpu = |r: usize| Some(10.0 + 0.05 * r as f64);
+        assert!(d.choose(&draft, 1, gpu) >= 1);
+        assert_eq!(Drafts::default().choose(&draft, 1, |_| None), 0, "unknown cost: no speculation");
+        // Now and then one token longer, to measure the wider step.
+        let mut d = Drafts::default();
+        let picks: Vec<usize> = (0..EXPLORE_EVERY).map(|_| d.choose(&draft, 1, cpu)).collect();
+        assert_eq!(picks[picks.len() - 1], picks[0] + 1, "{picks:?}");
+    }
+}
