@@ -16,6 +16,9 @@ ELPIS_QWEN_PATH="$(bash scripts/fetch-model.sh qwen)"
 ELPIS_SMOLLM2_PATH="$(bash scripts/fetch-model.sh smollm2)"
 export ELPIS_MODEL_PATH ELPIS_QWEN_PATH ELPIS_SMOLLM2_PATH
 unset ELPIS_QUIET
+# The checks' servers save no prompts to the user's cache (the prompt-cache
+# tests use folders of their own).
+export ELPIS_SERVER_PROMPT_CACHE_DISK_MIB=0
 
 cargo build --release --all-targets
 # Two test threads: each test spawns its own server; more would only fight

@@ -34,6 +34,7 @@ fn a_grammar_no_token_can_continue_ends_the_job_not_the_process() {
         ("ELPIS_MODEL_PATH".to_string(), common::model_path().display().to_string()),
         ("ELPIS_MODEL_N_THREADS".to_string(), "1".to_string()),
         ("ELPIS_EMOTION_STEERING".to_string(), "off".to_string()),
+        ("ELPIS_SERVER_PROMPT_CACHE_DISK_MIB".to_string(), "0".to_string()),
     ];
     let (config, _) = Config::load_with_env(None, &env).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

@@ -155,3 +155,16 @@ fn the_engine_is_split_without_cycles() {
         }
     }
 }
+
+/// The prompt cache names the llama.cpp build its saved states come from:
+/// that name must be the build Cargo.lock pins (a state of another build
+/// is never loaded, so a stale name would load one).
+#[test]
+fn the_prompt_cache_names_the_locked_llama_build() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let lock = std::fs::read_to_string(root.join("Cargo.lock")).unwrap();
+    let at = lock.find("name = \"llama-cpp-sys-2\"").expect("llama-cpp-sys-2 in Cargo.lock");
+    let version = lock[at..].lines().nth(1).unwrap().trim().trim_start_matches("version = ").trim_matches('"');
+    let cache = std::fs::read_to_string(root.join("src/engine/prompt_cache.rs")).unwrap();
+    assert!(cache.contains(&format!("\"llama-cpp-sys-2 {version}\"")), "src/engine/prompt_cache.rs's LLAMA_BUILD is not llama-cpp-sys-2 {version}");
+}

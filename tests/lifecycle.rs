@@ -23,6 +23,8 @@ fn one_shot(input: &str) -> (Vec<Value>, std::process::ExitStatus, String) {
         // Drafts are sized by timing, and batched verification rounds
         // differently at near-ties: off, unless a test turns it on.
         .env("ELPIS_MODEL_SPECULATIVE", "off")
+        // Saved prompts would carry over from test to test: none, unless a test wants them.
+        .env("ELPIS_SERVER_PROMPT_CACHE_DISK_MIB", "0")
         .env_remove("ELPIS_QUIET")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -65,6 +65,8 @@ fn all_sessions_replay_cleanly() {
                 // Drafts are sized by timing, and batched verification rounds
                 // differently at near-ties: off, unless a test turns it on.
                 .env("ELPIS_MODEL_SPECULATIVE", "off")
+                // Saved prompts would carry over from test to test: none, unless a test wants them.
+                .env("ELPIS_SERVER_PROMPT_CACHE_DISK_MIB", "0")
                 .env("ELPIS_LOGGING_LEVEL", "warn")
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
@@ -140,6 +142,8 @@ fn a_recorded_session_replays() {
         // Drafts are sized by timing, and batched verification rounds
         // differently at near-ties: off, unless a test turns it on.
         .env("ELPIS_MODEL_SPECULATIVE", "off")
+        // Saved prompts would carry over from test to test: none, unless a test wants them.
+        .env("ELPIS_SERVER_PROMPT_CACHE_DISK_MIB", "0")
         .output()
         .unwrap();
     let _ = std::fs::remove_file(&path);

@@ -22,6 +22,8 @@ fn rmcp_client_lists_and_calls() {
             // Drafts are sized by timing, and batched verification rounds
             // differently at near-ties: off, unless a test turns it on.
             .env("ELPIS_MODEL_SPECULATIVE", "off")
+            // Saved prompts would carry over from test to test: none, unless a test wants them.
+            .env("ELPIS_SERVER_PROMPT_CACHE_DISK_MIB", "0")
             .env("ELPIS_LOGGING_LEVEL", "error")
             .env_remove("ELPIS_QUIET");
         let client = ().serve(TokioChildProcess::new(command).unwrap()).await.unwrap();

@@ -140,6 +140,8 @@ impl Raw {
             // Drafts are sized by timing, and batched verification rounds
             // differently at near-ties: off, unless a test turns it on.
             .env("ELPIS_MODEL_SPECULATIVE", "off")
+            // Saved prompts would carry over from test to test: none, unless a test wants them.
+            .env("ELPIS_SERVER_PROMPT_CACHE_DISK_MIB", "0")
             .env("ELPIS_LOGGING_LEVEL", "info")
             .env_remove("ELPIS_QUIET")
             .stdin(Stdio::piped())

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::emotion::EmotionParams;
-use crate::engine::{EngineSettings, SteeringSettings};
+use crate::engine::{EngineSettings, KvType, Speculation, SteeringSettings};
 use crate::prompt::ChatFormat;
 
 use env::apply_env;
@@ -72,6 +72,11 @@ pub struct ServerConfig {
     /// Longest input line; a longer one is discarded as it streams in and
     /// refused with a JSON-RPC error.
     pub max_line_bytes: usize,
+    /// Prompt prefixes kept in host memory when a slot is given to another
+    /// conversation, in MiB (0: none).
+    pub prompt_cache_ram_mib: usize,
+    /// Prompt prefixes kept on disk across restarts, in MiB (0: none).
+    pub prompt_cache_disk_mib: usize,
 }
 
 impl Default for ServerConfig {
@@ -82,6 +87,8 @@ impl Default for ServerConfig {
             stream_idle_s: 10.0,
             max_queued: 64,
             max_line_bytes: 16 * 1024 * 1024,
+            prompt_cache_ram_mib: 512,
+            prompt_cache_disk_mib: 1024,
         }
     }
 }
@@ -142,7 +149,11 @@ pub struct ModelConfig {
     /// reused on models with sliding-window attention (costs memory).
     pub swa_full: bool,
     pub overflow: Overflow,
-    /// `auto` (speculative decoding from the text where it pays) or `off`.
+    /// `f16` (default), `q8_0` or `q4_0`: the KV cache's type (quantized
+    /// halves or quarters its memory; flash attention is turned on for it).
+    pub kv_cache_type: String,
+    /// `auto` (speculative decoding from the text where it pays), `off`, or
+    /// `always` (draft whenever a draft is found: for tests and measurements).
     pub speculative: String,
     /// Backend of the predecessor; only `llama-cpp` is served.
     pub backend: String,
@@ -177,6 +188,7 @@ impl Default for ModelConfig {
             swa_full: true,
             overflow: Overflow::Error,
             speculative: "auto".into(),
+            kv_cache_type: "f16".into(),
             backend: "llama-cpp".into(),
             emotion_vectors_dir: String::new(),
             steering_layer: None,
@@ -311,8 +323,11 @@ impl Config {
             return bad(format!("model.max_step_ms = {} is out of range: expected 5 to 10000", m.max_step_ms));
         }
         m.speculative = m.speculative.trim().to_ascii_lowercase();
-        if !["auto", "off"].contains(&m.speculative.as_str()) {
-            return bad(format!("model.speculative = {:?} is unknown: expected \"auto\" or \"off\"", m.speculative));
+        if !["auto", "off", "always"].contains(&m.speculative.as_str()) {
+            return bad(format!("model.speculative = {:?} is unknown: expected \"auto\", \"off\" or \"always\"", m.speculative));
+        }
+        if KvType::parse(&m.kv_cache_type).is_none() {
+            return bad(format!("model.kv_cache_type = {:?} is unknown: expected \"f16\", \"q8_0\" or \"q4_0\"", m.kv_cache_type));
         }
         m.hardware_backend = m.hardware_backend.trim().to_ascii_lowercase();
         if !HARDWARE_BACKENDS.contains(&m.hardware_backend.as_str()) {
@@ -397,9 +412,16 @@ impl Config {
             max_step_ms: m.max_step_ms,
             swa_full: m.swa_full,
             truncate_overflow: m.overflow == Overflow::Truncate,
-            speculative: m.speculative == "auto",
+            speculative: match m.speculative.as_str() {
+                "off" => Speculation::Off,
+                "always" => Speculation::Always,
+                _ => Speculation::Auto,
+            },
             steering: self.steering_settings(),
             cache_dir: cache_dir(),
+            prompt_cache_ram_mib: self.server.prompt_cache_ram_mib,
+            prompt_cache_disk_mib: self.server.prompt_cache_disk_mib,
+            kv_cache_type: KvType::parse(&m.kv_cache_type).unwrap_or(KvType::F16),
         }
     }
 

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::model::ModelInfo;
 use super::request::{EngineError, GenerationEvent, GenerationRequest};
+use super::prompt_cache::CacheReport;
 use super::steering::SteeringReport;
 
 /// A running generation, as the caller sees it.
@@ -51,6 +52,7 @@ pub struct EngineLoad {
     pub cached_tokens: usize,
     pub slots: Vec<SlotReport>,
     pub steering: SteeringReport,
+    pub prompt_cache: CacheReport,
 }
 
 /// One slot, as the engine accounts for it and as llama.cpp's memory sees it.

@@ -16,6 +16,7 @@
 //! - `admission`: a request becomes a job (render, tokenise, fit);
 //! - `job`, `sampler`: one generation, and its sampler chain and grammar;
 //! - `slots`: the KV sequences and the queue (assignment, parking, trimming);
+//!   `prompt_cache`: prompt prefixes kept in RAM and on disk beyond them;
 //! - `step`, `planner`: one batch built and decoded, and how much it
 //!   carries; `speculative`: drafts from the text, and when they pay;
 //! - `steering`, `vectors`, `sys`: emotion steering with control vectors,
@@ -32,6 +33,7 @@ mod job;
 mod model;
 mod planner;
 mod probes;
+mod prompt_cache;
 mod raw;
 mod request;
 mod sampler;
@@ -45,7 +47,8 @@ mod text;
 mod vectors;
 
 pub use handle::{EngineHandle, EngineLoad, Generation, SlotReport, SteeringSource};
-pub use model::{route_llama_logs, EngineSettings, ModelInfo};
+pub use model::{route_llama_logs, EngineSettings, KvType, ModelInfo};
+pub use prompt_cache::CacheReport;
 pub use probes::Probe;
 pub use raw::{raw_speed, RawSpeed};
 pub use request::{
@@ -53,6 +56,7 @@ pub use request::{
     TokenLogprob, TopLogprob, Usage,
 };
 pub use scheduler::Engine;
+pub use speculative::Speculation;
 pub use steering::{default_layers, SteeringReport, SteeringSettings};
 pub use text::TextDecoder;
 pub use vectors::{read_gguf, write_gguf, DirectionSet, Reduction, QUADRANTS};

@@ -5,7 +5,7 @@
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 
-use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::params::LlamaModelParams;
@@ -17,6 +17,7 @@ use crate::prompt::{ChatFormat, NativeToolFormat, Renderer, TemplateTexts};
 
 use super::planner::{MAX_BATCH, MAX_UBATCH};
 use super::request::EngineError;
+use super::speculative::Speculation;
 use super::steering::SteeringSettings;
 
 /// Settings the engine is built from (the `[model]` section, resolved).
@@ -33,12 +34,53 @@ pub struct EngineSettings {
     pub swa_full: bool,
     /// Drop old turns instead of refusing a prompt that does not fit.
     pub truncate_overflow: bool,
-    /// Speculative decoding from the text (`model.speculative = "auto"`).
-    pub speculative: bool,
+    /// Speculative decoding from the text (`model.speculative`).
+    pub speculative: Speculation,
     pub steering: SteeringSettings,
     /// The cache folder (`~/.cache/elpis`): the model's identity memo, its
     /// vectors, its saved prompts.
     pub cache_dir: PathBuf,
+    /// Bounds of the prompt cache's tiers, in MiB (0 turns a tier off).
+    pub prompt_cache_ram_mib: usize,
+    pub prompt_cache_disk_mib: usize,
+    /// The KV cache's type: `f16`, `q8_0` or `q4_0`.
+    pub kv_cache_type: KvType,
+}
+
+/// How the KV cache stores keys and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KvType {
+    F16,
+    Q8_0,
+    Q4_0,
+}
+
+impl KvType {
+    pub fn parse(name: &str) -> Option<KvType> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "f16" => Some(KvType::F16),
+            "q8_0" => Some(KvType::Q8_0),
+            "q4_0" => Some(KvType::Q4_0),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F16 => "f16",
+            KvType::Q8_0 => "q8_0",
+            KvType::Q4_0 => "q4_0",
+        }
+    }
+
+    fn ggml(self) -> KvCacheType {
+        match self {
+            KvType::F16 => KvCacheType::F16,
+            KvType::Q8_0 => KvCacheType::Q8_0,
+            KvType::Q4_0 => KvCacheType::Q4_0,
+        }
+    }
 }
 
 /// Facts about the loaded model, for `get_capabilities`.
@@ -66,9 +108,10 @@ pub struct ModelInfo {
     pub slots: u32,
     pub max_step_ms: u32,
     pub sliding_window_full: bool,
-    /// Speculative decoding is on (prompt lookup; off on a cut
-    /// sliding-window cache, which cannot drop rejected cells).
-    pub speculative: bool,
+    pub kv_cache_type: KvType,
+    /// Speculative decoding (prompt lookup; off on a cut sliding-window
+    /// cache, which cannot drop rejected cells).
+    pub speculative: Speculation,
 }
 
 
@@ -155,8 +198,16 @@ pub(super) fn load(settings: &EngineSettings) -> Result<Loaded, EngineError> {
         .with_n_seq_max(parallel)
         .with_kv_unified(true)
         .with_swa_full(settings.swa_full)
+        .with_type_k(settings.kv_cache_type.ggml())
+        .with_type_v(settings.kv_cache_type.ggml())
         .with_n_threads(threads as i32)
         .with_n_threads_batch(threads as i32);
+    // A quantized V cache needs flash attention (llama.cpp refuses it otherwise).
+    let ctx_params = if settings.kv_cache_type == KvType::F16 {
+        ctx_params
+    } else {
+        ctx_params.with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED)
+    };
     let ctx = model.new_context(backend, ctx_params).map_err(|_| EngineError::Context(n_ctx))?;
     let n_ctx_seq = (ctx.n_ctx() / parallel) as usize;
 
@@ -187,7 +238,8 @@ pub(super) fn load(settings: &EngineSettings) -> Result<Loaded, EngineError> {
         slots: parallel,
         max_step_ms: settings.max_step_ms,
         sliding_window_full: settings.swa_full,
-        speculative: settings.speculative && !(sliding_window > 0 && !settings.swa_full),
+        kv_cache_type: settings.kv_cache_type,
+        speculative: if sliding_window > 0 && !settings.swa_full { Speculation::Off } else { settings.speculative },
     };
     tracing::info!(?info, "model loaded");
     Ok(Loaded { model, ctx, renderer, info, n_ctx_seq, swa_limited: sliding_window > 0 && !settings.swa_full })

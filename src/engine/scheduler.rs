@@ -30,9 +30,11 @@ use super::identity::Identity;
 use super::model::{self, EngineSettings};
 use super::planner::StepPlanner;
 use super::probes::Probe;
+use super::prompt_cache::{Fingerprint, PromptCache, LLAMA_BUILD};
 use super::request::{EngineError, GenerationEvent};
 use super::slots::SlotTable;
 use super::steering::Steering;
+use super::speculative::Speculation;
 use super::step::DecodeStep;
 use super::sys::RawPtrs;
 
@@ -69,6 +71,12 @@ pub struct Engine {
     worked_since_trim: bool,
     /// Which model file this is (names its cache folders).
     identity: Identity,
+    /// Where the cache folders are.
+    cache_dir: std::path::PathBuf,
+    /// Prompt prefixes beyond the slots: in RAM, and on disk across restarts.
+    cache: PromptCache,
+    /// Work was done since the slots' cells were last queued for the disk.
+    worked_since_save: bool,
     /// Emotion steering: control vectors on the context.
     steering: Steering,
     /// Where the mood's steering coefficients are read.
@@ -107,7 +115,7 @@ impl Engine {
                 loaded.renderer,
                 loaded.n_ctx_seq,
                 settings.truncate_overflow,
-                loaded.info.speculative,
+                loaded.info.speculative != Speculation::Off,
             ),
             slots: SlotTable::new(parallel, Arc::clone(&waiting), loaded.swa_limited),
             step: DecodeStep::new(parallel, StepPlanner::new(settings.max_step_ms, ptrs.is_ok()), loaded.info.speculative),
@@ -115,6 +123,21 @@ impl Engine {
             commands: rx,
             worked_since_trim: false,
             identity: Identity::start(&settings.model_path, &settings.cache_dir),
+            cache_dir: settings.cache_dir.clone(),
+            cache: PromptCache::new(
+                ptrs.as_ref().ok().map(|p| p.ctx).filter(|_| !loaded.swa_limited),
+                Fingerprint {
+                    model_sha256: String::new(),
+                    n_ctx: loaded.info.context_length * parallel,
+                    n_seq: parallel,
+                    kv_type: settings.kv_cache_type.name().into(),
+                    swa_full: settings.swa_full,
+                    build: LLAMA_BUILD.into(),
+                },
+                settings.prompt_cache_ram_mib,
+                settings.prompt_cache_disk_mib,
+            ),
+            worked_since_save: false,
             steering,
             steering_source: None,
             foreground_ms: 0.0,
@@ -122,6 +145,8 @@ impl Engine {
             closing: false,
             _not_send: PhantomData,
         };
+        let mut engine = engine;
+        engine.cache_knows_the_model();
         Ok((engine, EngineHandle::new(tx, Arc::new(loaded.info), waiting)))
     }
 
@@ -151,6 +176,21 @@ impl Engine {
         }
         self.assert_owner_thread();
         self.slots.cancel_all(&mut self.ctx);
+        // What the slots hold survives the restart (the model identified
+        // first, should that still be under way: it names the folder).
+        self.identity.settle();
+        self.cache_knows_the_model();
+        for (seq, tokens) in self.slots.holdings() {
+            self.cache.save(seq, &tokens);
+        }
+        self.cache.flush();
+    }
+
+    /// Once the model's identity is known, the prompt cache opens its folder.
+    fn cache_knows_the_model(&mut self) {
+        if let Some(Ok(sha256)) = self.identity.sha256() {
+            self.cache.identified(&self.cache_dir, sha256);
+        }
     }
 
     /// Let the runtime's tasks run; when there is nothing to do, wait for a
@@ -188,8 +228,14 @@ impl Engine {
         self.assert_owner_thread();
         let now = Instant::now();
         self.slots.reap_cancelled(&mut self.ctx);
-        self.slots.assign(now, &mut self.ctx);
+        self.slots.assign(now, &mut self.ctx, &mut self.cache, answer_requests);
         let idle = self.slots.is_idle();
+        if idle && std::mem::take(&mut self.worked_since_save) {
+            // Idle after work: what the slots hold goes to the disk tier.
+            for (seq, tokens) in self.slots.holdings() {
+                self.cache.save(seq, &tokens);
+            }
+        }
         if self.background_busy() && (idle || self.background_ms <= BACKGROUND_SHARE * self.foreground_ms) {
             let started = Instant::now();
             self.background_slice(answer_requests);
@@ -202,6 +248,7 @@ impl Engine {
         let report = self.step.run(now, &mut self.slots, llama, self.n_ctx_seq, answer_requests);
         if report.rows > 0 {
             self.worked_since_trim = true;
+            self.worked_since_save = true;
             self.foreground_ms += report.elapsed_ms;
         }
         // The share is over recent time, not the whole life.
@@ -209,14 +256,20 @@ impl Engine {
         self.background_ms *= 0.995;
     }
 
-    /// Background work is left: identifying the model, computing its vectors.
+    /// Background work is left: identifying the model, computing its
+    /// vectors, writing prompts to disk.
     fn background_busy(&self) -> bool {
-        self.identity.busy() || self.steering.busy() || (self.steering.wants_identity() && !self.identity.busy())
+        self.identity.busy() || self.steering.busy() || (self.steering.wants_identity() && !self.identity.busy()) || self.cache.busy()
     }
 
     fn background_slice(&mut self, answer_requests: &mut dyn FnMut()) {
         if self.identity.busy() {
             self.identity.slice();
+            if !self.identity.busy() {
+                self.cache_knows_the_model();
+            }
+        } else if self.cache.busy() {
+            self.cache.slice();
         } else if self.steering.wants_identity() {
             if let Some(sha256) = self.identity.sha256() {
                 self.steering.identified(self.model, sha256);
@@ -264,7 +317,7 @@ impl Engine {
         if let (true, Some((done, all))) = (self.steering.wants_identity(), self.identity.progress()) {
             steering.reason = Some(format!("identifying the model file (sha256, {done} of {all} MiB)"));
         }
-        EngineLoad { active, queued, cached_tokens, slots, steering }
+        EngineLoad { active, queued, cached_tokens, slots, steering, prompt_cache: self.cache.report() }
     }
 
     /// The measurements' access to this engine (it is not serving: the

@@ -14,6 +14,7 @@ use llama_cpp_2::token::LlamaToken;
 
 use super::handle::SlotReport;
 use super::job::Job;
+use super::prompt_cache::{common_prefix, PromptCache};
 use super::request::{EngineError, FinishReason};
 
 /// One KV sequence and what it holds.
@@ -83,8 +84,12 @@ impl SlotTable {
     /// Give queued jobs slots, those a client waits on first: the free slot
     /// whose cells share the longest prefix with the prompt, else the least
     /// recently used. When none is free, a job a client waits on takes the
-    /// slot of a stream nobody is reading, which yields (see [`Self::park`]).
-    pub fn assign(&mut self, now: Instant, ctx: &mut LlamaContext) {
+    /// slot of a stream nobody is reading, and a call (a client blocked on
+    /// the answer) the slot of the stream read least recently, which yields
+    /// (see [`Self::park`]). Cells a slot gives up for another conversation
+    /// are kept in the prompt cache, and a prompt that the cache covers
+    /// better than the slot's own cells gets them back from there.
+    pub fn assign(&mut self, now: Instant, ctx: &mut LlamaContext, cache: &mut PromptCache, between: &mut dyn FnMut()) {
         loop {
             let Some(q) = self.queue.iter().position(|j| j.attended(now)).or((!self.queue.is_empty()).then_some(0)) else {
                 return;
@@ -100,7 +105,7 @@ impl SlotTable {
             };
             let i = match best {
                 Some(i) => i,
-                None if self.queue[q].attended(now) => match self.unattended_slot(now) {
+                None if self.queue[q].attended(now) => match self.stream_to_yield(now, self.queue[q].interest.is_none()) {
                     Some(i) => {
                         self.park(i);
                         i
@@ -111,6 +116,7 @@ impl SlotTable {
             };
             // The parked job went to the back of the queue: `q` still points at ours.
             let Some(mut job) = self.queue.remove(q) else { return };
+            self.fill_from_cache(i, &job.prompt, ctx, cache, between);
             // Keep at least one prompt token to decode: its logits start the reply.
             let reuse = common_prefix(&self.slots[i].cached, &job.prompt).min(job.prompt.len() - 1);
             self.trim(i, reuse, ctx);
@@ -128,18 +134,51 @@ impl SlotTable {
         }
     }
 
-    /// The busy slot whose stream has gone unread the longest, if any is unattended.
-    fn unattended_slot(&self, now: Instant) -> Option<usize> {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| {
-                let job = s.job.as_ref()?;
-                let interest = job.interest.as_ref()?;
-                (!interest.attended(now)).then(|| (i, interest.idle_s(now)))
+    /// Before slot `i` takes `prompt`: what it holds of another conversation
+    /// goes to the cache, and a kept prefix that covers more of `prompt`
+    /// than its cells do comes back from there.
+    fn fill_from_cache(&mut self, i: usize, prompt: &[LlamaToken], ctx: &mut LlamaContext, cache: &mut PromptCache, between: &mut dyn FnMut()) {
+        if self.swa_limited {
+            return;
+        }
+        let seq = self.slots[i].seq;
+        let own = common_prefix(&self.slots[i].cached, prompt);
+        if self.slots[i].cached.len() > own {
+            cache.keep(seq, &self.slots[i].cached);
+        }
+        let Some((found, _)) = cache.best(prompt, own) else { return };
+        let _ = ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
+        self.slots[i].cached.clear();
+        match cache.restore(found, seq, between) {
+            Ok(tokens) => {
+                tracing::debug!(seq, tokens = tokens.len(), "prompt cells from the cache");
+                self.slots[i].cached = tokens;
+            }
+            Err(e) => {
+                tracing::warn!("a kept prompt could not be loaded ({e}): computing it instead");
+                let _ = ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
+            }
+        }
+    }
+
+    /// The busy slot a waiting job may take: a stream's whose reader has
+    /// gone quiet (the one unread the longest); for a call, failing that,
+    /// the stream read least recently.
+    fn stream_to_yield(&self, now: Instant, for_call: bool) -> Option<usize> {
+        let streams = || {
+            self.slots.iter().enumerate().filter_map(|(i, s)| {
+                let interest = s.job.as_ref()?.interest.as_ref()?;
+                Some((i, interest.attended(now), interest.idle_s(now)))
             })
-            .max_by(|a, b| a.1.total_cmp(&b.1))
-            .map(|(i, _)| i)
+        };
+        let longest_unread = |list: Vec<(usize, bool, f64)>| list.into_iter().max_by(|a, b| a.2.total_cmp(&b.2)).map(|(i, _, _)| i);
+        longest_unread(streams().filter(|(_, attended, _)| !attended).collect())
+            .or_else(|| if for_call { longest_unread(streams().collect()) } else { None })
+    }
+
+    /// The cells every idle slot holds, for the disk tier: `(seq, tokens)`.
+    pub fn holdings(&self) -> Vec<(i32, Vec<LlamaToken>)> {
+        self.slots.iter().filter(|s| s.job.is_none()).map(|s| (s.seq, s.cached.clone())).collect()
     }
 
     /// Take slot `i`'s job off it and queue it again, resumable: its cells
@@ -250,6 +289,3 @@ impl SlotTable {
     }
 }
 
-pub(super) fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
-}

@@ -34,6 +34,19 @@ const FORGET: f64 = 0.995;
 /// One choice in this many tries a draft a token longer than the best.
 const EXPLORE_EVERY: u64 = 16;
 
+/// When drafts are decoded (`model.speculative`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Speculation {
+    /// Never.
+    Off,
+    /// When a draft is expected to pay on this machine.
+    Auto,
+    /// Whenever one is found, whatever it costs (for tests and
+    /// measurements: the drafts then depend on the text alone).
+    Always,
+}
+
 /// Where a draft came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Source {

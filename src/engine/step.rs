@@ -20,7 +20,7 @@ use llama_cpp_sys_2 as ffi;
 
 use super::planner::{Mode, StepPlanner, MAX_BATCH};
 use super::slots::SlotTable;
-use super::speculative::{lookup, Draft, Drafts, MAX_DRAFT};
+use super::speculative::{lookup, Draft, Drafts, Speculation, MAX_DRAFT};
 use super::sys;
 
 /// The batch one step decodes, what steps cost, and how drafts fare: kept
@@ -29,9 +29,9 @@ pub(super) struct DecodeStep {
     batch: LlamaBatch<'static>,
     pub planner: StepPlanner,
     pub drafts: Drafts,
-    /// Speculative decoding is on (`model.speculative = "auto"`) and the
-    /// KV cache can drop rejected cells (not a cut sliding-window cache).
-    speculative: bool,
+    /// When drafts are decoded (`model.speculative`; off where the KV
+    /// cache cannot drop rejected cells: a cut sliding-window cache).
+    speculative: Speculation,
 }
 
 /// What a step did.
@@ -51,7 +51,7 @@ struct Sample {
 }
 
 impl DecodeStep {
-    pub fn new(parallel: u32, planner: StepPlanner, speculative: bool) -> DecodeStep {
+    pub fn new(parallel: u32, planner: StepPlanner, speculative: Speculation) -> DecodeStep {
         DecodeStep { batch: LlamaBatch::new(MAX_BATCH, parallel as i32), planner, drafts: Drafts::default(), speculative }
     }
 
@@ -80,7 +80,7 @@ impl DecodeStep {
         let mut samples: Vec<Sample> = Vec::new();
         let mut rows = generating.len();
         for &i in &generating {
-            let draft = if self.speculative { self.draft_for(slots, i, rows, n_ctx_seq) } else { None };
+            let draft = if self.speculative == Speculation::Off { None } else { self.draft_for(slots, i, rows, n_ctx_seq) };
             let slot = &mut slots.slots[i];
             let Some(job) = slot.job.as_mut() else { continue };
             let Some(token) = job.pending.take() else { continue };
@@ -106,18 +106,22 @@ impl DecodeStep {
         let drafting = samples.iter().any(|s| s.draft.is_some());
         let mode = if cadence { Mode::Cadence } else { Mode::Throughput };
         let mut room = self.planner.prompt_rows(mode, rows).min(MAX_BATCH - self.batch.n_tokens() as usize);
-        let mut prefilling: Vec<(u64, usize)> = slots
+        // Calls first (a client is blocked on them), then attended streams,
+        // then the rest; oldest first within each.
+        let mut prefilling: Vec<(u8, u64, usize)> = slots
             .slots
             .iter()
             .enumerate()
             .filter(|(i, _)| !paused[*i])
             .filter_map(|(i, s)| {
-                s.job.as_ref().filter(|j| j.pending.is_none() && s.cached.len() < j.prompt.len()).map(|j| (j.id, i))
+                let j = s.job.as_ref().filter(|j| j.pending.is_none() && s.cached.len() < j.prompt.len())?;
+                let rank = if j.interest.is_none() { 0 } else if attended[i] == Some(true) { 1 } else { 2 };
+                Some((rank, j.id, i))
             })
             .collect();
         prefilling.sort_unstable();
         let mut prompt_rows = 0;
-        for (_, i) in prefilling {
+        for (rank, _, i) in prefilling {
             if room == 0 {
                 break;
             }
@@ -138,6 +142,11 @@ impl DecodeStep {
             let fed = slot.cached.len() - start;
             prompt_rows += fed;
             room = room.saturating_sub(fed);
+            // A first token somebody waits for comes with this step: no
+            // other prompt's rows make it wait longer.
+            if rank < 2 && slot.cached.len() == job.prompt.len() {
+                room = 0;
+            }
         }
         let rows = self.batch.n_tokens() as usize;
         if rows == 0 {
@@ -183,7 +192,10 @@ impl DecodeStep {
         history.push(pending);
         let mut draft = lookup(&history, &job.prediction, max)?;
         let planner = &self.planner;
-        let k = self.drafts.choose(&draft, rows, |r| planner.predict_logits(r));
+        let k = match self.speculative {
+            Speculation::Always => draft.tokens.len(),
+            _ => self.drafts.choose(&draft, rows, |r| planner.predict_logits(r)),
+        };
         tracing::trace!(
             found = draft.tokens.len(),
             k,

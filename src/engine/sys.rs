@@ -308,3 +308,38 @@ pub fn decode_between_nodes<T>(ctx: NonNull<ffi::llama_context>, work: &mut dyn 
     }
     out
 }
+
+// ---------------------------------------------------------------------------
+// A sequence's KV state as bytes, for the prompt cache: llama-cpp-2 only
+// offers it as an opaque value or through unsafe calls.
+// ---------------------------------------------------------------------------
+
+/// The KV state of sequence `seq` (its cells: positions and keys/values).
+pub fn seq_state(ctx: NonNull<ffi::llama_context>, seq: i32) -> Result<Vec<u8>, String> {
+    // SAFETY: `ctx` is the engine's live context (checked by `context_ptr`),
+    // used on its thread between decodes; the size call only reads it.
+    let size = unsafe { ffi::llama_state_seq_get_size(ctx.as_ptr(), seq) };
+    let mut bytes = vec![0u8; size];
+    // SAFETY: as above; llama.cpp writes at most `size` bytes into `bytes`,
+    // which has exactly that length.
+    let written = unsafe { ffi::llama_state_seq_get_data(ctx.as_ptr(), bytes.as_mut_ptr(), size, seq) };
+    if written != size {
+        return Err(format!("llama.cpp wrote {written} bytes of a {size}-byte sequence state"));
+    }
+    Ok(bytes)
+}
+
+/// Load `bytes` (a state from [`seq_state`] of this same model, context
+/// settings and build: the caller checks) into the empty sequence `seq`.
+pub fn set_seq_state(ctx: NonNull<ffi::llama_context>, seq: i32, bytes: &[u8]) -> Result<(), String> {
+    // SAFETY: `ctx` is the engine's live context, on its thread between
+    // decodes; llama.cpp reads at most `bytes.len()` bytes from the slice,
+    // validates the layout it finds (layers, cell counts, types) and
+    // returns 0 on a mismatch instead of loading it.
+    let read = unsafe { ffi::llama_state_seq_set_data(ctx.as_ptr(), bytes.as_ptr(), bytes.len(), seq) };
+    if read == bytes.len() {
+        Ok(())
+    } else {
+        Err(format!("llama.cpp took {read} of {} bytes of the saved state", bytes.len()))
+    }
+}

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{ModelConfig, ServerConfig, ToolFormat};
 use crate::emotion::EVENTS;
-use crate::engine::{self, Completion, EngineHandle, FinishReason, Generation, GenerationEvent, GenerationRequest, Interest};
+use crate::engine::{self, Completion, EngineHandle, FinishReason, Generation, GenerationEvent, GenerationRequest, Interest, Speculation};
 use crate::prompt::{self, CallGuard, Message, NativeToolFormat, ROLES};
 use crate::server::calls::{self, ToolUse};
 use crate::server::controls::{self, Used};
@@ -361,7 +361,7 @@ impl Inference {
     pub async fn capabilities(&self) -> Value {
         let info = self.engine.info();
         let load = self.engine.load().await.unwrap_or_default();
-        json!({
+        let mut out = json!({
             "context_length": info.context_length,
             "max_tokens": self.defaults.max_tokens,
             "backend": "llama-cpp",
@@ -395,16 +395,26 @@ impl Inference {
             "queued_generations": load.queued,
             "cached_tokens": load.cached_tokens,
             "slot_states": load.slots,
+        });
+        // (In two parts: one json! of all of it is past the macro's recursion limit.)
+        let more = json!({
+            "kv_cache_type": info.kv_cache_type,
+            "prompt_cache": load.prompt_cache,
             "speculative": {
-                "enabled": info.speculative,
-                "mode": if info.speculative { "auto" } else { "off" },
-                "sources": if info.speculative { json!(["prompt-lookup", "prediction"]) } else { json!([]) },
+                "enabled": info.speculative != Speculation::Off,
+                "mode": info.speculative,
+                "sources": if info.speculative == Speculation::Off { json!([]) } else { json!(["prompt-lookup", "prediction"]) },
                 "draft_model": null,
             },
             "generation_controls": ["stop", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty",
-                "frequency_penalty", "seed", "response_format", "tools", "tool_choice", "speculative", "prediction"],
+                "frequency_penalty", "seed", "response_format", "tools", "tool_choice", "speculative", "prediction",
+                "logprobs", "top_logprobs"],
             "resources": [crate::server::mcp::EMOTION_STATE_URI, crate::server::mcp::EMOTION_EVENTS_URI, crate::server::mcp::METRICS_URI],
-        })
+        });
+        if let (Value::Object(out), Value::Object(more)) = (&mut out, more) {
+            out.extend(more);
+        }
+        out
     }
 }
 

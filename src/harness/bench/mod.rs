@@ -7,7 +7,12 @@
 //! first minutes ([`startup`]: the first stream after start, a first launch
 //! that computes the vectors), and memory. Prints a table, writes JSON.
 
+mod cache;
+mod speculation;
 mod startup;
+
+pub use cache::CacheRows;
+pub use speculation::SpecRow;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -94,6 +99,13 @@ pub struct BenchRun {
     pub first_launch_settled_tps: f64,
     pub first_launch_ratio: f64,
     pub first_launch_vectors_s: f64,
+    /// Speculation off against on, same run, greedy: a reply grounded in
+    /// its input (a code edit), a tool call echoing its input, free chat.
+    pub spec_grounded: SpecRow,
+    pub spec_echo_call: SpecRow,
+    pub spec_free_chat: SpecRow,
+    /// The prompt cache: restart, a returning conversation, q8_0 against f16.
+    pub cache: CacheRows,
 }
 
 #[derive(Debug, Serialize)]
@@ -144,6 +156,7 @@ pub async fn bench(config: &Config, options: &BenchOptions) -> anyhow::Result<Be
             let (p50, p99, step) = startup::first_stream(&binary, &options.env).await?;
             (r.first_stream_quick_p50_ms, r.first_stream_quick_p99_ms, r.first_stream_p99_over_step) = (p50, p99, p99 / step);
         }
+        r.cache = cache::rows(&binary, &env, &config.model_path(), &crate::config::cache_dir()).await?;
         let (computing, settled, vectors_s) = startup::first_launch(&binary, &options.env, &config.model_path()).await?;
         (r.first_launch_tps, r.first_launch_settled_tps, r.first_launch_vectors_s) = (computing, settled, vectors_s);
         r.first_launch_ratio = computing / settled;
@@ -386,8 +399,10 @@ async fn bench_server(
     r.aggregate_ratio_4 = r.aggregate_tps_4 / r.aggregate_tps_1;
     r.rss_streams_mib = settled_rss_mib(&client).await;
 
+    [r.spec_grounded, r.spec_echo_call, r.spec_free_chat] = speculation::rows(&mut client).await?;
+
     // The user's turn after two idle-thought streams nobody reads any more.
-    let user_turn = json!({"messages": messages("You are Psyche.", "I'm back. Say hello in a few words."),
+    let user_turn = json!({"messages": messages("You are Psyche.", "I'm back. Tell me in three sentences what you thought about while I was away."),
                            "max_tokens": 64, "temperature": 0});
     tool(&mut client, "generate", user_turn.clone()).await?;
     let t = Instant::now();
@@ -488,16 +503,37 @@ async fn settled_rss_mib(client: &McpClient) -> f64 {
 
 fn median_run(runs: &[BenchRun]) -> BenchRun {
     let values: Vec<Value> = runs.iter().filter_map(|r| serde_json::to_value(r).ok()).collect();
+    let median_of = |pick: &dyn Fn(&Value) -> Option<f64>| {
+        let mut xs: Vec<f64> = values.iter().filter_map(pick).collect();
+        xs.sort_by(|a, b| a.total_cmp(b));
+        if xs.is_empty() { 0.0 } else { xs[xs.len() / 2] }
+    };
     let mut out = serde_json::Map::new();
     if let Some(Value::Object(first)) = values.first() {
-        for key in first.keys() {
-            let mut xs: Vec<f64> = values.iter().filter_map(|v| v[key].as_f64()).collect();
-            xs.sort_by(|a, b| a.total_cmp(b));
-            let m = if xs.is_empty() { 0.0 } else { xs[xs.len() / 2] };
-            out.insert(key.clone(), json!(m));
+        for (key, value) in first {
+            // Field by field, one level into rows of figures.
+            let median = match value {
+                Value::Object(inner) => Value::Object(
+                    inner.keys().map(|k| (k.clone(), json!(median_of(&|v: &Value| v[key][k].as_f64())))).collect(),
+                ),
+                _ => json!(median_of(&|v: &Value| v[key].as_f64())),
+            };
+            out.insert(key.clone(), median);
         }
     }
     serde_json::from_value(Value::Object(out)).unwrap_or_default()
+}
+
+fn spec_text(r: &SpecRow) -> String {
+    format!(
+        "{:.1} / {:.1} tok/s = {:.2}x, {:.0} drafts {:.0} % accepted, text {}",
+        r.off_tps,
+        r.on_tps,
+        r.ratio,
+        r.draft_tokens,
+        100.0 * r.acceptance,
+        if r.same_text >= 1.0 { "same" } else { "DIFFERS" }
+    )
 }
 
 fn print_table(report: &BenchReport) {
@@ -525,6 +561,13 @@ fn print_table(report: &BenchReport) {
         ("stream tok/s while a prompt is read", format!("{:.1} = {:.2}x alone", m.stream_beside_prefill_tps, m.stream_beside_ratio), "target >= 0.8x"),
         ("quick calls in the first stream p50 / p99", format!("{:.1} / {:.1} ms = {:.2} steps", m.first_stream_quick_p50_ms, m.first_stream_quick_p99_ms, m.first_stream_p99_over_step), "target p99 <= 2 steps"),
         ("first launch: decode computing / settled", format!("{:.1} / {:.1} tok/s = {:.2}x (vectors in {:.0} s)", m.first_launch_tps, m.first_launch_settled_tps, m.first_launch_ratio, m.first_launch_vectors_s), "target >= 0.9x"),
+        ("speculation: grounded edit off / on", spec_text(&m.spec_grounded), "target >= 1.5x"),
+        ("speculation: tool call echoing input", spec_text(&m.spec_echo_call), ""),
+        ("speculation: free chat", spec_text(&m.spec_free_chat), "target >= 0.98x"),
+        ("TTFT after a restart / cold (cache removed)", format!("{:.0} / {:.0} ms = {:.3}x ({} prompt tokens)", m.cache.restart_warm_ms, m.cache.restart_cold_ms, m.cache.restart_ratio, m.cache.restart_prompt_tokens), "target <= 0.1x"),
+        ("TTFT of a returning conversation / cold", format!("{:.0} / {:.0} ms = {:.3}x (3 conversations, 2 slots)", m.cache.returning_ms, m.cache.returning_cold_ms, m.cache.returning_ratio), "target <= 0.1x"),
+        ("KV MiB f16 / q8_0 (RSS growth)", format!("{:.0} / {:.0} = {:.2}x", m.cache.kv_f16_mib, m.cache.kv_q8_mib, m.cache.kv_ratio), "target <= 0.55x"),
+        ("decode tok/s f16 / q8_0", format!("{:.1} / {:.1} = {:.2}x, greedy text {}", m.cache.decode_f16_tps, m.cache.decode_q8_tps, m.cache.decode_q8_ratio, if m.cache.q8_same_text >= 1.0 { "same" } else { "differs" }), "target >= 0.95x"),
         ("peak RSS / model file", format!("{:.0} / {:.0} MiB = {:.2}x", m.peak_rss_mib, m.model_file_mib, m.rss_over_model), ""),
     ];
     for (name, value, target) in rows {
