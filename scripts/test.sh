@@ -33,6 +33,10 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import mcp, jinja2" 2
     "$venv/bin/pip" install --quiet --disable-pip-version-check "mcp==2.3.0" "jinja2==3.1.6"
 fi
 "$venv/bin/python" scripts/psyche-client-check.py target/release/elpis-server
+# The same client over streamable HTTP, and through the stdio bridge
+# (`--remote`) to an HTTP server, as an unmodified Psyche would use it.
+"$venv/bin/python" scripts/psyche-client-check.py target/release/elpis-server --http
+"$venv/bin/python" scripts/psyche-client-check.py target/release/elpis-server --bridge
 
 # Every test model with a chat template renders byte-equal to jinja2.
 "$venv/bin/python" scripts/template-check.py target/release/elpis-server "$ELPIS_QWEN_PATH" "$ELPIS_SMOLLM2_PATH"
@@ -50,3 +54,4 @@ if [ ! -x "$inspector/node_modules/.bin/mcp-inspector" ]; then
     npm install --silent --no-audit --no-fund --prefix "$inspector" "@modelcontextprotocol/inspector@0.15.0" >&2
 fi
 python3 scripts/inspector-check.py "$inspector/node_modules/.bin/mcp-inspector" target/release/elpis-server
+python3 scripts/inspector-check.py "$inspector/node_modules/.bin/mcp-inspector" target/release/elpis-server --http

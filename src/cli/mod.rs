@@ -23,6 +23,18 @@ pub struct Cli {
     /// TOML config file (default: configs/elpis.toml if it exists).
     #[arg(long, short, global = true)]
     pub config: Option<PathBuf>,
+    /// Serve MCP over streamable HTTP at ADDR (host:port, path /mcp) instead
+    /// of stdio (also server.http, ELPIS_SERVER_HTTP). Off loopback it needs
+    /// a bearer token, and TLS or --insecure-http.
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub http: Option<String>,
+    /// Allow the bearer token over plain HTTP on a non-loopback address.
+    #[arg(long, global = true)]
+    pub insecure_http: bool,
+    /// Relay stdio to a remote Elpis at URL, loading no model here (also
+    /// server.remote, ELPIS_SERVER_REMOTE; token: ELPIS_SERVER_HTTP_TOKEN).
+    #[arg(long, global = true, value_name = "URL")]
+    pub remote: Option<String>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -98,9 +110,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         .build()
         .context("cannot start the tokio runtime")?;
     let local = tokio::task::LocalSet::new();
+    let serving = matches!(cli.command, None | Some(Command::Serve));
+    if !serving && (cli.http.is_some() || cli.remote.is_some() || cli.insecure_http) {
+        anyhow::bail!("--http, --insecure-http and --remote go with serving (no command, or `serve`)");
+    }
     let result = match cli.command {
         // These drive the engine on this thread, with the session a task.
-        None | Some(Command::Serve) => serve::serve(&runtime, &local, config),
+        None | Some(Command::Serve) => {
+            let listen = serve::Listen::choose(&config, cli.http, cli.insecure_http, cli.remote)?;
+            serve::serve(&runtime, &local, config, listen)
+        }
         Some(Command::Chat { message, system, max_tokens, temperature }) => {
             // A one-shot reply steers with vectors that exist, but does
             // not start computing missing ones (that is the server's job).

@@ -21,6 +21,8 @@ enum ValueKind {
     Integer,
     Number,
     Boolean,
+    /// A list of texts, comma-separated in a variable.
+    List,
 }
 
 impl ValueKind {
@@ -44,6 +46,9 @@ impl ValueKind {
                 }
             }
             ValueKind::Number => number().map(toml::Value::Float).ok_or("expected a number"),
+            ValueKind::List => Ok(toml::Value::Array(
+                raw.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| toml::Value::String(s.to_string())).collect(),
+            )),
             ValueKind::Boolean => match raw.trim().to_ascii_lowercase().as_str() {
                 "true" | "1" | "yes" | "on" => Ok(toml::Value::Boolean(true)),
                 "false" | "0" | "no" | "off" => Ok(toml::Value::Boolean(false)),
@@ -65,6 +70,7 @@ fn settable_keys() -> BTreeMap<(String, String), ValueKind> {
                     toml::Value::Integer(_) => ValueKind::Integer,
                     toml::Value::Float(_) => ValueKind::Number,
                     toml::Value::Boolean(_) => ValueKind::Boolean,
+                    toml::Value::Array(_) => ValueKind::List,
                     _ => ValueKind::Text,
                 };
                 keys.insert((section.clone(), key), kind);

@@ -77,6 +77,30 @@ pub struct ServerConfig {
     pub prompt_cache_ram_mib: usize,
     /// Prompt prefixes kept on disk across restarts, in MiB (0: none).
     pub prompt_cache_disk_mib: usize,
+    /// Serve MCP over streamable HTTP at this address (`host:port`) instead
+    /// of stdio; empty: stdio. The command line's `--http` wins.
+    pub http: String,
+    /// Bearer token HTTP clients must send (required off loopback).
+    pub http_token: String,
+    /// PEM certificate chain and key for HTTPS.
+    pub http_tls_cert: String,
+    pub http_tls_key: String,
+    /// Browser origins allowed to call (`https://app.example:443`); any
+    /// other `Origin` header gets 403.
+    pub http_allowed_origins: Vec<String>,
+    /// Host names accepted in the `Host` header besides loopback and the
+    /// address listened on.
+    pub http_allowed_hosts: Vec<String>,
+    /// HTTP sessions open at once.
+    pub max_sessions: usize,
+    /// An HTTP session idle this long ends.
+    pub http_session_idle_s: f64,
+    /// Relay stdio to a remote Elpis at this URL (`https://host:port/mcp`);
+    /// empty: serve here. The command line's `--remote` wins.
+    pub remote: String,
+    /// A PEM certificate the bridge trusts for the remote's HTTPS, besides
+    /// the system's roots (for a self-signed remote).
+    pub remote_ca: String,
 }
 
 impl Default for ServerConfig {
@@ -89,6 +113,16 @@ impl Default for ServerConfig {
             max_line_bytes: 16 * 1024 * 1024,
             prompt_cache_ram_mib: 512,
             prompt_cache_disk_mib: 1024,
+            http: String::new(),
+            http_token: String::new(),
+            http_tls_cert: String::new(),
+            http_tls_key: String::new(),
+            http_allowed_origins: Vec::new(),
+            http_allowed_hosts: Vec::new(),
+            max_sessions: 16,
+            http_session_idle_s: 300.0,
+            remote: String::new(),
+            remote_ca: String::new(),
         }
     }
 }
@@ -149,6 +183,9 @@ pub struct ModelConfig {
     /// reused on models with sliding-window attention (costs memory).
     pub swa_full: bool,
     pub overflow: Overflow,
+    /// ggml RPC workers (`host:port`) the model's layers go to (with
+    /// `gpu_layers`); env: comma-separated.
+    pub rpc_servers: Vec<String>,
     /// `f16` (default), `q8_0` or `q4_0`: the KV cache's type (quantized
     /// halves or quarters its memory; flash attention is turned on for it).
     pub kv_cache_type: String,
@@ -189,6 +226,7 @@ impl Default for ModelConfig {
             overflow: Overflow::Error,
             speculative: "auto".into(),
             kv_cache_type: "f16".into(),
+            rpc_servers: Vec::new(),
             backend: "llama-cpp".into(),
             emotion_vectors_dir: String::new(),
             steering_layer: None,
@@ -370,6 +408,23 @@ impl Config {
         }
         if !(1..=100_000).contains(&self.server.max_queued) {
             return bad(format!("server.max_queued = {} is out of range: expected 1 to 100000", self.server.max_queued));
+        }
+        if !(1..=10_000).contains(&self.server.max_sessions) {
+            return bad(format!("server.max_sessions = {} is out of range: expected 1 to 10000", self.server.max_sessions));
+        }
+        let idle = self.server.http_session_idle_s;
+        if !idle.is_finite() || !(1.0..=31_536_000.0).contains(&idle) {
+            return bad(format!("server.http_session_idle_s = {idle} is out of range: expected 1 to 31536000"));
+        }
+        for (key, mib) in [("prompt_cache_ram_mib", self.server.prompt_cache_ram_mib), ("prompt_cache_disk_mib", self.server.prompt_cache_disk_mib)] {
+            if mib > 1 << 24 {
+                return bad(format!("server.{key} = {mib} is out of range: expected 0 to 16777216"));
+            }
+        }
+        for (i, worker) in self.model.rpc_servers.iter().enumerate() {
+            if worker.rsplit_once(':').is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err()) {
+                return bad(format!("model.rpc_servers[{i}] = {worker:?} is not host:port"));
+            }
         }
         if !(1024..=1 << 30).contains(&self.server.max_line_bytes) {
             return bad(format!(

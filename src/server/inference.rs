@@ -18,7 +18,7 @@ use crate::server::calls::{self, ToolUse};
 use crate::server::controls::{self, Used};
 use crate::server::metrics::Metrics;
 use crate::server::mood::Mood;
-use crate::server::streams::{StreamEnd, StreamRegistry};
+use crate::server::streams::{Owner, StreamEnd, StreamRegistry};
 use crate::server::wire::{Controls, FunctionCallArgs, GenerateArgs, UpdateEmotionArgs};
 
 /// A failure reported to the client as `{"error": message}`.
@@ -209,12 +209,12 @@ impl Inference {
 
     /// `generate_stream_start`: queue the generation, register the stream and
     /// pump its events into the registry in the background.
-    pub async fn stream_start(&self, args: GenerateArgs) -> Result<Value, ToolError> {
+    pub async fn stream_start(&self, owner: Owner, args: GenerateArgs) -> Result<Value, ToolError> {
         let Prepared { mut request, used, tools, json } = self.prepare(args).await?;
         let cancel = CancellationToken::new();
         let interest = Interest::new(Instant::now());
         request.interest = Some(interest.clone());
-        let id = self.streams().start(cancel.clone(), interest.clone(), Instant::now())?;
+        let id = self.streams().start(owner, cancel.clone(), interest.clone(), Instant::now())?;
         self.metrics.queued();
         let pump = StreamPump {
             generation: self.engine.generate(request),
@@ -239,8 +239,8 @@ impl Inference {
     }
 
     /// `generate_stream_read`.
-    pub fn stream_read(&self, stream_id: &str) -> Result<Value, ToolError> {
-        let read = self.streams().read(stream_id)?;
+    pub fn stream_read(&self, owner: Owner, stream_id: &str) -> Result<Value, ToolError> {
+        let read = self.streams().read(owner, stream_id)?;
         let mut out = json!({
             "stream_id": stream_id,
             "new_content": read.new_content,
@@ -263,8 +263,8 @@ impl Inference {
     }
 
     /// `generate_stream_cancel`.
-    pub fn stream_cancel(&self, stream_id: &str) -> Result<Value, ToolError> {
-        self.streams().cancel(stream_id)?;
+    pub fn stream_cancel(&self, owner: Owner, stream_id: &str) -> Result<Value, ToolError> {
+        self.streams().cancel(owner, stream_id)?;
         Ok(json!({"status": "cancelled", "stream_id": stream_id}))
     }
 
@@ -276,6 +276,11 @@ impl Inference {
     /// Open streams (for capabilities and tests).
     pub fn open_streams(&self) -> usize {
         self.streams().len()
+    }
+
+    /// A session ended: its streams stop and go.
+    pub fn end_session(&self, owner: Owner) {
+        self.streams().cancel_owned(owner);
     }
 
     /// Stop every stream and every generation (shutdown): running replies
@@ -499,6 +504,10 @@ impl StreamPump {
     async fn run(mut self) {
         let stream_cancel = self.generation.cancel.clone();
         let mut abandoned = false;
+        // Cancelled (by its reader, its session's end or shutdown): the
+        // generation is told to stop, and its end is still waited for, so
+        // the metrics count it.
+        let mut cancelled = false;
         // Checks whether anybody still reads the stream (an interval keeps
         // its tick when another branch wins, unlike a fresh sleep per event).
         let mut watch = tokio::time::interval(self.idle_limit.div_f64(4.0).min(Duration::from_secs(1)));
@@ -506,9 +515,10 @@ impl StreamPump {
         loop {
             let event = tokio::select! {
                 event = self.generation.events.recv() => event,
-                _ = self.cancel.cancelled() => {
+                _ = self.cancel.cancelled(), if !cancelled => {
+                    cancelled = true;
                     stream_cancel.cancel();
-                    return;
+                    continue;
                 }
                 _ = watch.tick(), if !abandoned => {
                     // Nobody read it for the idle limit: stop generating for nobody.

@@ -3,6 +3,7 @@
 //! [`Inference`] method, wrap the JSON object in one text block (with
 //! `isError: true` on failure).
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use rmcp::model::{
@@ -19,8 +20,10 @@ use rmcp::service::RequestContext;
 use rmcp::{ErrorData, RoleServer, ServerHandler};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::server::inference::{Inference, Progress, ToolError};
+use crate::server::streams::Owner;
 use crate::session::Recorder;
 use crate::server::wire::{input_schema, output_schema, parse_args, FunctionCallArgs, GenerateArgs, StreamArgs, UpdateEmotionArgs};
 
@@ -34,11 +37,68 @@ pub struct ElpisServer {
     inference: Arc<Inference>,
     /// Notes stream ids in the session file when ELPIS_RECORD is set.
     recorder: Option<Arc<Recorder>>,
+    /// One of several HTTP sessions (None: the one stdio session).
+    session: Option<Arc<SessionGuard>>,
+}
+
+/// One HTTP session, alive as long as rmcp holds its handler: when it goes
+/// (DELETE, idle timeout), its generations are cancelled and its streams
+/// dropped.
+pub struct SessionGuard {
+    id: u64,
+    /// Cancels the session's calls in flight.
+    cancel: CancellationToken,
+    inference: Arc<Inference>,
+    /// Sessions open, for `server.max_sessions`.
+    open: Arc<AtomicUsize>,
+}
+
+impl SessionGuard {
+    pub fn new(inference: &Arc<Inference>, open: &Arc<AtomicUsize>) -> Arc<SessionGuard> {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        open.fetch_add(1, Ordering::Relaxed);
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(session = id, "HTTP session opened");
+        Arc::new(SessionGuard { id, cancel: CancellationToken::new(), inference: Arc::clone(inference), open: Arc::clone(open) })
+    }
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        tracing::info!(session = self.id, "HTTP session ended: its generations stop, its streams go");
+        self.cancel.cancel();
+        self.inference.end_session(Some(self.id));
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl ElpisServer {
     pub fn new(inference: Arc<Inference>, recorder: Option<Arc<Recorder>>) -> Self {
-        ElpisServer { inference, recorder }
+        ElpisServer { inference, recorder, session: None }
+    }
+
+    /// The handler of one HTTP session.
+    pub fn for_session(inference: Arc<Inference>, session: Arc<SessionGuard>) -> Self {
+        ElpisServer { inference, recorder: None, session: Some(session) }
+    }
+
+    /// Whose streams this handler sees.
+    fn owner(&self) -> Owner {
+        self.session.as_ref().map(|s| s.id)
+    }
+
+    /// A request's cancellation: its own, and its session's end.
+    fn cancel_token(&self, ctx: &RequestContext<RoleServer>) -> CancellationToken {
+        let Some(session) = &self.session else { return ctx.ct.clone() };
+        let both = session.cancel.child_token();
+        let (request, watch) = (ctx.ct.clone(), both.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = request.cancelled() => watch.cancel(),
+                _ = watch.cancelled() => {}
+            }
+        });
+        both
     }
 
     pub fn inference(&self) -> &Arc<Inference> {
@@ -53,7 +113,7 @@ impl ElpisServer {
             "generate" => {
                 let args: GenerateArgs = parse_args(name, args).map_err(ToolError)?;
                 let (progress, forwarder) = progress_forwarder(&ctx).unzip();
-                let result = inference.generate(args, ctx.ct.clone(), progress).await;
+                let result = inference.generate(args, self.cancel_token(&ctx), progress).await;
                 // Every progress notification goes out before the response.
                 if let Some(forwarder) = forwarder {
                     let _ = forwarder.await;
@@ -61,7 +121,7 @@ impl ElpisServer {
                 result
             }
             "generate_stream_start" => {
-                let started = inference.stream_start(parse_args(name, args).map_err(ToolError)?).await;
+                let started = inference.stream_start(self.owner(), parse_args(name, args).map_err(ToolError)?).await;
                 if let (Some(recorder), Ok(result)) = (&self.recorder, &started) {
                     let id = serde_json::to_value(&ctx.id).unwrap_or(Value::Null);
                     recorder.stream_started(id, result["stream_id"].as_str().unwrap_or_default());
@@ -70,15 +130,15 @@ impl ElpisServer {
             }
             "generate_stream_read" => {
                 let args: StreamArgs = parse_args(name, args).map_err(ToolError)?;
-                inference.stream_read(&args.stream_id)
+                inference.stream_read(self.owner(), &args.stream_id)
             }
             "generate_stream_cancel" => {
                 let args: StreamArgs = parse_args(name, args).map_err(ToolError)?;
-                inference.stream_cancel(&args.stream_id)
+                inference.stream_cancel(self.owner(), &args.stream_id)
             }
             "function_call" => {
                 let args: FunctionCallArgs = parse_args(name, args).map_err(ToolError)?;
-                inference.function_call(args, ctx.ct.clone()).await
+                inference.function_call(args, self.cancel_token(&ctx)).await
             }
             "update_emotion" => {
                 let args: UpdateEmotionArgs = parse_args(name, args).map_err(ToolError)?;

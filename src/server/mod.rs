@@ -8,8 +8,10 @@
 //! [`streams`] keeps the polled streams; [`mood`] is the live emotional state;
 //! [`transport`] reads and writes the JSON-RPC lines, answering every one.
 
+pub mod bridge;
 pub mod calls;
 pub mod controls;
+pub mod http;
 pub mod inference;
 pub mod mcp;
 pub mod metrics;

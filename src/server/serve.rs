@@ -3,14 +3,11 @@
 //! arrives, even in the middle of a generation.
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use rmcp::ServiceExt;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::runtime::Runtime;
 use tokio::signal::unix::Signal;
 use tokio::task::LocalSet;
@@ -18,10 +15,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::engine::{Engine, EngineSettings};
+use crate::server::http::{self, HttpSettings};
+use crate::server::bridge;
 use crate::server::inference::Inference;
 use crate::server::mcp::ElpisServer;
 use crate::server::mood::Mood;
-use crate::server::transport::{stdio_lines, Ledger};
+use crate::server::transport::{stdio_lines, Ledger, StdinWatch, StdoutWatch};
 use crate::session::Recorder;
 
 /// How long requests still running at the end may take to be answered once
@@ -63,8 +62,33 @@ where
     local.block_on(runtime, task).map_err(|e| anyhow::anyhow!("the session stopped abnormally: {e}"))?
 }
 
-/// Serve MCP on stdio until the client goes, stdin closes or a signal comes.
-pub fn serve(runtime: &Runtime, local: &LocalSet, config: Config) -> anyhow::Result<()> {
+/// Where MCP is served.
+#[derive(Debug, Clone)]
+pub enum Listen {
+    /// On stdio (what Psyche spawns).
+    Stdio,
+    /// Over streamable HTTP, validated.
+    Http(HttpSettings),
+    /// On stdio, relayed to a remote Elpis at this URL.
+    Remote(String),
+}
+
+impl Listen {
+    /// From the command line, else the config (server.http, server.remote).
+    pub fn choose(config: &Config, http: Option<String>, insecure_http: bool, remote: Option<String>) -> anyhow::Result<Listen> {
+        let http = http.or_else(|| Some(config.server.http.trim().to_string()).filter(|s| !s.is_empty()));
+        let remote = remote.or_else(|| Some(config.server.remote.trim().to_string()).filter(|s| !s.is_empty()));
+        match (http, remote) {
+            (Some(_), Some(_)) => anyhow::bail!("serve over HTTP here (--http, server.http) or relay to a remote (--remote, server.remote), not both"),
+            (Some(addr), None) => Ok(Listen::Http(HttpSettings::new(config, &addr, insecure_http)?)),
+            (None, Some(url)) => Ok(Listen::Remote(url)),
+            (None, None) => Ok(Listen::Stdio),
+        }
+    }
+}
+
+/// Serve MCP until the client goes, stdin closes or a signal comes.
+pub fn serve(runtime: &Runtime, local: &LocalSet, config: Config, listen: Listen) -> anyhow::Result<()> {
     // Listening before the model loads: a SIGTERM during the load is an
     // orderly end too, not a kill.
     let sigterm = {
@@ -72,7 +96,12 @@ pub fn serve(runtime: &Runtime, local: &LocalSet, config: Config) -> anyhow::Res
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("cannot listen for SIGTERM")?
     };
     let settings = config.engine_settings();
-    with_engine(runtime, local, &config.clone(), settings, move |inference| session(config, inference, sigterm))
+    match listen {
+        Listen::Stdio => with_engine(runtime, local, &config.clone(), settings, move |inference| session(config, inference, sigterm)),
+        Listen::Http(http) => with_engine(runtime, local, &config, settings, move |inference| http::session(inference, http, sigterm)),
+        // No model here: the remote has it.
+        Listen::Remote(url) => local.block_on(runtime, bridge::bridge(&config, &url)),
+    }
 }
 
 /// The MCP session on stdio.
@@ -201,75 +230,4 @@ async fn serve_until_the_end(
         }
     }
     End::Orderly
-}
-
-/// Wraps stdout to notice a reader that is gone: a failed write (EPIPE, or
-/// any error on the protocol channel) ends the session. A write that is
-/// merely pending (a slow reader, a full pipe) is back-pressure, not an error.
-struct StdoutWatch<W> {
-    inner: W,
-    broken: CancellationToken,
-}
-
-impl<W> StdoutWatch<W> {
-    fn check<T>(&self, poll: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
-        if let Poll::Ready(Err(e)) = &poll {
-            if !self.broken.is_cancelled() {
-                tracing::warn!("writing to stdout failed ({e}): the client stopped reading; shutting down");
-                self.broken.cancel();
-            }
-        }
-        poll
-    }
-}
-
-impl<W: AsyncWrite + Unpin> AsyncWrite for StdoutWatch<W> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.check(poll)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let poll = Pin::new(&mut self.inner).poll_flush(cx);
-        self.check(poll)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let poll = Pin::new(&mut self.inner).poll_shutdown(cx);
-        self.check(poll)
-    }
-}
-
-/// Wraps stdin to notice end-of-file at once (rmcp would otherwise keep
-/// draining in-flight requests, which may be long generations), and to
-/// record the session when ELPIS_RECORD is set.
-struct StdinWatch<R> {
-    inner: R,
-    eof: CancellationToken,
-    recorder: Option<Arc<Recorder>>,
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for StdinWatch<R> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let at_eof = match &poll {
-            Poll::Ready(Ok(())) => {
-                let read = &buf.filled()[before..];
-                if let Some(recorder) = &self.recorder {
-                    recorder.incoming(read);
-                }
-                read.is_empty() && buf.remaining() > 0
-            }
-            Poll::Ready(Err(_)) => true,
-            Poll::Pending => false,
-        };
-        if at_eof && !self.eof.is_cancelled() {
-            if let Some(recorder) = &self.recorder {
-                recorder.closed();
-            }
-            self.eof.cancel();
-        }
-        poll
-    }
 }

@@ -36,8 +36,13 @@ pub enum StreamEnd {
     Failed(String),
 }
 
+/// Which session a stream belongs to (None: the one stdio session).
+pub type Owner = Option<u64>;
+
 struct Stream {
     created: Instant,
+    /// The session that started it: only that one may read or cancel it.
+    owner: Owner,
     /// Text produced since the last read.
     unread: String,
     /// All text produced so far.
@@ -85,7 +90,7 @@ impl StreamRegistry {
 
     /// Remove streams older than the age limit (stopping them), then
     /// register a new one if there is room. Returns its id.
-    pub fn start(&mut self, cancel: CancellationToken, interest: Interest, now: Instant) -> Result<String, StreamError> {
+    pub fn start(&mut self, owner: Owner, cancel: CancellationToken, interest: Interest, now: Instant) -> Result<String, StreamError> {
         let max_age = self.max_age;
         self.streams.retain(|id, s| {
             let expired = now.saturating_duration_since(s.created) > max_age;
@@ -99,8 +104,16 @@ impl StreamRegistry {
             return Err(StreamError::Limit(self.max_streams));
         }
         let id = uuid::Uuid::new_v4().to_string();
-        let stream =
-            Stream { created: now, unread: String::new(), full: String::new(), total_tokens: 0, end: None, cancel, interest };
+        let stream = Stream {
+            created: now,
+            owner,
+            unread: String::new(),
+            full: String::new(),
+            total_tokens: 0,
+            end: None,
+            cancel,
+            interest,
+        };
         self.streams.insert(id.clone(), stream);
         Ok(id)
     }
@@ -130,8 +143,9 @@ impl StreamRegistry {
 
     /// Take the text since the last read; the read that sees the end
     /// removes the stream and returns its full content.
-    pub fn read(&mut self, id: &str) -> Result<StreamRead, StreamError> {
-        let s = self.streams.get_mut(id).ok_or_else(|| StreamError::Unknown(id.to_string()))?;
+    pub fn read(&mut self, owner: Owner, id: &str) -> Result<StreamRead, StreamError> {
+        // Another session's stream is as unknown as one that never was.
+        let s = self.streams.get_mut(id).filter(|s| s.owner == owner).ok_or_else(|| StreamError::Unknown(id.to_string()))?;
         s.interest.touch(Instant::now());
         let new_content = std::mem::take(&mut s.unread);
         let total_tokens = s.total_tokens;
@@ -144,10 +158,24 @@ impl StreamRegistry {
     }
 
     /// Stop a stream's generation and forget it.
-    pub fn cancel(&mut self, id: &str) -> Result<(), StreamError> {
-        let s = self.streams.remove(id).ok_or_else(|| StreamError::Unknown(id.to_string()))?;
-        s.cancel.cancel();
+    pub fn cancel(&mut self, owner: Owner, id: &str) -> Result<(), StreamError> {
+        if !self.streams.get(id).is_some_and(|s| s.owner == owner) {
+            return Err(StreamError::Unknown(id.to_string()));
+        }
+        if let Some(s) = self.streams.remove(id) {
+            s.cancel.cancel();
+        }
         Ok(())
+    }
+
+    /// Stop and forget every stream of a session that ended.
+    pub fn cancel_owned(&mut self, owner: Owner) {
+        self.streams.retain(|_, s| {
+            if s.owner == owner {
+                s.cancel.cancel();
+            }
+            s.owner != owner
+        });
     }
 
     /// Stop every stream (shutdown).
@@ -181,17 +209,17 @@ mod tests {
     #[test]
     fn reads_take_new_text_and_completion_removes() {
         let mut r = StreamRegistry::default();
-        let id = r.start(CancellationToken::new(), Interest::new(Instant::now()), Instant::now()).unwrap();
+        let id = r.start(None, CancellationToken::new(), Interest::new(Instant::now()), Instant::now()).unwrap();
         r.push_text(&id, "Hel");
-        assert_eq!(r.read(&id).unwrap().new_content, "Hel");
-        assert_eq!(r.read(&id).unwrap().new_content, "");
+        assert_eq!(r.read(None, &id).unwrap().new_content, "Hel");
+        assert_eq!(r.read(None, &id).unwrap().new_content, "");
         r.push_text(&id, "lo");
         r.end(&id, done("Hello"));
-        let last = r.read(&id).unwrap();
+        let last = r.read(None, &id).unwrap();
         assert_eq!(last.new_content, "lo");
         assert_eq!(last.total_tokens, 3);
         assert_eq!(last.end.unwrap().0, "Hello");
-        assert_eq!(r.read(&id).unwrap_err(), StreamError::Unknown(id));
+        assert_eq!(r.read(None, &id).unwrap_err(), StreamError::Unknown(id));
         assert!(r.is_empty());
     }
 
@@ -200,14 +228,14 @@ mod tests {
         let mut r = StreamRegistry::default();
         let t0 = Instant::now();
         let first = CancellationToken::new();
-        r.start(first.clone(), Interest::new(t0), t0).unwrap();
+        r.start(None, first.clone(), Interest::new(t0), t0).unwrap();
         for _ in 1..MAX_STREAMS {
-            r.start(CancellationToken::new(), Interest::new(t0), t0).unwrap();
+            r.start(None, CancellationToken::new(), Interest::new(t0), t0).unwrap();
         }
-        assert_eq!(r.start(CancellationToken::new(), Interest::new(t0), t0).unwrap_err(), StreamError::Limit(MAX_STREAMS));
+        assert_eq!(r.start(None, CancellationToken::new(), Interest::new(t0), t0).unwrap_err(), StreamError::Limit(MAX_STREAMS));
         // Past the age limit, all are expired (and stopped) by the next start.
         let later = t0 + MAX_AGE + Duration::from_secs(1);
-        r.start(CancellationToken::new(), Interest::new(later), later).unwrap();
+        r.start(None, CancellationToken::new(), Interest::new(later), later).unwrap();
         assert_eq!(r.len(), 1);
         assert!(first.is_cancelled());
     }
@@ -216,11 +244,23 @@ mod tests {
     fn cancel_stops_and_forgets() {
         let mut r = StreamRegistry::default();
         let token = CancellationToken::new();
-        let id = r.start(token.clone(), Interest::new(Instant::now()), Instant::now()).unwrap();
-        r.cancel(&id).unwrap();
+        let id = r.start(None, token.clone(), Interest::new(Instant::now()), Instant::now()).unwrap();
+        r.cancel(None, &id).unwrap();
         assert!(token.is_cancelled());
-        assert!(r.cancel(&id).is_err());
+        assert!(r.cancel(None, &id).is_err());
         r.push_text(&id, "late text is ignored");
         assert!(r.is_empty());
+    }
+
+    #[test]
+    fn a_stream_is_its_sessions_alone() {
+        let mut r = StreamRegistry::default();
+        let token = CancellationToken::new();
+        let id = r.start(Some(1), token.clone(), Interest::new(Instant::now()), Instant::now()).unwrap();
+        assert_eq!(r.read(Some(2), &id).unwrap_err(), StreamError::Unknown(id.clone()));
+        assert_eq!(r.cancel(None, &id).unwrap_err(), StreamError::Unknown(id.clone()));
+        assert!(r.read(Some(1), &id).is_ok());
+        r.cancel_owned(Some(1));
+        assert!(token.is_cancelled() && r.is_empty());
     }
 }

@@ -22,14 +22,19 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
 use rmcp::service::{RxJsonRpcMessage, TxJsonRpcMessage};
 use rmcp::transport::Transport;
 use rmcp::RoleServer;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::session::Recorder;
 
 /// JSON-RPC error codes.
 const PARSE_ERROR: i64 = -32700;
@@ -92,6 +97,21 @@ impl Ledger {
         self.with(|s| s.owed.values().sum())
     }
 
+    /// The ids of the requests still owed an answer, once per answer owed.
+    pub fn owed_ids(&self) -> Vec<Value> {
+        self.with(|s| {
+            s.owed
+                .iter()
+                .flat_map(|(key, n)| std::iter::repeat_n(serde_json::from_str(key).unwrap_or(Value::Null), *n))
+                .collect()
+        })
+    }
+
+    /// Whether `initialize` (or a sessionless request) has passed the gate.
+    pub fn begun(&self) -> bool {
+        self.with(|s| s.begun)
+    }
+
     /// Wait until every request read so far is answered; with `input_too`,
     /// also until the reader has read its last line.
     pub async fn settled(&self, input_too: bool) {
@@ -136,6 +156,13 @@ pub struct StdioLines {
     incoming: mpsc::Receiver<RxJsonRpcMessage<RoleServer>>,
     outgoing: mpsc::Sender<Out>,
     ledger: Ledger,
+}
+
+impl StdioLines {
+    /// The requests owed an answer (shared with the reader).
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
 }
 
 /// Start the reader and the writer tasks over `reader` and `writer`.
@@ -517,7 +544,7 @@ fn batch(items: Vec<Value>) -> Line {
     }
 }
 
-fn error_value(id: Value, code: i64, message: &str) -> Value {
+pub(crate) fn error_value(id: Value, code: i64, message: &str) -> Value {
     json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}})
 }
 
@@ -536,6 +563,77 @@ fn sniff_id(bytes: &[u8]) -> Value {
     match values.next() {
         Some(Ok(id @ (Value::Number(_) | Value::String(_)))) => id,
         _ => Value::Null,
+    }
+}
+
+/// Wraps stdout to notice a reader that is gone: a failed write (EPIPE, or
+/// any error on the protocol channel) ends the session. A write that is
+/// merely pending (a slow reader, a full pipe) is back-pressure, not an error.
+pub struct StdoutWatch<W> {
+    pub inner: W,
+    pub broken: CancellationToken,
+}
+
+impl<W> StdoutWatch<W> {
+    fn check<T>(&self, poll: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        if let Poll::Ready(Err(e)) = &poll {
+            if !self.broken.is_cancelled() {
+                tracing::warn!("writing to stdout failed ({e}): the client stopped reading; shutting down");
+                self.broken.cancel();
+            }
+        }
+        poll
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for StdoutWatch<W> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.check(poll)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_flush(cx);
+        self.check(poll)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.check(poll)
+    }
+}
+
+/// Wraps stdin to notice end-of-file at once (rmcp would otherwise keep
+/// draining in-flight requests, which may be long generations), and to
+/// record the session when ELPIS_RECORD is set.
+pub struct StdinWatch<R> {
+    pub inner: R,
+    pub eof: CancellationToken,
+    pub recorder: Option<Arc<Recorder>>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for StdinWatch<R> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let at_eof = match &poll {
+            Poll::Ready(Ok(())) => {
+                let read = &buf.filled()[before..];
+                if let Some(recorder) = &self.recorder {
+                    recorder.incoming(read);
+                }
+                read.is_empty() && buf.remaining() > 0
+            }
+            Poll::Ready(Err(_)) => true,
+            Poll::Pending => false,
+        };
+        if at_eof && !self.eof.is_cancelled() {
+            if let Some(recorder) = &self.recorder {
+                recorder.closed();
+            }
+            self.eof.cancel();
+        }
+        poll
     }
 }
 

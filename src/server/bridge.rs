@@ -1,0 +1,333 @@
+//! `--remote URL`: relay MCP on stdio to an Elpis served over streamable
+//! HTTP elsewhere, so an unmodified Psyche (which spawns `elpis-server` and
+//! speaks stdio) can use a model on another machine by changing one
+//! environment variable.
+//!
+//! Every rule of the stdio server holds through the bridge, because stdin
+//! and stdout are read and written by the same [`transport`] code: every
+//! line is answered (unusable lines here, the rest by the remote), nothing
+//! else reaches stdout, and stdin's end closes the remote session (its
+//! generations stop) and exits 0, answering what is still owed. A lost
+//! connection (the remote down, restarted, unreachable, its session gone)
+//! is a clear error on every request still owed and on every later one,
+//! never a hang: while requests are owed the bridge pings the remote, and a
+//! ping that fails or goes unanswered for [`PING_LIMIT`] counts as lost.
+//!
+//! [`transport`]: crate::server::transport
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rmcp::model::{ClientJsonRpcMessage, JsonRpcMessage, ServerJsonRpcMessage};
+use rmcp::transport::streamable_http_client::{StreamableHttpClientTransportConfig, StreamableHttpError};
+use rmcp::transport::{StreamableHttpClientTransport, Transport};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::server::transport::{error_value, stdio_lines, StdinWatch, StdioLines, StdoutWatch};
+
+/// How often the remote is pinged while requests are owed.
+const PING_EVERY: Duration = Duration::from_secs(2);
+/// A ping unanswered this long means the connection is lost.
+const PING_LIMIT: Duration = Duration::from_secs(30);
+/// How long closing the remote session may take at the end.
+const CLOSE_LIMIT: Duration = Duration::from_secs(5);
+/// JSON-RPC's implementation-defined server error, for a remote that is gone.
+const REMOTE_LOST: i64 = -32000;
+/// The prefix of the bridge's own ping ids (answers to them stay here).
+const PING_ID: &str = "elpis-bridge/ping/";
+
+type Remote = StreamableHttpClientTransport<reqwest::Client>;
+
+/// Relay stdio to `url` until stdin closes (exit 0) or a signal comes.
+pub async fn bridge(config: &Config, url: &str) -> anyhow::Result<()> {
+    let remote = connect(config, url)?;
+    let stdin_closed = CancellationToken::new();
+    let reader = StdinWatch { inner: tokio::io::stdin(), eof: stdin_closed.clone(), recorder: None };
+    let writer = StdoutWatch { inner: tokio::io::stdout(), broken: CancellationToken::new() };
+    let (local, session) = stdio_lines(reader, writer, config.server.max_line_bytes);
+    tracing::info!(url, "relaying MCP on stdio to a remote Elpis");
+    let (outbox, sendings) = mpsc::unbounded_channel();
+    let (failed, failures) = mpsc::unbounded_channel();
+    tokio::spawn(send_in_order(sendings, failed));
+    let mut relay = Relay { url: url.to_string(), local, remote, lost: None, outbox, failures, pings: HashMap::new(), next_ping: 0, opened: false, startup: None, ready: false };
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut tick = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            message = relay.local.receive() => match message {
+                Some(message) => relay.forward(message).await,
+                None => break,
+            },
+            _ = stdin_closed.cancelled() => {
+                tracing::info!("stdin closed: ending the remote session");
+                relay.end("stdin closed, so the bridge ended the remote session before this request was answered").await;
+                break;
+            }
+            message = relay.remote.receive(), if relay.lost.is_none() => match message {
+                Some(message) => relay.back(message).await,
+                None => {
+                    // The transport has quit; a failed send that says why
+                    // (unreachable, refused) is on its way: let it through first.
+                    for _ in 0..8 {
+                        tokio::task::yield_now().await;
+                    }
+                    while let Ok(failure) = relay.failures.try_recv() {
+                        relay.failed(failure).await;
+                    }
+                    relay.lose("the remote closed the connection".into()).await
+                }
+            },
+            Some(failure) = relay.failures.recv() => relay.failed(failure).await,
+            _ = tick.tick() => relay.watch().await,
+            _ = sigterm.recv() => {
+                tracing::info!("SIGTERM: ending the remote session");
+                relay.end("the bridge was stopped (SIGTERM) before this request was answered").await;
+                break;
+            }
+            _ = tokio::signal::ctrl_c() => {
+                relay.end("the bridge was stopped (SIGINT) before this request was answered").await;
+                break;
+            }
+        }
+    }
+    let _ = tokio::time::timeout(CLOSE_LIMIT, session.flushed()).await;
+    tracing::info!("bridge shut down");
+    Ok(())
+}
+
+/// The HTTP client transport, with the token and the certificate to trust.
+fn connect(config: &Config, url: &str) -> anyhow::Result<Remote> {
+    let parsed = reqwest::Url::parse(url).with_context(|| format!("--remote {url:?} is not a URL: give one like https://gpu-box:8787/mcp"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        anyhow::bail!("--remote {url:?}: expected an http:// or https:// URL");
+    }
+    // reqwest's rustls needs a crypto provider: ring, as the server uses.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(10));
+    let ca = config.server.remote_ca.trim();
+    if !ca.is_empty() {
+        let pem = std::fs::read(ca).with_context(|| format!("cannot read server.remote_ca {ca}"))?;
+        let cert = reqwest::Certificate::from_pem(&pem).with_context(|| format!("server.remote_ca {ca} is not a PEM certificate"))?;
+        client = client.add_root_certificate(cert);
+    }
+    let client = client.build().context("cannot set up the HTTP client")?;
+    let mut transport = StreamableHttpClientTransportConfig::with_uri(url).max_json_response_size(config.server.max_line_bytes);
+    let token = config.server.http_token.trim();
+    if !token.is_empty() {
+        if parsed.scheme() == "http" && !parsed.host_str().is_some_and(is_loopback_host) {
+            tracing::warn!("the bearer token goes to {url} in clear text: use https off this machine");
+        }
+        transport = transport.auth_header(token);
+    }
+    Ok(StreamableHttpClientTransport::with_client(client, transport))
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    host == "localhost" || host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// A message on its way to the remote: what went wrong, if anything.
+type Sending = std::pin::Pin<Box<dyn std::future::Future<Output = Option<Failure>> + Send>>;
+
+/// Hand each message to the HTTP transport after the one before it.
+async fn send_in_order(mut sendings: mpsc::UnboundedReceiver<Sending>, failed: mpsc::UnboundedSender<Failure>) {
+    while let Some(sending) = sendings.recv().await {
+        if let Some(failure) = sending.await {
+            let _ = failed.send(failure);
+        }
+    }
+}
+
+/// A send that failed, from the task that waited on it.
+struct Failure {
+    /// The request's id (None: a notification or a response).
+    id: Option<Value>,
+    why: String,
+    /// The connection is gone, not only this message.
+    fatal: bool,
+}
+
+/// The relay's state: both ends, and whether the remote is lost.
+struct Relay {
+    url: String,
+    local: StdioLines,
+    remote: Remote,
+    /// Why the remote is lost, once it is.
+    lost: Option<String>,
+    /// Sends to the remote, in the order read: one task hands them to the
+    /// HTTP transport one after another (each done once its POST is
+    /// accepted), so `notifications/initialized` cannot overtake, or be
+    /// overtaken by, the request after it.
+    outbox: mpsc::UnboundedSender<Sending>,
+    failures: mpsc::UnboundedReceiver<Failure>,
+    /// The bridge's pings in flight, by id, with when each went.
+    pings: HashMap<String, Instant>,
+    next_ping: u64,
+    /// The first message (initialize) has gone to the remote.
+    opened: bool,
+    /// Whether the first message was `initialize` (None: none yet).
+    startup: Option<bool>,
+    /// The handshake is over (`notifications/initialized` went, or the
+    /// client is sessionless): the bridge's own pings may go.
+    ready: bool,
+}
+
+impl Relay {
+    /// A message from stdin: to the remote, or answered here when the
+    /// remote is lost (or for a ping before the session began).
+    async fn forward(&mut self, message: ClientJsonRpcMessage) {
+        let id = match &message {
+            JsonRpcMessage::Request(request) => Some(serde_json::to_value(&request.id).unwrap_or(Value::Null)),
+            _ => None,
+        };
+        if let Some(why) = &self.lost {
+            if let Some(id) = id {
+                let why = format!("the connection to the remote Elpis at {} is lost ({why}); restart the bridge", self.url);
+                self.answer(error_value(id, REMOTE_LOST, &why)).await;
+            }
+            return;
+        }
+        let is_ping = matches!(&message, JsonRpcMessage::Request(r) if matches!(r.request, rmcp::model::ClientRequest::PingRequest(_)));
+        if is_ping && !self.opened {
+            // The HTTP transport opens its session with the first message;
+            // a ping before initialize is answered here, as stdio would.
+            if let Some(id) = id {
+                self.answer(json!({"jsonrpc": "2.0", "id": id, "result": {}})).await;
+            }
+            return;
+        }
+        self.opened = true;
+        let initialized = matches!(&message, JsonRpcMessage::Notification(n) if matches!(n.notification, rmcp::model::ClientNotification::InitializedNotification(_)));
+        let startup_is_initialize = matches!(&message, JsonRpcMessage::Request(r) if matches!(r.request, rmcp::model::ClientRequest::InitializeRequest(_)));
+        if initialized || (self.startup.is_none() && !startup_is_initialize) {
+            self.ready = true;
+        }
+        self.startup.get_or_insert(startup_is_initialize);
+        tracing::debug!(message = %serde_json::to_string(&message).unwrap_or_default(), "to the remote");
+        let sending = self.remote.send(message);
+        let _ = self.outbox.send(Box::pin(async move {
+            sending.await.err().map(|e| Failure { id, fatal: is_fatal(&e), why: e.to_string() })
+        }));
+    }
+
+    /// A message from the remote: to stdout, unless it answers a ping of ours.
+    async fn back(&mut self, message: ServerJsonRpcMessage) {
+        let answered = match &message {
+            JsonRpcMessage::Response(r) => Some(&r.id),
+            JsonRpcMessage::Error(e) => e.id.as_ref(),
+            _ => None,
+        };
+        if let Some(rmcp::model::NumberOrString::String(id)) = answered {
+            if self.pings.remove(id.as_ref()).is_some() {
+                return;
+            }
+        }
+        if self.local.send(message).await.is_err() {
+            tracing::warn!("stdout is closed");
+        }
+    }
+
+    async fn failed(&mut self, failure: Failure) {
+        if let Some(ping) = failure.id.as_ref().and_then(Value::as_str).filter(|id| id.starts_with(PING_ID)) {
+            self.pings.remove(ping);
+            self.lose(failure.why).await;
+            return;
+        }
+        if failure.fatal {
+            if let Some(id) = failure.id {
+                // Answered first, with its own reason; then the rest.
+                let why = format!("the remote Elpis at {} cannot be reached: {}", self.url, failure.why);
+                self.answer(error_value(id, REMOTE_LOST, &why)).await;
+            }
+            self.lose(failure.why).await;
+        } else if let Some(id) = failure.id {
+            let why = format!("the remote Elpis at {} refused the request: {}", self.url, failure.why);
+            self.answer(error_value(id, REMOTE_LOST, &why)).await;
+        } else {
+            tracing::warn!("a message to the remote was not delivered: {}", failure.why);
+        }
+    }
+
+    /// While requests are owed, ping the remote; a ping that failed or has
+    /// waited too long means the connection is lost.
+    async fn watch(&mut self) {
+        if self.lost.is_some() || !self.ready {
+            return;
+        }
+        if let Some(waited) = self.pings.values().map(Instant::elapsed).max() {
+            if waited > PING_LIMIT {
+                self.lose(format!("the remote did not answer a ping for {PING_LIMIT:?}")).await;
+            }
+            return;
+        }
+        if self.local.ledger().owed() == 0 {
+            return;
+        }
+        self.next_ping += 1;
+        let id = format!("{PING_ID}{}", self.next_ping);
+        let ping: ClientJsonRpcMessage = match serde_json::from_value(json!({"jsonrpc": "2.0", "id": id, "method": "ping"})) {
+            Ok(ping) => ping,
+            Err(_) => return,
+        };
+        self.pings.insert(id.clone(), Instant::now());
+        let sending = self.remote.send(ping);
+        let _ = self.outbox.send(Box::pin(async move {
+            sending.await.err().map(|e| Failure { id: Some(Value::String(id)), why: e.to_string(), fatal: true })
+        }));
+    }
+
+    /// The remote is gone: every request owed gets an error that says so.
+    async fn lose(&mut self, why: String) {
+        if self.lost.is_some() {
+            return;
+        }
+        tracing::error!(url = %self.url, "the connection to the remote Elpis is lost: {why}");
+        let message = format!("the connection to the remote Elpis at {} was lost before this request was answered: {why}", self.url);
+        self.answer_owed(&message).await;
+        self.lost = Some(why);
+    }
+
+    /// The end (stdin closed, a signal): close the remote session, so its
+    /// generations stop, and answer what is still owed.
+    async fn end(&mut self, why: &str) {
+        if self.lost.is_none() {
+            if tokio::time::timeout(CLOSE_LIMIT, self.remote.close()).await.is_err() {
+                tracing::warn!("closing the remote session took over {CLOSE_LIMIT:?}");
+            }
+            self.lost = Some("the bridge ended".into());
+        }
+        self.answer_owed(why).await;
+    }
+
+    async fn answer_owed(&mut self, why: &str) {
+        for id in self.local.ledger().owed_ids() {
+            self.answer(error_value(id, REMOTE_LOST, why)).await;
+        }
+    }
+
+    async fn answer(&mut self, error: Value) {
+        match serde_json::from_value::<ServerJsonRpcMessage>(error) {
+            Ok(message) => {
+                let _ = self.local.send(message).await;
+            }
+            Err(e) => tracing::error!("cannot write an answer: {e}"),
+        }
+    }
+}
+
+/// Whether a failed send means the connection (or the session) is gone.
+fn is_fatal<E: std::error::Error + Send + Sync + 'static>(e: &StreamableHttpError<E>) -> bool {
+    !matches!(
+        e,
+        StreamableHttpError::ResponseBodyTooLarge { .. } | StreamableHttpError::Deserialize(_) | StreamableHttpError::UnexpectedContentType(_)
+    ) && !matches!(e, StreamableHttpError::HttpStatus(status) if status.status == 400 || status.status == 413)
+}
