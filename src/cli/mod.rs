@@ -87,6 +87,20 @@ pub enum Command {
         #[arg(long, default_value = "bench.json")]
         out: PathBuf,
     },
+    /// Serve this machine's CPU to other Elpis servers over ggml RPC (they
+    /// name it in model.rpc_servers). Unauthenticated and unencrypted: a
+    /// non-loopback address needs --allow-remote.
+    RpcWorker {
+        /// ip:port to listen on.
+        #[arg(long, default_value = "127.0.0.1:50052")]
+        listen: String,
+        /// Compute threads (default: one per core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Listen on a non-loopback address, on a network you trust.
+        #[arg(long)]
+        allow_remote: bool,
+    },
     /// Run random mixed operations against a spawned server, then check it.
     Soak {
         #[arg(long, default_value_t = 60.0)]
@@ -130,6 +144,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Some(Command::Prompt) => prompt::prompt(&config),
+        Some(Command::RpcWorker { listen, threads, allow_remote }) => {
+            let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            crate::engine::serve_worker(&listen, threads, allow_remote)
+        }
         Some(Command::Vectors) => steering::vectors(&config),
         Some(Command::SteeringCheck) => steering::check(&config),
         Some(Command::Replay { files, speed, stall_s, json }) => {

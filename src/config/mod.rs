@@ -477,6 +477,7 @@ impl Config {
             prompt_cache_ram_mib: self.server.prompt_cache_ram_mib,
             prompt_cache_disk_mib: self.server.prompt_cache_disk_mib,
             kv_cache_type: KvType::parse(&m.kv_cache_type).unwrap_or(KvType::F16),
+            rpc_servers: m.rpc_servers.clone(),
         }
     }
 

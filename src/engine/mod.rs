@@ -21,6 +21,7 @@
 //!   carries; `speculative`: drafts from the text, and when they pay;
 //! - `steering`, `vectors`, `sys`: emotion steering with control vectors,
 //!   their files, and the raw llama.cpp calls (the one file with `unsafe`);
+//!   `rpc`: layers on other hosts' workers (ggml RPC), probed before use;
 //! - `text`: detokenisation; `probes`: what the person's commands measure;
 //!   `raw`: the benchmark's bare llama-cpp-2 loop;
 //! - `request`, `handle`: the plain data the server sends and receives, and
@@ -36,6 +37,7 @@ mod probes;
 mod prompt_cache;
 mod raw;
 mod request;
+mod rpc;
 mod sampler;
 mod scheduler;
 mod slots;
@@ -55,6 +57,7 @@ pub use request::{
     Completion, EngineError, FinishReason, GenerationEvent, GenerationRequest, Grammar, Interest, SamplingParams, Timings,
     TokenLogprob, TopLogprob, Usage,
 };
+pub use rpc::serve_worker;
 pub use scheduler::Engine;
 pub use speculative::Speculation;
 pub use steering::{default_layers, SteeringReport, SteeringSettings};

@@ -45,6 +45,8 @@ pub struct EngineSettings {
     pub prompt_cache_disk_mib: usize,
     /// The KV cache's type: `f16`, `q8_0` or `q4_0`.
     pub kv_cache_type: KvType,
+    /// ggml RPC workers (`host:port`) that take `gpu_layers` layers.
+    pub rpc_servers: Vec<String>,
 }
 
 /// How the KV cache stores keys and values.
@@ -180,6 +182,7 @@ pub(super) struct Loaded {
 pub(super) fn load(settings: &EngineSettings) -> Result<Loaded, EngineError> {
     check_model_file(&settings.model_path)?;
     let backend = backend()?;
+    super::rpc::attach(&settings.rpc_servers, settings.gpu_layers)?;
     let gpu_offload_supported = backend.supports_gpu_offload();
     let model_params = LlamaModelParams::default().with_n_gpu_layers(settings.gpu_layers);
     let model = LlamaModel::load_from_file(backend, &settings.model_path, &model_params)

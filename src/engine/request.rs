@@ -264,5 +264,8 @@ pub enum EngineError {
     Decode(String),
     #[error("the engine has stopped")]
     Stopped,
+    /// An RPC worker (`model.rpc_servers`) that cannot be used.
+    #[error("{0}")]
+    Rpc(String),
 }
 

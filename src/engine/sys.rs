@@ -3,7 +3,8 @@
 //! calls llama-cpp-2 does not wrap (control vectors, the eval callback, a
 //! context that has one, and the callback ggml's CPU backend makes between
 //! graph nodes), reached through raw pointers recovered from llama-cpp-2's
-//! types and checked against its safe API before any use.
+//! types and checked against its safe API before any use; and ggml's RPC
+//! backend (workers on other hosts) with the abort hook that names a lost one.
 
 /// Hand the heap's free pages back to the operating system.
 ///
@@ -341,5 +342,144 @@ pub fn set_seq_state(ctx: NonNull<ffi::llama_context>, seq: i32, bytes: &[u8]) -
         Ok(())
     } else {
         Err(format!("llama.cpp took {read} of {} bytes of the saved state", bytes.len()))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// ggml RPC: workers on other hosts. `ggml-rpc.h` is not in llama-cpp-sys-2's
+// bindings; its functions are linked from libggml-rpc.a, which the build
+// makes because `.cargo/config.toml` sets GGML_RPC=ON.
+// ---------------------------------------------------------------------------
+
+use std::ffi::{c_char, CString};
+
+extern "C" {
+    fn ggml_backend_rpc_add_server(endpoint: *const c_char) -> ffi::ggml_backend_reg_t;
+    fn ggml_backend_rpc_start_server(
+        endpoint: *const c_char,
+        cache_dir: *const c_char,
+        n_threads: usize,
+        n_devices: usize,
+        devices: *mut ffi::ggml_backend_dev_t,
+    );
+}
+
+/// A device an RPC worker offers, as ggml names it.
+#[derive(Debug, Clone)]
+pub struct RpcDevice {
+    pub name: String,
+    pub description: String,
+    pub free_bytes: usize,
+    pub total_bytes: usize,
+}
+
+/// Connect to the RPC worker at `endpoint` (`host:port`) and register its
+/// devices with ggml, so a model loaded afterwards can put layers there.
+/// ggml aborts the process if it cannot connect: probe the worker first.
+pub fn add_rpc_server(endpoint: &str) -> Result<Vec<RpcDevice>, String> {
+    let c_endpoint = CString::new(endpoint).map_err(|_| format!("{endpoint:?} has a NUL byte"))?;
+    // SAFETY: the endpoint is a valid NUL-terminated string that outlives
+    // the call (ggml copies it). The call returns a registry entry owned by
+    // ggml for the process's life (one per endpoint, reused on a second
+    // call), or null; registering it hands ggml a pointer it already owns.
+    let reg = unsafe { ggml_backend_rpc_add_server(c_endpoint.as_ptr()) };
+    if reg.is_null() {
+        return Err(format!("ggml could not add the RPC worker at {endpoint}"));
+    }
+    // SAFETY: `reg` is the non-null registry entry just returned; the
+    // device handles it lists live as long as it does (the process), and
+    // the strings ggml returns for them are NUL-terminated and ggml-owned.
+    unsafe {
+        ffi::ggml_backend_register(reg);
+        let count = ffi::ggml_backend_reg_dev_count(reg);
+        let mut devices = Vec::with_capacity(count);
+        for i in 0..count {
+            let dev = ffi::ggml_backend_reg_dev_get(reg, i);
+            if dev.is_null() {
+                continue;
+            }
+            let text = |p: *const c_char| if p.is_null() { String::new() } else { CStr::from_ptr(p).to_string_lossy().into_owned() };
+            let (mut free_bytes, mut total_bytes) = (0usize, 0usize);
+            ffi::ggml_backend_dev_memory(dev, &mut free_bytes, &mut total_bytes);
+            devices.push(RpcDevice {
+                name: text(ffi::ggml_backend_dev_name(dev)),
+                description: text(ffi::ggml_backend_dev_description(dev)),
+                free_bytes,
+                total_bytes,
+            });
+        }
+        Ok(devices)
+    }
+}
+
+/// Serve this machine's CPU backend to other Elpis servers at `endpoint`,
+/// forever (ggml's RPC server loop; one client at a time). ggml prints its
+/// banner with printf: stdout is pointed at stderr first, so it stays clean.
+pub fn serve_rpc(endpoint: &str, threads: usize) -> Result<(), String> {
+    extern "C" {
+        fn dup2(oldfd: i32, newfd: i32) -> i32;
+    }
+    let c_endpoint = CString::new(endpoint).map_err(|_| format!("{endpoint:?} has a NUL byte"))?;
+    // SAFETY: dup2 takes two plain descriptors; 2 and 1 are the process's
+    // stderr and stdout, open for its life. Pointing 1 at 2's file touches no
+    // memory of ours; Rust's own stdout handle writes to descriptor 1 as well.
+    if unsafe { dup2(2, 1) } < 0 {
+        return Err("cannot point stdout at stderr".into());
+    }
+    #[cfg(target_os = "linux")]
+    {
+        extern "C" {
+            static mut stdout: *mut c_void;
+            fn setvbuf(stream: *mut c_void, buf: *mut c_char, mode: i32, size: usize) -> i32;
+        }
+        const LINE_BUFFERED: i32 = 1; // _IOLBF in glibc and musl
+        // SAFETY: `stdout` is libc's FILE* for descriptor 1, valid for the
+        // process's life; nothing has been written through it yet, which is
+        // when setvbuf may be called. A null buffer lets libc allocate.
+        // Each ggml line (its banner, "Accepted client connection") then
+        // reaches the log as it is printed.
+        unsafe {
+            setvbuf(stdout, std::ptr::null_mut(), LINE_BUFFERED, 0);
+        }
+    }
+    // SAFETY: a parameterless lookup in ggml's static registry; the device
+    // it returns (or null) is ggml-owned for the process's life.
+    let mut cpu = unsafe { ffi::ggml_backend_dev_by_type(ffi::GGML_BACKEND_DEVICE_TYPE_CPU) };
+    if cpu.is_null() {
+        return Err("ggml has no CPU device".into());
+    }
+    // SAFETY: the endpoint string outlives the call, no cache folder is
+    // given (null is documented as none), and the one device pointer is
+    // valid; ggml reads the array during setup only. The call returns when
+    // the listening socket cannot be made (after printing why).
+    unsafe { ggml_backend_rpc_start_server(c_endpoint.as_ptr(), std::ptr::null(), threads.max(1), 1, &mut cpu) };
+    Err(format!("the RPC server at {endpoint} stopped (is the address in use, or not this machine's?)"))
+}
+
+/// What runs when ggml aborts (a lost RPC worker, a failed assertion),
+/// given ggml's message, before the process ends.
+static ON_ABORT: std::sync::OnceLock<Box<dyn Fn(&str) + Send + Sync>> = std::sync::OnceLock::new();
+
+unsafe extern "C" fn ggml_aborting(message: *const c_char) {
+    let message = if message.is_null() {
+        String::new()
+    } else {
+        // SAFETY: ggml passes its NUL-terminated message buffer, alive for the call.
+        unsafe { CStr::from_ptr(message) }.to_string_lossy().into_owned()
+    };
+    if let Some(hook) = ON_ABORT.get() {
+        hook(&message);
+    }
+}
+
+/// Have `hook` hear ggml's message when it aborts (set once; later calls
+/// keep the first). ggml calls it on the thread that fails, then aborts.
+pub fn on_ggml_abort(hook: Box<dyn Fn(&str) + Send + Sync>) {
+    if ON_ABORT.set(hook).is_ok() {
+        // SAFETY: `ggml_aborting` has the signature ggml expects and only
+        // reads the message it is given; the hook it calls is 'static.
+        unsafe {
+            ffi::ggml_set_abort_callback(Some(ggml_aborting));
+        }
     }
 }

@@ -8,6 +8,7 @@
 //! that computes the vectors), and memory. Prints a table, writes JSON.
 
 mod cache;
+mod rpc;
 mod speculation;
 mod startup;
 
@@ -106,6 +107,8 @@ pub struct BenchRun {
     pub spec_free_chat: SpecRow,
     /// The prompt cache: restart, a returning conversation, q8_0 against f16.
     pub cache: CacheRows,
+    /// Decode with every layer on one loopback RPC worker, against local.
+    pub rpc: rpc::RpcRow,
 }
 
 #[derive(Debug, Serialize)]
@@ -157,6 +160,7 @@ pub async fn bench(config: &Config, options: &BenchOptions) -> anyhow::Result<Be
             (r.first_stream_quick_p50_ms, r.first_stream_quick_p99_ms, r.first_stream_p99_over_step) = (p50, p99, p99 / step);
         }
         r.cache = cache::rows(&binary, &env, &config.model_path(), &crate::config::cache_dir()).await?;
+        r.rpc = rpc::row(&binary, &env, i.0).await?;
         let (computing, settled, vectors_s) = startup::first_launch(&binary, &options.env, &config.model_path()).await?;
         (r.first_launch_tps, r.first_launch_settled_tps, r.first_launch_vectors_s) = (computing, settled, vectors_s);
         r.first_launch_ratio = computing / settled;
@@ -264,6 +268,8 @@ async fn bench_server(
 ) -> anyhow::Result<(BenchRun, (u32, u32, u32))> {
     let mut env = env.to_vec();
     env.push(("ELPIS_LOGGING_LEVEL".into(), "warn".into()));
+    // Cold means cold: no prompt saved by an earlier bench comes back from disk.
+    env.push(("ELPIS_SERVER_PROMPT_CACHE_DISK_MIB".into(), "0".into()));
     let mut client = McpClient::spawn(binary, &[], &env, None)?;
     client.initialize(Duration::from_secs(60)).await.map_err(anyhow::Error::msg)?;
     let caps = tool(&mut client, "get_capabilities", json!({})).await?;
@@ -568,6 +574,7 @@ fn print_table(report: &BenchReport) {
         ("TTFT of a returning conversation / cold", format!("{:.0} / {:.0} ms = {:.3}x (3 conversations, 2 slots)", m.cache.returning_ms, m.cache.returning_cold_ms, m.cache.returning_ratio), "target <= 0.1x"),
         ("KV MiB f16 / q8_0 (RSS growth)", format!("{:.0} / {:.0} = {:.2}x", m.cache.kv_f16_mib, m.cache.kv_q8_mib, m.cache.kv_ratio), "target <= 0.55x"),
         ("decode tok/s f16 / q8_0", format!("{:.1} / {:.1} = {:.2}x, greedy text {}", m.cache.decode_f16_tps, m.cache.decode_q8_tps, m.cache.decode_q8_ratio, if m.cache.q8_same_text >= 1.0 { "same" } else { "differs" }), "target >= 0.95x"),
+        ("decode tok/s local / on one RPC worker", format!("{:.1} / {:.1} = {:.2}x, greedy text {}", m.rpc.local_tps, m.rpc.worker_tps, m.rpc.ratio, if m.rpc.same_text >= 1.0 { "same" } else { "differs" }), "loopback, all layers"),
         ("peak RSS / model file", format!("{:.0} / {:.0} MiB = {:.2}x", m.peak_rss_mib, m.model_file_mib, m.rss_over_model), ""),
     ];
     for (name, value, target) in rows {
