@@ -6,7 +6,7 @@
 mod common;
 
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -15,17 +15,7 @@ use serde_json::{json, Value};
 /// Write `input` to a fresh server's stdin in one go, close it, and collect
 /// every stdout line and the exit status.
 fn one_shot(input: &str) -> (Vec<Value>, std::process::ExitStatus, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_elpis-server"))
-        .env("ELPIS_MODEL_PATH", model_path())
-        .env("ELPIS_MODEL_N_THREADS", "1")
-        .env("ELPIS_MODEL_SEED", SEED)
-        .env("ELPIS_EMOTION_STEERING", "off")
-        // Drafts are sized by timing, and batched verification rounds
-        // differently at near-ties: off, unless a test turns it on.
-        .env("ELPIS_MODEL_SPECULATIVE", "off")
-        // Saved prompts would carry over from test to test: none, unless a test wants them.
-        .env("ELPIS_SERVER_PROMPT_CACHE_DISK_MIB", "0")
-        .env_remove("ELPIS_QUIET")
+    let mut child = server_command()
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use serde_json::Value;
 
@@ -52,21 +51,13 @@ fn all_sessions_replay_cleanly() {
     let children: Vec<_> = halves
         .iter()
         .map(|group| {
-            Command::new(env!("CARGO_BIN_EXE_elpis-server"))
+            // The replayed servers inherit the test settings.
+            common::server_command()
                 .arg("replay")
                 .arg("--json")
                 // Only a hang fails the test: latency is the bench's business.
                 .args(["--stall-s", "60"])
                 .args(group)
-                .env("ELPIS_MODEL_PATH", common::model_path())
-                .env("ELPIS_MODEL_N_THREADS", "1")
-                .env("ELPIS_MODEL_SEED", common::SEED)
-                .env("ELPIS_EMOTION_STEERING", "off")
-                // Drafts are sized by timing, and batched verification rounds
-                // differently at near-ties: off, unless a test turns it on.
-                .env("ELPIS_MODEL_SPECULATIVE", "off")
-                // Saved prompts would carry over from test to test: none, unless a test wants them.
-                .env("ELPIS_SERVER_PROMPT_CACHE_DISK_MIB", "0")
                 .env("ELPIS_LOGGING_LEVEL", "warn")
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
@@ -130,20 +121,11 @@ fn a_recorded_session_replays() {
     let text = std::fs::read_to_string(&path).unwrap();
     assert!(text.contains("\"stream\""), "the recording notes the stream id:\n{text}");
     assert!(text.contains("\"close\":true"), "the recording ends with the close:\n{text}");
-    let output = Command::new(env!("CARGO_BIN_EXE_elpis-server"))
+    let output = common::server_command()
         .arg("replay")
         .arg("--json")
         .args(["--stall-s", "60"])
         .arg(&path)
-        .env("ELPIS_MODEL_PATH", common::model_path())
-        .env("ELPIS_MODEL_N_THREADS", "1")
-        .env("ELPIS_MODEL_SEED", common::SEED)
-        .env("ELPIS_EMOTION_STEERING", "off")
-        // Drafts are sized by timing, and batched verification rounds
-        // differently at near-ties: off, unless a test turns it on.
-        .env("ELPIS_MODEL_SPECULATIVE", "off")
-        // Saved prompts would carry over from test to test: none, unless a test wants them.
-        .env("ELPIS_SERVER_PROMPT_CACHE_DISK_MIB", "0")
         .output()
         .unwrap();
     let _ = std::fs::remove_file(&path);

@@ -6,7 +6,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -132,18 +132,8 @@ struct Raw {
 impl Raw {
     fn spawn(name: &str) -> Raw {
         let stderr_path = std::env::temp_dir().join(format!("elpis-unattended-{name}-{}.stderr", std::process::id()));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_elpis-server"))
-            .env("ELPIS_MODEL_PATH", model_path())
-            .env("ELPIS_MODEL_N_THREADS", "1")
-            .env("ELPIS_MODEL_SEED", SEED)
-            .env("ELPIS_EMOTION_STEERING", "off")
-            // Drafts are sized by timing, and batched verification rounds
-            // differently at near-ties: off, unless a test turns it on.
-            .env("ELPIS_MODEL_SPECULATIVE", "off")
-            // Saved prompts would carry over from test to test: none, unless a test wants them.
-            .env("ELPIS_SERVER_PROMPT_CACHE_DISK_MIB", "0")
+        let mut child = server_command()
             .env("ELPIS_LOGGING_LEVEL", "info")
-            .env_remove("ELPIS_QUIET")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr_path).unwrap())

@@ -183,7 +183,10 @@ pub(super) fn load(settings: &EngineSettings) -> Result<Loaded, EngineError> {
     check_model_file(&settings.model_path)?;
     let backend = backend()?;
     super::rpc::attach(&settings.rpc_servers, settings.gpu_layers)?;
-    let gpu_offload_supported = backend.supports_gpu_offload();
+    // Somewhere to put layers: a GPU here, or RPC workers (a build with the
+    // RPC backend "supports offload" even with neither).
+    let gpu_offload_supported = backend.supports_gpu_offload()
+        && llama_cpp_2::list_llama_ggml_backend_devices().iter().any(|d| d.backend != "CPU");
     let model_params = LlamaModelParams::default().with_n_gpu_layers(settings.gpu_layers);
     let model = LlamaModel::load_from_file(backend, &settings.model_path, &model_params)
         .map_err(|_| EngineError::ModelLoad(settings.model_path.clone()))?;

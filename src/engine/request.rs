@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::prompt::Message;
 
 /// Sampling for one generation.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SamplingParams {
     /// 0 means greedy decoding.
     pub temperature: f64,

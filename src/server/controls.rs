@@ -4,7 +4,6 @@
 //! value is an error naming the argument and its range, before anything
 //! is queued. [`Used`] is what `modulated_params` reports.
 
-use serde::Serialize;
 use serde_json::Value;
 
 use crate::config::ModelConfig;
@@ -33,33 +32,9 @@ pub fn logprobs(c: &Controls) -> Result<Option<usize>, ToolError> {
     }
 }
 
-/// The sampling a generation used, as `modulated_params` reports it.
-#[derive(Debug, Clone, Serialize)]
-pub struct Used {
-    pub temperature: f64,
-    pub top_p: f64,
-    pub top_k: u32,
-    pub min_p: f64,
-    pub repeat_penalty: f64,
-    pub presence_penalty: f64,
-    pub frequency_penalty: f64,
-    pub seed: u32,
-}
-
-impl Used {
-    pub fn sampling(&self) -> SamplingParams {
-        SamplingParams {
-            temperature: self.temperature,
-            top_p: self.top_p,
-            top_k: self.top_k,
-            min_p: self.min_p,
-            repeat_penalty: self.repeat_penalty,
-            presence_penalty: self.presence_penalty,
-            frequency_penalty: self.frequency_penalty,
-            seed: self.seed,
-        }
-    }
-}
+/// The sampling a generation used, as `modulated_params` reports it: the
+/// engine's own parameters, serialised.
+pub type Used = SamplingParams;
 
 fn in_range(name: &str, value: Option<f64>, lo: f64, hi: f64, lo_open: bool) -> Result<Option<f64>, ToolError> {
     match value {

@@ -122,7 +122,7 @@ impl Inference {
         let request = GenerationRequest {
             messages,
             max_tokens,
-            sampling: used.sampling(),
+            sampling: used.clone(),
             grammar: None,
             tools: None,
             interest: None,

@@ -132,6 +132,29 @@ pub fn id_key(id: &Value) -> String {
     id.to_string()
 }
 
+/// `elpis-server` with the test settings every test server shares: the
+/// test model, one thread, the fixed seed, and what would make replies or
+/// state depend on timing or on earlier tests turned off.
+pub fn server_command() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_elpis-server"));
+    cmd.env("ELPIS_MODEL_PATH", model_path())
+        // Tests run two servers at once on two cores: one thread each,
+        // or llama.cpp's threads stall waiting for each other.
+        .env("ELPIS_MODEL_N_THREADS", "1")
+        .env("ELPIS_MODEL_SEED", SEED)
+        // Steering changes what the model writes once vectors exist (and
+        // computes them in the background when missing): off, unless a
+        // test turns it on.
+        .env("ELPIS_EMOTION_STEERING", "off")
+        // Drafts are sized by timing, and batched verification rounds
+        // differently at near-ties: off, unless a test turns it on.
+        .env("ELPIS_MODEL_SPECULATIVE", "off")
+        // Saved prompts would carry over from test to test: none, unless a test wants them.
+        .env("ELPIS_SERVER_PROMPT_CACHE_DISK_MIB", "0")
+        .env_remove("ELPIS_QUIET");
+    cmd
+}
+
 impl Server {
     /// Spawn the server on the test model with `env` added, without initialising.
     pub fn spawn_raw(env: &[(&str, &str)], args: &[&str]) -> Server {
@@ -141,24 +164,9 @@ impl Server {
             uuid_like()
         ));
         let stderr = std::fs::File::create(&stderr_path).expect("create stderr file");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_elpis-server"));
+        let mut cmd = server_command();
         cmd.args(args)
-            .env("ELPIS_MODEL_PATH", model_path())
             .env("ELPIS_LOGGING_LEVEL", "info")
-            // Tests run two servers at once on two cores: one thread each,
-            // or llama.cpp's threads stall waiting for each other.
-            .env("ELPIS_MODEL_N_THREADS", "1")
-            .env("ELPIS_MODEL_SEED", SEED)
-            // Steering changes what the model writes once vectors exist (and
-            // computes them in the background when missing): off, unless a
-            // test turns it on.
-            .env("ELPIS_EMOTION_STEERING", "off")
-            // Drafts are sized by timing, and batched verification rounds
-            // differently at near-ties: off, unless a test turns it on.
-            .env("ELPIS_MODEL_SPECULATIVE", "off")
-            // Saved prompts would carry over from test to test: none, unless a test wants them.
-            .env("ELPIS_SERVER_PROMPT_CACHE_DISK_MIB", "0")
-            .env_remove("ELPIS_QUIET")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr));

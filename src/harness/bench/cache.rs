@@ -108,6 +108,23 @@ fn fresh_dir(name: &str, model_cache: &Path) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
+/// MiB of the saved prompt states (`*.kv`) below `dir`.
+fn saved_mib(dir: &Path) -> f64 {
+    let mut bytes = 0u64;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "kv") {
+                bytes += entry.metadata().map(|m| m.len()).unwrap_or(0);
+            }
+        }
+    }
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
 fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(to)?;
     for entry in std::fs::read_dir(from)? {
@@ -162,15 +179,16 @@ pub async fn rows(binary: &Path, env: &[(String, String)], model: &Path, model_c
         {"role": "user", "content": "Write a long story about a lighthouse keeper."}], "max_tokens": 128, "temperature": 0});
     let mut kv = Vec::new();
     for kind in ["f16", "q8_0"] {
-        let mut s = spawn(binary, env, &cold_dir, model, &[("ELPIS_MODEL_KV_CACHE_TYPE", kind), ("ELPIS_SERVER_PROMPT_CACHE_DISK_MIB", "0")]).await?;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let before = s.rss_kib().unwrap_or(0) as f64 / 1024.0;
+        // The KV cells' own size: the state the server saves at shutdown
+        // for the same prompt and reply (RSS growth would count compute
+        // buffers and the allocator too).
+        let dir = fresh_dir(&format!("kv-{kind}"), model_cache)?;
+        let mut s = spawn(binary, env, &dir, model, &[("ELPIS_MODEL_KV_CACHE_TYPE", kind)]).await?;
         tool(&mut s, "generate", turn(&long, "What do you remember?")).await?;
         let (out, _, marks) = generate_timed(&mut s, story.clone(), kind).await?;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let after = s.rss_kib().unwrap_or(0) as f64 / 1024.0;
-        kv.push((after - before, tps_between_marks(&marks), out["content"].clone()));
         stop(s).await;
+        kv.push((saved_mib(&dir.join("prompt-cache")), tps_between_marks(&marks), out["content"].clone()));
+        let _ = std::fs::remove_dir_all(&dir);
     }
     r.kv_f16_mib = kv[0].0;
     r.kv_q8_mib = kv[1].0;
