@@ -4,7 +4,9 @@
 //! sessions, a body over the limit), sessions kept apart, a session's end
 //! stopping its generations, and the bridge keeping every stdio rule (every
 //! line answered, EOF ends the remote session and exits 0, a lost or absent
-//! remote is a clear error on every request, never a hang), over HTTPS too.
+//! remote is a clear error on every request, never a hang, and a remote
+//! that comes back is used again without restarting the client), over HTTPS
+//! too.
 
 mod common;
 
@@ -328,9 +330,31 @@ fn the_bridge_says_when_the_remote_is_lost_or_absent() {
     let e = relay.wait(&id)["error"]["message"].as_str().unwrap().to_string();
     assert!(e.contains("cannot be reached") && e.contains(&port.to_string()), "{e}");
     let later = relay.request("tools/list", json!({}));
-    assert!(relay.wait(&later)["error"]["message"].as_str().unwrap().contains("lost"));
+    let e = relay.wait(&later)["error"]["message"].as_str().unwrap().to_string();
+    assert!(e.contains("lost") && e.contains("send initialize"), "{e}");
+    // The remote comes up: the client's next initialize connects.
+    let up = Server::spawn_raw(&[], &["--http", &format!("127.0.0.1:{port}")]);
+    let deadline = Instant::now() + TIMEOUT;
+    while !up.stderr_all().contains("serving MCP on ") {
+        assert!(Instant::now() < deadline, "the remote did not start; stderr:\n{}", up.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let init = json!({"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}});
+    let answer = loop {
+        let id = relay.request("initialize", init.clone());
+        let answer = relay.wait(&id);
+        if answer.get("result").is_some() {
+            break answer;
+        }
+        assert!(Instant::now() < deadline, "initialize did not connect: {answer}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(answer["result"]["serverInfo"].is_object(), "{answer}");
+    relay.notify("notifications/initialized", json!({}));
+    assert_eq!(relay.call("tools/list", json!({}))["tools"].as_array().unwrap().len(), TOOL_NAMES.len());
     relay.close_stdin();
     assert!(relay.wait_exit(TIMEOUT).success());
+    stop(up);
 
     // Lost: the remote dies while a generation is in flight.
     let (mut server, url) = http_server(&[]);
@@ -348,6 +372,55 @@ fn the_bridge_says_when_the_remote_is_lost_or_absent() {
     assert!(relay.wait(&later)["error"]["message"].as_str().unwrap().contains("lost"));
     relay.close_stdin();
     assert!(relay.wait_exit(TIMEOUT).success());
+}
+
+#[test]
+fn the_bridge_connects_again_when_the_remote_is_back() {
+    let (mut server, url) = http_server(&[]);
+    let addr = url.trim_start_matches("http://").trim_end_matches("/mcp").to_string();
+    let mut relay = bridge(&url, &[]);
+    relay.initialize();
+    let start = relay.tool("generate_stream_start", greedy_args("Hi", 400)).ok();
+    let old_stream = start["stream_id"].as_str().unwrap().to_string();
+    // The remote goes away and comes back on the same address, a new process.
+    server.kill_signal("KILL");
+    server.wait_exit(TIMEOUT);
+    let meanwhile = relay.request("tools/list", json!({}));
+    let e = relay.wait(&meanwhile)["error"]["message"].as_str().unwrap().to_string();
+    assert!(e.contains("lost") || e.contains("cannot be reached"), "{e}");
+    let back = Server::spawn_raw(&[], &["--http", &addr]);
+    let deadline = Instant::now() + TIMEOUT;
+    while !back.stderr_all().contains("serving MCP on ") {
+        assert!(Instant::now() < deadline, "the remote did not come back; stderr:\n{}", back.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A request connects again (tries are at most once a second: until one
+    // is made, the error says so).
+    let tools = loop {
+        let id = relay.request("tools/list", json!({}));
+        let answer = relay.wait(&id);
+        if answer.get("result").is_some() {
+            break answer["result"].clone();
+        }
+        let e = answer["error"]["message"].as_str().unwrap_or_else(|| panic!("{answer}")).to_string();
+        assert!(e.contains("lost"), "{e}");
+        assert!(Instant::now() < deadline, "the bridge did not connect again: {e}; stderr:\n{}", relay.stderr());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(tools["tools"].as_array().unwrap().len(), TOOL_NAMES.len());
+    assert!(relay.stderr_all().contains("connected to the remote Elpis again"), "{}", relay.stderr());
+    // The new session works end to end; the old session's stream is gone.
+    let reply = relay.tool("generate", greedy_args("Hello", 4)).ok();
+    assert!(reply["content"].is_string(), "{reply}");
+    let gone = relay.tool("generate_stream_read", json!({"stream_id": old_stream})).err();
+    assert!(gone.contains("unknown stream"), "{gone}");
+    relay.close_stdin();
+    assert!(relay.wait_exit(TIMEOUT).success(), "bridge stderr:\n{}", relay.stderr());
+    while !back.stderr_all().contains("HTTP session ended") {
+        assert!(Instant::now() < deadline + TIMEOUT, "the new remote session did not end; stderr:\n{}", back.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop(back);
 }
 
 #[test]

@@ -9,9 +9,14 @@
 //! else reaches stdout, and stdin's end closes the remote session (its
 //! generations stop) and exits 0, answering what is still owed. A lost
 //! connection (the remote down, restarted, unreachable, its session gone)
-//! is a clear error on every request still owed and on every later one,
-//! never a hang: while requests are owed the bridge pings the remote, and a
-//! ping that fails or goes unanswered for [`PING_LIMIT`] counts as lost.
+//! is a clear error on every request still owed, never a hang: while
+//! requests are owed the bridge pings the remote, and a ping that fails or
+//! goes unanswered for [`PING_LIMIT`] counts as lost. The next request after
+//! a loss connects again (at most once every [`RECONNECT_EVERY`]; those in
+//! between get the error at once): a new session with the client's own
+//! `initialize` repeated, so the remote coming back needs no restart of
+//! Psyche. Streams of the old session are gone (reading one says so); the
+//! request that found the remote back is sent on the new session.
 //!
 //! [`transport`]: crate::server::transport
 
@@ -34,12 +39,18 @@ use crate::server::transport::{error_value, stdio_lines, StdinWatch, StdioLines,
 const PING_EVERY: Duration = Duration::from_secs(2);
 /// A ping unanswered this long means the connection is lost.
 const PING_LIMIT: Duration = Duration::from_secs(30);
+/// A request while the remote is lost tries to connect again at most this often.
+const RECONNECT_EVERY: Duration = Duration::from_secs(1);
+/// How long connecting again (initialize and its answer) may take.
+const RECONNECT_LIMIT: Duration = Duration::from_secs(10);
 /// How long closing the remote session may take at the end.
 const CLOSE_LIMIT: Duration = Duration::from_secs(5);
 /// JSON-RPC's implementation-defined server error, for a remote that is gone.
 const REMOTE_LOST: i64 = -32000;
 /// The prefix of the bridge's own ping ids (answers to them stay here).
 const PING_ID: &str = "elpis-bridge/ping/";
+/// The id of the bridge's own `initialize` when it connects again.
+const REINIT_ID: &str = "elpis-bridge/initialize/";
 
 type Remote = StreamableHttpClientTransport<reqwest::Client>;
 
@@ -54,7 +65,24 @@ pub async fn bridge(config: &Config, url: &str) -> anyhow::Result<()> {
     let (outbox, sendings) = mpsc::unbounded_channel();
     let (failed, failures) = mpsc::unbounded_channel();
     tokio::spawn(send_in_order(sendings, failed));
-    let mut relay = Relay { url: url.to_string(), local, remote, lost: None, outbox, failures, pings: HashMap::new(), next_ping: 0, opened: false, startup: None, ready: false };
+    let mut relay = Relay {
+        config: config.clone(),
+        url: url.to_string(),
+        local,
+        remote,
+        lost: None,
+        outbox,
+        failures,
+        pings: HashMap::new(),
+        next_ping: 0,
+        opened: false,
+        startup: None,
+        ready: false,
+        init: None,
+        epoch: 0,
+        last_attempt: None,
+        reconnects: 0,
+    };
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("cannot listen for SIGTERM")?;
     let mut tick = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -62,7 +90,12 @@ pub async fn bridge(config: &Config, url: &str) -> anyhow::Result<()> {
         tokio::select! {
             message = relay.local.receive() => match message {
                 Some(message) => relay.forward(message).await,
-                None => break,
+                None => {
+                    // The reader is done (stdin's end may be seen here first).
+                    tracing::info!("stdin closed: ending the remote session");
+                    relay.end("stdin closed, so the bridge ended the remote session before this request was answered").await;
+                    break;
+                }
             },
             _ = stdin_closed.cancelled() => {
                 tracing::info!("stdin closed: ending the remote session");
@@ -154,10 +187,14 @@ struct Failure {
     why: String,
     /// The connection is gone, not only this message.
     fatal: bool,
+    /// The connection it was sent on (a failure on an earlier one, after
+    /// connecting again, is old news: its request was answered at the loss).
+    epoch: u64,
 }
 
 /// The relay's state: both ends, and whether the remote is lost.
 struct Relay {
+    config: Config,
     url: String,
     local: StdioLines,
     remote: Remote,
@@ -179,6 +216,14 @@ struct Relay {
     /// The handshake is over (`notifications/initialized` went, or the
     /// client is sessionless): the bridge's own pings may go.
     ready: bool,
+    /// The client's `initialize` and whether the remote accepted it
+    /// (repeated when connecting again).
+    init: Option<(ClientJsonRpcMessage, Value, bool)>,
+    /// Which connection `remote` is (one more each time it connects again).
+    epoch: u64,
+    /// When the last try to connect again began.
+    last_attempt: Option<Instant>,
+    reconnects: u64,
 }
 
 impl Relay {
@@ -189,12 +234,16 @@ impl Relay {
             JsonRpcMessage::Request(request) => Some(serde_json::to_value(&request.id).unwrap_or(Value::Null)),
             _ => None,
         };
-        if let Some(why) = &self.lost {
-            if let Some(id) = id {
-                let why = format!("the connection to the remote Elpis at {} is lost ({why}); restart the bridge", self.url);
-                self.answer(error_value(id, REMOTE_LOST, &why)).await;
+        if let Some(why) = self.lost.clone() {
+            let Some(owed) = id.clone() else { return };
+            match self.reconnect(&message).await {
+                Ok(()) => {}
+                Err(failed) => {
+                    let why = format!("the connection to the remote Elpis at {} is lost ({why}){failed}", self.url);
+                    self.answer(error_value(owed, REMOTE_LOST, &why)).await;
+                    return;
+                }
             }
-            return;
         }
         let is_ping = matches!(&message, JsonRpcMessage::Request(r) if matches!(r.request, rmcp::model::ClientRequest::PingRequest(_)));
         if is_ping && !self.opened {
@@ -212,11 +261,59 @@ impl Relay {
             self.ready = true;
         }
         self.startup.get_or_insert(startup_is_initialize);
+        if startup_is_initialize {
+            if let Some(id) = &id {
+                self.init = Some((message.clone(), id.clone(), false));
+            }
+        }
         tracing::debug!(message = %serde_json::to_string(&message).unwrap_or_default(), "to the remote");
         let sending = self.remote.send(message);
+        let epoch = self.epoch;
         let _ = self.outbox.send(Box::pin(async move {
-            sending.await.err().map(|e| Failure { id, fatal: is_fatal(&e), why: e.to_string() })
+            sending.await.err().map(|e| Failure { id, fatal: is_fatal(&e), why: e.to_string(), epoch })
         }));
+    }
+
+    /// The remote is lost and `message` (a request) came: connect again, on
+    /// a new session that repeats the client's accepted `initialize`; or,
+    /// when the client is starting over with an `initialize` of its own, a
+    /// fresh connection that it opens. Err: what to add to the loss's error.
+    async fn reconnect(&mut self, message: &ClientJsonRpcMessage) -> Result<(), String> {
+        let is_initialize = matches!(message, JsonRpcMessage::Request(r) if matches!(r.request, rmcp::model::ClientRequest::InitializeRequest(_)));
+        let accepted = self.init.as_ref().filter(|(_, _, accepted)| *accepted).map(|(init, _, _)| init.clone());
+        let sessionless = self.startup == Some(false);
+        if accepted.is_none() && !sessionless && !is_initialize {
+            return Err("; send initialize to connect again".into());
+        }
+        if self.last_attempt.is_some_and(|at| at.elapsed() < RECONNECT_EVERY) {
+            return Err(format!("; the bridge tries to connect again at the next request (at most once every {RECONNECT_EVERY:?})"));
+        }
+        self.last_attempt = Some(Instant::now());
+        let mut remote = connect(&self.config, &self.url).map_err(|e| format!("; connecting again failed: {e:#}"))?;
+        let reopened = if is_initialize || sessionless {
+            // The client's own message opens the new session.
+            false
+        } else {
+            let init = accepted.expect("checked above");
+            let attempt = self.reconnects + 1;
+            match tokio::time::timeout(RECONNECT_LIMIT, handshake(&mut remote, init, attempt)).await {
+                Ok(Ok(())) => true,
+                Ok(Err(e)) => return Err(format!("; connecting again failed: {e}")),
+                Err(_) => return Err(format!("; connecting again took over {RECONNECT_LIMIT:?}")),
+            }
+        };
+        self.reconnects += 1;
+        self.epoch += 1;
+        self.remote = remote;
+        self.lost = None;
+        self.pings.clear();
+        self.opened = reopened;
+        self.ready = reopened || sessionless;
+        if is_initialize {
+            self.startup = None;
+        }
+        tracing::info!(url = %self.url, reconnects = self.reconnects, "connected to the remote Elpis again: a new session (streams of the old one are gone)");
+        Ok(())
     }
 
     /// A message from the remote: to stdout, unless it answers a ping of ours.
@@ -231,12 +328,21 @@ impl Relay {
                 return;
             }
         }
+        if let (JsonRpcMessage::Response(r), Some((_, id, accepted))) = (&message, self.init.as_mut()) {
+            if serde_json::to_value(&r.id).is_ok_and(|answered| answered == *id) {
+                *accepted = true;
+            }
+        }
         if self.local.send(message).await.is_err() {
             tracing::warn!("stdout is closed");
         }
     }
 
     async fn failed(&mut self, failure: Failure) {
+        if failure.epoch != self.epoch {
+            tracing::debug!("a failure on an earlier connection: {}", failure.why);
+            return;
+        }
         if let Some(ping) = failure.id.as_ref().and_then(Value::as_str).filter(|id| id.starts_with(PING_ID)) {
             self.pings.remove(ping);
             self.lose(failure.why).await;
@@ -280,8 +386,9 @@ impl Relay {
         };
         self.pings.insert(id.clone(), Instant::now());
         let sending = self.remote.send(ping);
+        let epoch = self.epoch;
         let _ = self.outbox.send(Box::pin(async move {
-            sending.await.err().map(|e| Failure { id: Some(Value::String(id)), why: e.to_string(), fatal: true })
+            sending.await.err().map(|e| Failure { id: Some(Value::String(id)), why: e.to_string(), fatal: true, epoch })
         }));
     }
 
@@ -322,6 +429,29 @@ impl Relay {
             Err(e) => tracing::error!("cannot write an answer: {e}"),
         }
     }
+}
+
+/// Open a new session on `remote` with the client's `initialize` (under an
+/// id of the bridge's; its answer stays here) and `notifications/initialized`.
+async fn handshake(remote: &mut Remote, init: ClientJsonRpcMessage, attempt: u64) -> Result<(), String> {
+    let mut init = serde_json::to_value(&init).map_err(|e| e.to_string())?;
+    let id = format!("{REINIT_ID}{attempt}");
+    init["id"] = Value::String(id.clone());
+    let init: ClientJsonRpcMessage = serde_json::from_value(init).map_err(|e| e.to_string())?;
+    remote.send(init).await.map_err(|e| e.to_string())?;
+    loop {
+        match remote.receive().await {
+            None => return Err("the remote closed the connection".into()),
+            Some(JsonRpcMessage::Response(r)) if matches!(&r.id, rmcp::model::NumberOrString::String(s) if s.as_ref() == id) => break,
+            Some(JsonRpcMessage::Error(e)) if matches!(&e.id, Some(rmcp::model::NumberOrString::String(s)) if s.as_ref() == id) => {
+                return Err(format!("the remote refused initialize: {}", e.error.message));
+            }
+            Some(other) => tracing::debug!(message = %serde_json::to_string(&other).unwrap_or_default(), "from the remote while connecting again (dropped)"),
+        }
+    }
+    let initialized: ClientJsonRpcMessage =
+        serde_json::from_value(json!({"jsonrpc": "2.0", "method": "notifications/initialized"})).map_err(|e| e.to_string())?;
+    remote.send(initialized).await.map_err(|e| e.to_string())
 }
 
 /// Whether a failed send means the connection (or the session) is gone.
