@@ -20,7 +20,7 @@
 //! - `step`, `planner`: one batch built and decoded, and how much it
 //!   carries; `speculative`: drafts from the text, and when they pay;
 //! - `steering`, `vectors`, `sys`: emotion steering with control vectors,
-//!   their files, and the raw llama.cpp calls (the one file with `unsafe`);
+//!   their files, and the raw llama.cpp calls (the one file that calls C directly);
 //!   `rpc`: layers on other hosts' workers (ggml RPC), probed before use;
 //! - `text`: detokenisation; `probes`: what the person's commands measure;
 //!   `raw`: the benchmark's bare llama-cpp-2 loop;

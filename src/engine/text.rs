@@ -3,6 +3,8 @@
 //! show a stop string (an end-of-turn marker) or a prefix of one that may
 //! still complete. Pure; tested without a model.
 
+use crate::prompt::call_guard::partial_marker;
+
 /// Turns a stream of byte pieces into safe text chunks.
 #[derive(Debug, Default)]
 pub struct TextDecoder {
@@ -74,7 +76,7 @@ impl TextDecoder {
         let keep = self
             .stops
             .iter()
-            .map(|stop| longest_suffix_prefix(&self.held, stop))
+            .map(|stop| partial_marker(&self.held, stop))
             .max()
             .unwrap_or(0);
         let cut = self.held.len() - keep;
@@ -112,16 +114,6 @@ fn take_valid_utf8(bytes: &mut Vec<u8>) -> String {
             }
         }
     }
-}
-
-/// Length of the longest suffix of `text` that is a proper prefix of `stop`,
-/// on a char boundary.
-fn longest_suffix_prefix(text: &str, stop: &str) -> usize {
-    let max = text.len().min(stop.len().saturating_sub(1));
-    (1..=max)
-        .rev()
-        .find(|&n| text.is_char_boundary(text.len() - n) && stop.starts_with(&text[text.len() - n..]))
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -83,8 +83,10 @@ impl CallGuard {
     }
 }
 
-/// Length of the longest suffix of `text` that is a proper prefix of `marker`.
-fn partial_marker(text: &str, marker: &str) -> usize {
+/// Length of the longest suffix of `text` that is a proper prefix of
+/// `marker`, on a char boundary: what to hold back in case the marker (a
+/// call's markup, a stop string) completes in the next piece.
+pub fn partial_marker(text: &str, marker: &str) -> usize {
     let max = text.len().min(marker.len().saturating_sub(1));
     (1..=max)
         .rev()

@@ -81,7 +81,6 @@ pub async fn bridge(config: &Config, url: &str) -> anyhow::Result<()> {
         init: None,
         epoch: 0,
         last_attempt: None,
-        reconnects: 0,
     };
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("cannot listen for SIGTERM")?;
     let mut tick = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
@@ -219,11 +218,10 @@ struct Relay {
     /// The client's `initialize` and whether the remote accepted it
     /// (repeated when connecting again).
     init: Option<(ClientJsonRpcMessage, Value, bool)>,
-    /// Which connection `remote` is (one more each time it connects again).
+    /// Which connection `remote` is: how many times it connected again.
     epoch: u64,
     /// When the last try to connect again began.
     last_attempt: Option<Instant>,
-    reconnects: u64,
 }
 
 impl Relay {
@@ -295,14 +293,12 @@ impl Relay {
             false
         } else {
             let init = accepted.expect("checked above");
-            let attempt = self.reconnects + 1;
-            match tokio::time::timeout(RECONNECT_LIMIT, handshake(&mut remote, init, attempt)).await {
+            match tokio::time::timeout(RECONNECT_LIMIT, handshake(&mut remote, init, self.epoch + 1)).await {
                 Ok(Ok(())) => true,
                 Ok(Err(e)) => return Err(format!("; connecting again failed: {e}")),
                 Err(_) => return Err(format!("; connecting again took over {RECONNECT_LIMIT:?}")),
             }
         };
-        self.reconnects += 1;
         self.epoch += 1;
         self.remote = remote;
         self.lost = None;
@@ -312,7 +308,7 @@ impl Relay {
         if is_initialize {
             self.startup = None;
         }
-        tracing::info!(url = %self.url, reconnects = self.reconnects, "connected to the remote Elpis again: a new session (streams of the old one are gone)");
+        tracing::info!(url = %self.url, reconnects = self.epoch, "connected to the remote Elpis again: a new session (streams of the old one are gone)");
         Ok(())
     }
 
