@@ -22,7 +22,7 @@ const MIN_NGRAM: usize = 2;
 /// Longest draft one slot proposes in a step.
 pub(super) const MAX_DRAFT: usize = 12;
 /// How far back in a slot's tokens a match is looked for.
-const LOOKBACK: usize = 8192;
+pub(super) const LOOKBACK: usize = 8192;
 /// Speculate only for a gain of at least this (the cost curve is an estimate).
 const MARGIN: f64 = 1.08;
 /// Acceptance assumed before anything was seen (optimistic enough to try).

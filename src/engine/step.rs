@@ -20,7 +20,7 @@ use llama_cpp_sys_2 as ffi;
 
 use super::planner::{Mode, StepPlanner, MAX_BATCH};
 use super::slots::SlotTable;
-use super::speculative::{lookup, Draft, Drafts, Speculation, MAX_DRAFT};
+use super::speculative::{lookup, Draft, Drafts, Speculation, LOOKBACK, MAX_DRAFT};
 use super::sys;
 
 /// The batch one step decodes, what steps cost, and how drafts fare: kept
@@ -187,8 +187,10 @@ impl DecodeStep {
         let left = job.max_tokens.saturating_sub(job.usage.completion_tokens as usize + 1);
         let room = n_ctx_seq.saturating_sub(slot.cached.len() + 2);
         let max = MAX_DRAFT.min(left).min(room);
-        let mut history = Vec::with_capacity(slot.cached.len() + 1);
-        history.extend_from_slice(&slot.cached);
+        // Only the window drafts are looked up in, not the whole context.
+        let window = &slot.cached[slot.cached.len().saturating_sub(LOOKBACK - 1)..];
+        let mut history = Vec::with_capacity(window.len() + 1);
+        history.extend_from_slice(window);
         history.push(pending);
         let mut draft = lookup(&history, &job.prediction, max)?;
         let planner = &self.planner;

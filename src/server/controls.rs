@@ -2,7 +2,8 @@
 //! takes: the sampling (an explicit value wins over the mood's and the
 //! config's), stop strings, speculation and its predicted output. Every bad
 //! value is an error naming the argument and its range, before anything
-//! is queued. [`Used`] is what `modulated_params` reports.
+//! is queued. The [`SamplingParams`] a request gets are also what its
+//! `modulated_params` reports.
 
 use serde_json::Value;
 
@@ -32,10 +33,6 @@ pub fn logprobs(c: &Controls) -> Result<Option<usize>, ToolError> {
     }
 }
 
-/// The sampling a generation used, as `modulated_params` reports it: the
-/// engine's own parameters, serialised.
-pub type Used = SamplingParams;
-
 fn in_range(name: &str, value: Option<f64>, lo: f64, hi: f64, lo_open: bool) -> Result<Option<f64>, ToolError> {
     match value {
         Some(v) if !v.is_finite() || v > hi || v < lo || (lo_open && v == lo) => {
@@ -49,7 +46,7 @@ fn in_range(name: &str, value: Option<f64>, lo: f64, hi: f64, lo_open: bool) -> 
 /// The sampling for a request: the temperature (explicit, else the mood's
 /// when `modulate`, else the config's), and every other control explicit
 /// or the config's. `top_p` follows the temperature's source unless given.
-pub fn sampling(defaults: &ModelConfig, mood: impl FnOnce() -> Modulation, temperature: Option<f64>, modulate: bool, c: &Controls) -> Result<Used, ToolError> {
+pub fn sampling(defaults: &ModelConfig, mood: impl FnOnce() -> Modulation, temperature: Option<f64>, modulate: bool, c: &Controls) -> Result<SamplingParams, ToolError> {
     let temperature = in_range("temperature", temperature, 0.0, 2.0, false).map_err(|e| ToolError(format!("{} (0 = greedy)", e.0)))?;
     let base = match temperature {
         Some(t) => Modulation { temperature: t, top_p: defaults.top_p },
@@ -70,7 +67,7 @@ pub fn sampling(defaults: &ModelConfig, mood: impl FnOnce() -> Modulation, tempe
         Some(s) => s as u32,
         None => defaults.seed.unwrap_or_else(|| uuid::Uuid::new_v4().as_u128() as u32),
     };
-    Ok(Used {
+    Ok(SamplingParams {
         temperature: base.temperature,
         top_p: in_range("top_p", c.top_p, 0.0, 1.0, true)?.unwrap_or(base.top_p),
         top_k,

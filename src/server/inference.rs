@@ -12,10 +12,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{ModelConfig, ServerConfig, ToolFormat};
 use crate::emotion::EVENTS;
-use crate::engine::{self, Completion, EngineHandle, FinishReason, Generation, GenerationEvent, GenerationRequest, Interest, Speculation};
+use crate::engine::{self, Completion, EngineHandle, FinishReason, Generation, GenerationEvent, GenerationRequest, Interest, SamplingParams, Speculation};
 use crate::prompt::{self, CallGuard, Message, NativeToolFormat, ROLES};
 use crate::server::calls::{self, ToolUse};
-use crate::server::controls::{self, Used};
+use crate::server::controls;
 use crate::server::metrics::Metrics;
 use crate::server::mood::Mood;
 use crate::server::streams::{Owner, StreamEnd, StreamRegistry};
@@ -61,7 +61,7 @@ pub struct Inference {
 /// A generation request, validated, and what its result carries beyond text.
 struct Prepared {
     request: GenerationRequest,
-    used: Used,
+    used: SamplingParams,
     /// Tools the reply may call (`tools` given).
     tools: Option<ToolUse>,
     /// The reply must be JSON (`response_format`).
@@ -96,7 +96,7 @@ impl Inference {
         modulate: bool,
         controls: &Controls,
         stop: Option<&Vec<String>>,
-    ) -> Result<(GenerationRequest, Used), ToolError> {
+    ) -> Result<(GenerationRequest, SamplingParams), ToolError> {
         validate_messages(&messages)?;
         let context = self.engine.info().context_length;
         let max_tokens = match max_tokens {
