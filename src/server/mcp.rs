@@ -20,7 +20,7 @@ use rmcp::service::RequestContext;
 use rmcp::{ErrorData, RoleServer, ServerHandler};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::server::inference::{Inference, Progress, ToolError};
 use crate::server::streams::Owner;
@@ -87,9 +87,10 @@ impl ElpisServer {
         self.session.as_ref().map(|s| s.id)
     }
 
-    /// A request's cancellation: its own, and its session's end.
-    fn cancel_token(&self, ctx: &RequestContext<RoleServer>) -> CancellationToken {
-        let Some(session) = &self.session else { return ctx.ct.clone() };
+    /// A request's cancellation: its own, and its session's end. Hold the
+    /// guard for the call: its drop ends the task that joins the two.
+    fn cancel_token(&self, ctx: &RequestContext<RoleServer>) -> (CancellationToken, Option<DropGuard>) {
+        let Some(session) = &self.session else { return (ctx.ct.clone(), None) };
         let both = session.cancel.child_token();
         let (request, watch) = (ctx.ct.clone(), both.clone());
         tokio::spawn(async move {
@@ -98,7 +99,7 @@ impl ElpisServer {
                 _ = watch.cancelled() => {}
             }
         });
-        both
+        (both.clone(), Some(both.drop_guard()))
     }
 
     pub fn inference(&self) -> &Arc<Inference> {
@@ -113,7 +114,8 @@ impl ElpisServer {
             "generate" => {
                 let args: GenerateArgs = parse_args(name, args).map_err(ToolError)?;
                 let (progress, forwarder) = progress_forwarder(&ctx).unzip();
-                let result = inference.generate(args, self.cancel_token(&ctx), progress).await;
+                let (cancel, _call) = self.cancel_token(&ctx);
+                let result = inference.generate(args, cancel, progress).await;
                 // Every progress notification goes out before the response.
                 if let Some(forwarder) = forwarder {
                     let _ = forwarder.await;
@@ -138,7 +140,8 @@ impl ElpisServer {
             }
             "function_call" => {
                 let args: FunctionCallArgs = parse_args(name, args).map_err(ToolError)?;
-                inference.function_call(args, self.cancel_token(&ctx)).await
+                let (cancel, _call) = self.cancel_token(&ctx);
+                inference.function_call(args, cancel).await
             }
             "update_emotion" => {
                 let args: UpdateEmotionArgs = parse_args(name, args).map_err(ToolError)?;
