@@ -140,3 +140,43 @@ fn every_request_read_before_stdin_closes_is_answered() {
     parse_tool_response(answer(&lines, &json!(4))).ok();
     assert_eq!(answer(&lines, &json!(5))["result"]["tools"].as_array().unwrap().len(), 9);
 }
+
+/// Issue 33's regression: requests sent under the id of one still in flight
+/// (a client bug, but a real one), over every kind of call. Each gets exactly
+/// one answer (a clear error, or its result when the first had already been
+/// answered), the first goes on, and stdin's end still ends the session.
+#[test]
+fn a_request_id_reused_while_in_flight_is_answered_and_the_session_still_ends() {
+    let call = |name: &str, arguments: Value| {
+        line(json!({"jsonrpc": "2.0", "id": "dup", "method": "tools/call", "params": {"name": name, "arguments": arguments}}))
+    };
+    let long = json!({"messages": user("Write a long story."), "max_tokens": 2000, "temperature": 0});
+    let mut input = initialize(1);
+    input += &line(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+    input += &call("generate", long.clone());
+    let reused = [
+        call("generate", long.clone()),
+        call("generate_stream_start", long),
+        call("function_call", json!({"messages": user("Weather in Paris?"), "tools": [{"type": "function", "function": {
+            "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]})),
+        call("get_emotion", json!({})),
+        call("update_emotion", json!({"event_type": "success", "intensity": 0.5})),
+        line(json!({"jsonrpc": "2.0", "id": "dup", "method": "tools/list"})),
+        line(json!({"jsonrpc": "2.0", "id": "dup", "method": "resources/list"})),
+    ];
+    for r in &reused {
+        input += r;
+    }
+    input += &line(json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "get_emotion", "arguments": {}}}));
+    let (lines, status, stderr) = one_shot(&input);
+    assert!(status.success(), "{status:?}: {stderr}");
+    let answers: Vec<&Value> = lines.iter().filter(|l| l["id"] == json!("dup") && l.get("method").is_none()).collect();
+    assert_eq!(answers.len(), 1 + reused.len(), "one answer per request: {answers:?}");
+    let refused: Vec<&&Value> = answers.iter().filter(|a| a["error"]["code"] == -32600).collect();
+    for a in &refused {
+        assert!(a["error"]["message"].as_str().unwrap().contains("already in flight"), "{a}");
+    }
+    assert!(!refused.is_empty(), "the reused ids were read while the first generate ran: {answers:?}");
+    let mood = parse_tool_response(answer(&lines, &json!(2))).ok();
+    assert!(mood["valence"].is_number(), "{mood}");
+}

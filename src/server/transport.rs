@@ -54,8 +54,8 @@ const SESSIONLESS_META: [&str; 2] = ["io.modelcontextprotocol/protocolVersion", 
 struct LedgerState {
     /// An `initialize` (or a complete sessionless request) went to rmcp.
     begun: bool,
-    /// Requests handed to rmcp and not yet answered, by id (counted: a
-    /// client may reuse an id).
+    /// Requests handed to rmcp and not yet answered, by id (one at most per
+    /// id: a request under an id still owed is refused at the gate).
     owed: HashMap<String, usize>,
     /// The reader has read its last line (stdin closed or failed).
     input_done: bool,
@@ -364,7 +364,22 @@ impl LineReader {
                         return Admit::Answer(not_begun(id, method, missing_meta));
                     }
                 }
-                self.ledger.owe(id_key(id));
+                // rmcp keys its answers by id: a second request under an id
+                // still in flight would take the first one's answer and
+                // leave the other owed for ever (and the session unable to
+                // end). It is refused here, and the first goes on.
+                let key = id_key(id);
+                if self.ledger.with(|s| s.owed.contains_key(&key)) {
+                    return Admit::Answer(error_line(
+                        id.clone(),
+                        INVALID_REQUEST,
+                        &format!(
+                            "request id {key} is already in flight: a request's id must differ from those of the \
+                             requests still awaiting an answer (this one was not run; the earlier one goes on)"
+                        ),
+                    ));
+                }
+                self.ledger.owe(key);
                 Admit::Pass
             }
             Kind::Notification { method, .. } if !begun => Admit::Drop(format!("notification {method}")),
