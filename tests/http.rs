@@ -163,6 +163,32 @@ fn exposure_without_its_protection_is_refused_at_start() {
     }
 }
 
+/// Issue 33: a page served from the listener's own loopback origin (a
+/// browser MCP client) may call it; any other origin still gets 403, and
+/// `server.http_allowed_origins` adds others.
+#[test]
+fn the_servers_own_loopback_origins_are_accepted_and_foreign_ones_refused() {
+    let (server, url) = http_server(&[("ELPIS_SERVER_HTTP_ALLOWED_ORIGINS", "https://app.example:443")]);
+    let port = url.trim_start_matches("http://127.0.0.1:").split('/').next().unwrap().to_string();
+    runtime().block_on(async {
+        let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "x", "version": "1"}}});
+        let probe = Client::new(&url, None);
+        for (origin, status) in [
+            (format!("http://127.0.0.1:{port}"), 200),
+            (format!("http://localhost:{port}"), 200),
+            (format!("http://[::1]:{port}"), 200),
+            ("https://app.example".to_string(), 200),
+            ("http://127.0.0.1:1".to_string(), 403),
+            (format!("http://evil.example:{port}"), 403),
+            (format!("https://127.0.0.1:{port}"), 403),
+        ] {
+            assert_eq!(probe.post(&init, &[("origin", &origin)]).await.status, status, "Origin: {origin}");
+        }
+    });
+    stop(server);
+}
+
 #[test]
 fn refusals_and_the_life_of_a_session() {
     let (server, url) = http_server(&[

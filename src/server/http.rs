@@ -131,6 +131,18 @@ async fn gate(State(gate): State<Arc<Gate>>, request: Request, next: Next) -> Re
     response
 }
 
+/// The origins a browser page may call from: the configured ones, and, on
+/// a loopback listener, the server's own origins (a page it is served from,
+/// as MCP's official SDKs accept); any other origin gets 403.
+fn allowed_origins(configured: &[String], scheme: &str, local: SocketAddr) -> Vec<String> {
+    let mut origins = configured.to_vec();
+    if local.ip().is_loopback() {
+        let port = local.port();
+        origins.extend(["127.0.0.1", "localhost", "[::1]"].map(|host| format!("{scheme}://{host}:{port}")));
+    }
+    origins
+}
+
 /// Equal byte strings, in time that depends only on their lengths.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     use subtle::ConstantTimeEq;
@@ -145,10 +157,12 @@ pub async fn session(inference: Arc<Inference>, settings: HttpSettings, mut sigt
         .with_context(|| format!("cannot listen on {}", settings.addr))?;
     let sessions = Arc::new(AtomicUsize::new(0));
     let stop = CancellationToken::new();
+    let scheme = if settings.tls.is_some() { "https" } else { "http" };
+    let local = listener.local_addr().unwrap_or(settings.addr);
     let mut http = StreamableHttpServerConfig::default()
         .with_cancellation_token(stop.child_token())
         .with_allowed_hosts(settings.allowed_hosts.clone())
-        .with_allowed_origins(settings.allowed_origins.clone())
+        .with_allowed_origins(allowed_origins(&settings.allowed_origins, scheme, local))
         .enforce_origin_validation()
         .with_max_request_body_bytes(settings.max_body_bytes);
     http.sse_keep_alive = Some(Duration::from_secs(15));
@@ -165,8 +179,6 @@ pub async fn session(inference: Arc<Inference>, settings: HttpSettings, mut sigt
     let app = axum::Router::new()
         .nest_service("/mcp", service)
         .layer(axum::middleware::from_fn_with_state(gate, self::gate));
-    let scheme = if settings.tls.is_some() { "https" } else { "http" };
-    let local = listener.local_addr().unwrap_or(settings.addr);
     tracing::info!("serving MCP on {scheme}://{local}/mcp");
     // Always said on stderr (never stdout), logs or not: with port 0 it is
     // how a launcher learns the port.
