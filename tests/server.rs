@@ -71,6 +71,13 @@ fn capabilities_describe_the_model() {
     assert_eq!(caps["top_p"], 0.9);
     assert_eq!(caps["architecture"], "gemma3");
     assert_eq!(caps["chat_format"], "gemma");
+    // The CPU features the loaded ggml uses (issue 30: a native build).
+    let features: Vec<&str> = caps["cpu_features"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
+    assert!(!features.is_empty(), "{caps}");
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        assert!(features.contains(&"AVX2"), "a build for this CPU uses its AVX2: {features:?}");
+    }
     assert_eq!(caps["active_streams"], 0);
     s.shutdown();
 }

@@ -107,6 +107,8 @@ pub struct ModelInfo {
     pub threads: u32,
     pub gpu_layers: u32,
     pub gpu_offload_supported: bool,
+    /// The CPU features ggml was built with and uses here (AVX2, AVX512...).
+    pub cpu_features: Vec<String>,
     pub slots: u32,
     pub max_step_ms: u32,
     pub sliding_window_full: bool,
@@ -117,6 +119,30 @@ pub struct ModelInfo {
 }
 
 
+/// The features set to 1 in the CPU backend's part of llama.cpp's
+/// system-info line: what the loaded ggml uses (AVX2, AVX512...).
+fn cpu_features(info: &str) -> Vec<String> {
+    let mut features = Vec::new();
+    for field in info.split('|') {
+        let field = field.rsplit(':').next().unwrap_or(field);
+        if let Some((name, value)) = field.split_once('=') {
+            let name = name.trim();
+            if value.trim() == "1" && !name.is_empty() && !features.iter().any(|f| f == name) {
+                features.push(name.to_string());
+            }
+        }
+    }
+    features
+}
+
+#[cfg(test)]
+#[test]
+fn the_system_info_line_names_the_features_in_use() {
+    let line = "CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | AVX512 = 0 | OPENMP = 1 | REPACK = 1 | ";
+    assert_eq!(cpu_features(line), ["SSE3", "SSSE3", "AVX", "AVX2", "F16C", "FMA", "OPENMP", "REPACK"]);
+    assert!(cpu_features("").is_empty());
+}
+
 /// llama.cpp's backend, initialised once for the process (llama.cpp allows
 /// one); every engine and measurement in the process shares it.
 pub(super) fn backend() -> Result<&'static LlamaBackend, EngineError> {
@@ -124,6 +150,10 @@ pub(super) fn backend() -> Result<&'static LlamaBackend, EngineError> {
     if let Some(backend) = BACKEND.get() {
         return Ok(backend);
     }
+    // A portable build's CPU backends are modules: the variant for this CPU
+    // is loaded before the backend starts.
+    #[cfg(feature = "portable")]
+    llama_cpp_2::llama_backend::load_backends();
     let backend = LlamaBackend::init().map_err(|e| EngineError::Backend(e.to_string()))?;
     Ok(BACKEND.get_or_init(|| backend))
 }
@@ -241,6 +271,7 @@ pub(super) fn load(settings: &EngineSettings) -> Result<Loaded, EngineError> {
         threads,
         gpu_layers: settings.gpu_layers,
         gpu_offload_supported,
+        cpu_features: cpu_features(&super::sys::system_info()),
         slots: parallel,
         max_step_ms: settings.max_step_ms,
         sliding_window_full: settings.swa_full,
