@@ -42,8 +42,11 @@ use super::sys::RawPtrs;
 /// answer, write: each hop is a task woken in turn, one yield lets one
 /// round run; a yield costs microseconds).
 const YIELDS_PER_TURN: usize = 8;
-/// Inside a step, the runtime's tasks run at most this often.
+/// Inside a step, the runtime's tasks run at most this often,
 const ANSWER_EVERY: Duration = Duration::from_millis(5);
+/// and for about this long (rounds of ready tasks stop once it is spent;
+/// what is left runs at the next chance, 5 ms later).
+const ANSWER_BUDGET: Duration = Duration::from_micros(500);
 /// Background work (identifying the model, computing its vectors) takes at
 /// most this share of the engine's time while generations run or wait; an
 /// idle engine gives it all.
@@ -158,6 +161,9 @@ impl Engine {
             self.owner,
             "llama.cpp entered from a thread other than the engine's owner"
         );
+        // The tasks that run inside a decode hold only the engine's
+        // channel; were a path to reach the context from there, this says so.
+        assert!(!super::sys::decoding(), "the context was reached from inside a decode (a task run between graph nodes)");
     }
 
     /// Drive the engine on this thread, with the runtime's tasks run between
@@ -167,7 +173,9 @@ impl Engine {
         let mut last = Instant::now();
         let mut answer_requests = || {
             if last.elapsed() >= ANSWER_EVERY {
-                local.block_on(runtime, yield_rounds());
+                // Inside a decode ggml's other threads wait meanwhile: a
+                // bounded run, however many requests are ready.
+                local.block_on(runtime, yield_rounds_within(ANSWER_BUDGET));
                 last = Instant::now();
             }
         };
@@ -339,5 +347,16 @@ impl Engine {
 async fn yield_rounds() {
     for _ in 0..YIELDS_PER_TURN {
         tokio::task::yield_now().await;
+    }
+}
+
+/// As [`yield_rounds`], but no new round once `budget` is spent.
+async fn yield_rounds_within(budget: Duration) {
+    let started = Instant::now();
+    for _ in 0..YIELDS_PER_TURN {
+        tokio::task::yield_now().await;
+        if started.elapsed() >= budget {
+            break;
+        }
     }
 }

@@ -30,6 +30,15 @@ pub fn release_free_heap() {
     }
 }
 
+/// llama.cpp's system-info line ("CPU : SSE3 = 1 | AVX = 1 | ...").
+pub fn system_info() -> String {
+    // SAFETY: takes no argument; returns null or a NUL-terminated string in
+    // a static buffer of llama.cpp's, copied at once on the engine's thread.
+    let ptr = unsafe { llama_cpp_sys_2::llama_print_system_info() };
+    // SAFETY: as above, and checked for null first.
+    (!ptr.is_null()).then(|| unsafe { CStr::from_ptr(ptr) }.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
 // ---------------------------------------------------------------------------
 // Control vectors and the eval callback: llama.cpp calls that llama-cpp-2
 // 0.1.160 does not wrap. Everything below runs on the engine's thread.
@@ -292,18 +301,44 @@ extern "C" fn between_nodes(data: *mut c_void) -> bool {
     false
 }
 
+std::thread_local! {
+    static DECODING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread is inside a decode (its tasks run between graph
+/// nodes): nothing may touch a context then.
+pub fn decoding() -> bool {
+    DECODING.with(|d| d.get())
+}
+
+/// Clears the hook and the decoding mark however the decode ends, unwinding
+/// included (the context must never keep a pointer into a dead frame).
+struct HookGuard(NonNull<ffi::llama_context>);
+
+impl Drop for HookGuard {
+    fn drop(&mut self) {
+        // SAFETY: the context outlives the decode this guard spans (see
+        // `decode_between_nodes`); clearing leaves it without a callback.
+        unsafe { ffi::llama_set_abort_callback(self.0.as_ptr(), None, std::ptr::null_mut()) };
+        DECODING.with(|d| d.set(false));
+    }
+}
+
 /// Run `decode` (a `llama_decode` on `ctx`, or on a context `ctx` stands
-/// for) with `work` called between its graph nodes, on this thread.
+/// for) with `work` called between its graph nodes, on this thread. A
+/// nested call (from `work`) is refused: it would alias the hook's data.
 pub fn decode_between_nodes<T>(ctx: NonNull<ffi::llama_context>, work: &mut dyn FnMut(), decode: impl FnOnce() -> T) -> T {
+    assert!(!decoding(), "a decode was started from inside another decode's hook");
     let mut hook = BetweenNodes { work, panic: None };
+    DECODING.with(|d| d.set(true));
+    let guard = HookGuard(ctx);
     // SAFETY: `ctx` is a live context of the engine's, checked by
     // `context_ptr` (or created by `CaptureContext`); the callback and its
-    // data (`hook`, on this stack frame) stay valid until the callback is
-    // removed below, after the decode has returned.
+    // data (`hook`, on this stack frame) stay valid until `guard` removes
+    // the callback, after the decode has returned or unwound.
     unsafe { ffi::llama_set_abort_callback(ctx.as_ptr(), Some(between_nodes), (&mut hook as *mut BetweenNodes).cast()) };
     let out = decode();
-    // SAFETY: as above; clearing leaves the context without a callback.
-    unsafe { ffi::llama_set_abort_callback(ctx.as_ptr(), None, std::ptr::null_mut()) };
+    drop(guard);
     if let Some(panic) = hook.panic {
         std::panic::resume_unwind(panic);
     }
