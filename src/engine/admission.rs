@@ -92,6 +92,8 @@ impl Admission {
             max_tokens: request.max_tokens.max(1) as usize,
             speculative: request.speculative && self.speculative,
             prediction,
+            proposed: None,
+            copying: 0,
             sampler,
             decoder: TextDecoder::new(self.renderer.stops().iter().chain(&request.stop).cloned().collect()),
             pending: None,

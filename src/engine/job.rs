@@ -30,6 +30,11 @@ pub(super) struct Job {
     pub speculative: bool,
     /// The request's predicted output, tokenised: a draft source.
     pub prediction: Vec<LlamaToken>,
+    /// The next token the text lookup proposed at the last step (decoded as
+    /// a draft or not), and how many sampled tokens in a row matched such
+    /// proposals: a reply copying its input (see `speculative`).
+    pub proposed: Option<LlamaToken>,
+    pub copying: u32,
     pub sampler: JobSampler,
     pub decoder: TextDecoder,
     /// Sampled but not yet decoded: the input of this job's next step.
@@ -44,8 +49,8 @@ pub(super) struct Job {
     pub stop: Vec<String>,
     /// Log-probabilities asked for (top alternatives), and those so far.
     pub logprobs: Option<(usize, Vec<TokenLogprob>)>,
-    /// When the engine took the request, a slot first started it, and its
-    /// first reply token came (for `timings`).
+    /// When the engine took the request, a step first read a row of its
+    /// prompt, and its first reply token came (for `timings`).
     pub admitted: Instant,
     pub started_at: Option<Instant>,
     pub first_token_at: Option<Instant>,

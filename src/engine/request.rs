@@ -184,12 +184,13 @@ pub struct Completion {
 /// durations), in milliseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Timings {
-    /// From the engine taking the request to a slot starting it.
+    /// From the engine taking the request to the step that reads its first
+    /// prompt row (the whole wait: for a slot, then for room in a batch).
     pub queue_ms: f64,
     /// Prompt tokens decoded, and those served from the cache instead.
     pub prompt_computed_tokens: u32,
     pub prompt_cached_tokens: u32,
-    /// From the slot starting it to the first reply token's logits.
+    /// From its first prompt row's step to the first reply token's logits.
     pub prompt_ms: f64,
     pub prompt_tokens_per_s: f64,
     /// From the engine taking the request to the first reply token.

@@ -123,7 +123,6 @@ impl SlotTable {
             if !job.started {
                 job.usage.cached_tokens = self.slots[i].cached.len() as u32;
                 job.started = true;
-                job.started_at = Some(now);
                 self.waiting.fetch_sub(1, Ordering::Relaxed);
             }
             self.tick += 1;

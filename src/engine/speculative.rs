@@ -8,11 +8,15 @@
 //! up to the rounding of batched arithmetic at near-ties.
 //!
 //! It pays only when acceptance is high enough for what a wider step costs
-//! on this machine, so [`Drafts`] keeps the acceptance seen per draft source
-//! and match length, and [`Drafts::choose`] takes the draft length with the
-//! best expected tokens per millisecond from the planner's cost curve, or
-//! none when no length beats one token a step by a margin. Free chat, where
-//! drafts rarely hold, stays at one token a step.
+//! on this machine, so [`Drafts`] keeps the acceptance seen per draft
+//! source, match length and streak: whether the slot's last [`STREAK`]
+//! tokens were what the lookup proposed, drafted or not. Inside a copied run
+//! the next draft nearly always holds, while drafts in free text mostly
+//! fail; pooled, the copies' acceptance would be diluted and their drafts
+//! cut short or never tried. [`Drafts::choose`] takes the draft length with
+//! the best expected tokens per millisecond from the planner's cost curve,
+//! or none when no length beats one token a step by a margin. Free chat,
+//! where drafts rarely hold, stays at one token a step.
 
 use llama_cpp_2::token::LlamaToken;
 
@@ -33,6 +37,9 @@ const PRIOR_WEIGHT: f64 = 8.0;
 const FORGET: f64 = 0.995;
 /// One choice in this many tries a draft a token longer than the best.
 const EXPLORE_EVERY: u64 = 16;
+/// A slot whose last this many sampled tokens were what the lookup
+/// proposed is copying: its drafts are judged by copies' acceptance.
+pub(super) const STREAK: u32 = 2;
 
 /// When drafts are decoded (`model.speculative`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -63,6 +70,9 @@ pub(super) struct Draft {
     pub source: Source,
     /// Length of the suffix that matched.
     pub ngram: usize,
+    /// The slot's last [`STREAK`] tokens were the lookup's proposals (a
+    /// copied run goes on); set by the caller.
+    pub streak: bool,
 }
 
 /// Look up a draft continuing `history` (a slot's cells and its pending
@@ -74,12 +84,12 @@ pub(super) fn lookup(history: &[LlamaToken], prediction: &[LlamaToken], max: usi
     for n in (MIN_NGRAM..=MAX_NGRAM.min(history.len())).rev() {
         let suffix = &history[history.len() - n..];
         if let Some(tokens) = continuation(prediction, suffix, prediction.len(), max) {
-            return Some(Draft { tokens, source: Source::Prediction, ngram: n });
+            return Some(Draft { tokens, source: Source::Prediction, ngram: n, streak: false });
         }
         // In the history, an earlier occurrence (not the suffix itself).
         let from = history.len().saturating_sub(LOOKBACK);
         if let Some(tokens) = continuation(&history[from..], suffix, history.len() - from - 1, max) {
-            return Some(Draft { tokens, source: Source::History, ngram: n });
+            return Some(Draft { tokens, source: Source::History, ngram: n, streak: false });
         }
     }
     None
@@ -93,46 +103,45 @@ fn continuation(hay: &[LlamaToken], needle: &[LlamaToken], limit: usize, max: us
     (n..=last_end).rev().find(|&end| hay[end - n..end] == *needle).map(|end| hay[end..(end + max).min(hay.len())].to_vec())
 }
 
-/// Acceptance seen so far, per source and match length.
+/// Acceptance seen so far, per source, streak and match length.
 #[derive(Debug, Clone)]
 pub(super) struct Drafts {
-    /// (accepted, reached) draft positions, decayed.
-    seen: [[(f64, f64); MAX_NGRAM + 1]; 2],
+    /// (accepted, reached) draft positions, decayed, by [source][streak][ngram].
+    seen: [[[(f64, f64); MAX_NGRAM + 1]; 2]; 2],
     /// Draft lengths chosen so far (for exploring).
     choices: u64,
 }
 
 impl Default for Drafts {
     fn default() -> Self {
-        Drafts { seen: [[(0.0, 0.0); MAX_NGRAM + 1]; 2], choices: 0 }
+        Drafts { seen: [[[(0.0, 0.0); MAX_NGRAM + 1]; 2]; 2], choices: 0 }
     }
 }
 
 impl Drafts {
-    fn bucket(&mut self, source: Source, ngram: usize) -> &mut (f64, f64) {
-        &mut self.seen[source as usize][ngram.min(MAX_NGRAM)]
+    fn bucket(&mut self, draft: &Draft) -> &mut (f64, f64) {
+        &mut self.seen[draft.source as usize][usize::from(draft.streak)][draft.ngram.min(MAX_NGRAM)]
     }
 
-    /// The chance that a draft position is accepted once the one before it was.
-    pub fn acceptance(&self, source: Source, ngram: usize) -> f64 {
-        let (accepted, reached) = self.seen[source as usize][ngram.min(MAX_NGRAM)];
+    /// The chance that a position of a draft like `draft` is accepted once
+    /// the one before it was.
+    pub fn acceptance(&self, draft: &Draft) -> f64 {
+        let (accepted, reached) = self.seen[draft.source as usize][usize::from(draft.streak)][draft.ngram.min(MAX_NGRAM)];
         (accepted + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (reached + PRIOR_WEIGHT)
     }
 
-    /// A draft of `drafted` tokens was verified: `accepted` of them held.
-    pub fn observe(&mut self, source: Source, ngram: usize, drafted: usize, accepted: usize) {
+    /// `draft` was verified: the first `accepted` of its `drafted` tokens held.
+    pub fn observe(&mut self, draft: &Draft, drafted: usize, accepted: usize) {
         if drafted == 0 {
             return;
         }
-        for row in self.seen.iter_mut() {
-            for b in row.iter_mut() {
-                b.0 *= FORGET;
-                b.1 *= FORGET;
-            }
+        for b in self.seen.iter_mut().flatten().flatten() {
+            b.0 *= FORGET;
+            b.1 *= FORGET;
         }
         // Positions reached: every accepted one, and the first rejected.
         let reached = accepted + usize::from(accepted < drafted);
-        let b = self.bucket(source, ngram);
+        let b = self.bucket(draft);
         b.0 += accepted as f64;
         b.1 += reached as f64;
     }
@@ -152,7 +161,7 @@ impl Drafts {
     }
 
     fn best(&self, draft: &Draft, base: usize, cost: impl Fn(usize) -> Option<f64>) -> usize {
-        let a = self.acceptance(draft.source, draft.ngram);
+        let a = self.acceptance(draft);
         let Some(alone) = cost(base) else { return 0 };
         let (mut best, mut best_gain) = (0, MARGIN);
         let mut expected = 0.0;
@@ -194,24 +203,42 @@ mod tests {
 
     #[test]
     fn drafts_are_taken_only_when_they_pay() {
-        let draft = Draft { tokens: t(&[1; 12]), source: Source::History, ngram: 4 };
+        let draft = Draft { tokens: t(&[1; 12]), source: Source::History, ngram: 4, streak: false };
         // A CPU: a step of r rows with logits costs 38 (1 + 0.4 (r - 1)) ms.
         let cpu = |r: usize| Some(38.0 * (1.0 + 0.4 * (r as f64 - 1.0)));
         let mut d = Drafts::default();
         for _ in 0..200 {
-            d.observe(Source::History, 4, 8, 8);
+            d.observe(&draft, 8, 8);
         }
-        assert!(d.acceptance(Source::History, 4) > 0.95);
+        assert!(d.acceptance(&draft) > 0.95);
         assert!(d.choose(&draft, 1, cpu) >= 4, "near-certain drafts pay for a wide step");
         for _ in 0..1000 {
-            d.observe(Source::History, 4, 4, 1);
+            d.observe(&draft, 4, 1);
         }
-        assert!((d.acceptance(Source::History, 4) - 0.5).abs() < 0.05);
+        assert!((d.acceptance(&draft) - 0.5).abs() < 0.05);
         assert_eq!(d.choose(&draft, 1, cpu), 0, "drafts that hold half the time are not worth a wider step here");
         // On hardware where width is nearly free, they are.
         let gpu = |r: usize| Some(10.0 + 0.05 * r as f64);
         assert!(d.choose(&draft, 1, gpu) >= 1);
         assert_eq!(Drafts::default().choose(&draft, 1, |_| None), 0, "unknown cost: no speculation");
+        // Copies apart from free text: drafts that mostly fail elsewhere
+        // still go long inside a copied run (the batch curve measured on
+        // this project's machine: 2 rows 2.27x one, 4 rows 2.34x, 8 4.52x,
+        // 16 7.33x).
+        let measured = |r: usize| {
+            let points = [(1, 1.0), (2, 2.27), (4, 2.34), (8, 4.52), (16, 7.33)];
+            let i = points.iter().position(|&(n, _)| n >= r).unwrap_or(points.len() - 1).max(1);
+            let ((r0, c0), (r1, c1)) = (points[i - 1], points[i]);
+            Some(37.0 * (c0 + (c1 - c0) * (r as f64 - r0 as f64) / (r1 - r0) as f64))
+        };
+        let streak = Draft { streak: true, ..draft.clone() };
+        let mut d = Drafts::default();
+        for _ in 0..300 {
+            d.observe(&draft, 4, 1);
+            d.observe(&streak, 12, 12);
+        }
+        assert_eq!(d.choose(&draft, 1, measured), 0, "free text: no draft");
+        assert!(d.choose(&streak, 1, measured) >= 8, "a copy: long drafts");
         // Now and then one token longer, to measure the wider step.
         let mut d = Drafts::default();
         let picks: Vec<usize> = (0..EXPLORE_EVERY).map(|_| d.choose(&draft, 1, cpu)).collect();

@@ -1,10 +1,13 @@
 //! [`DecodeStep`]: one batch built from the slot table, one `decode`, and
 //! the samples it makes possible. A step carries, for every generating
 //! slot, its last sampled token (and, when one pays, a draft of the tokens
-//! likely to follow: [`super::speculative`]), then prompt chunks, oldest job
-//! first, as many rows as the [`StepPlanner`] gives: few when somebody
-//! reads the tokens of this step (their pace comes first), a full chunk
-//! when only prompts are being read. While any work a client waits on
+//! likely to follow: [`super::speculative`]), then prompt chunks, calls
+//! first, then attended streams, oldest first, as many rows as the
+//! [`StepPlanner`] gives from the whole cost curve: an efficient chunk
+//! beside tokens somebody reads (so a waiting prompt never waits for
+//! another request's end, and the decodes keep going), a full chunk when
+//! only prompts are being read. A chunk that finishes one prompt goes on
+//! with the next. While any work a client waits on
 //! exists, streams nobody reads pause (their tokens would only slow the
 //! batch down). The runtime's tasks run between the step's graph nodes, so
 //! requests are answered in the middle of a long step.
@@ -20,7 +23,7 @@ use llama_cpp_sys_2 as ffi;
 
 use super::planner::{Mode, StepPlanner, MAX_BATCH};
 use super::slots::SlotTable;
-use super::speculative::{lookup, Draft, Drafts, Speculation, LOOKBACK, MAX_DRAFT};
+use super::speculative::{lookup, Draft, Drafts, Speculation, LOOKBACK, MAX_DRAFT, STREAK};
 use super::sys;
 
 /// The batch one step decodes, what steps cost, and how drafts fare: kept
@@ -80,9 +83,11 @@ impl DecodeStep {
         let mut samples: Vec<Sample> = Vec::new();
         let mut rows = generating.len();
         for &i in &generating {
-            let draft = if self.speculative == Speculation::Off { None } else { self.draft_for(slots, i, rows, n_ctx_seq) };
+            let (proposed, draft) =
+                if self.speculative == Speculation::Off { (None, None) } else { self.draft_for(slots, i, rows, n_ctx_seq) };
             let slot = &mut slots.slots[i];
             let Some(job) = slot.job.as_mut() else { continue };
+            job.proposed = proposed;
             let Some(token) = job.pending.take() else { continue };
             let pos = slot.cached.len();
             let extra = draft.as_ref().map_or(0, |d| d.tokens.len());
@@ -105,7 +110,6 @@ impl DecodeStep {
         }
         let drafting = samples.iter().any(|s| s.draft.is_some());
         let mode = if cadence { Mode::Cadence } else { Mode::Throughput };
-        let mut room = self.planner.prompt_rows(mode, rows).min(MAX_BATCH - self.batch.n_tokens() as usize);
         // Calls first (a client is blocked on them), then attended streams,
         // then the rest; oldest first within each.
         let mut prefilling: Vec<(u8, u64, usize)> = slots
@@ -120,14 +124,23 @@ impl DecodeStep {
             })
             .collect();
         prefilling.sort_unstable();
+        let waiting: usize = prefilling
+            .iter()
+            .filter_map(|&(_, _, i)| slots.slots[i].job.as_ref().map(|j| j.prompt.len() - slots.slots[i].cached.len()))
+            .sum();
+        let mut room = self.planner.prompt_rows(mode, rows, waiting).min(MAX_BATCH - self.batch.n_tokens() as usize);
         let mut prompt_rows = 0;
-        for (rank, _, i) in prefilling {
+        for (_, _, i) in prefilling {
             if room == 0 {
                 break;
             }
             let slot = &mut slots.slots[i];
-            let Some(job) = slot.job.as_ref() else { continue };
+            let Some(job) = slot.job.as_mut() else { continue };
             let start = slot.cached.len();
+            if job.started_at.is_none() {
+                // Its wait ends with its first prompt row in a batch.
+                job.started_at = Some(now);
+            }
             let end = job.prompt.len().min(start + room);
             for pos in start..end {
                 let last = pos + 1 == job.prompt.len();
@@ -142,11 +155,6 @@ impl DecodeStep {
             let fed = slot.cached.len() - start;
             prompt_rows += fed;
             room = room.saturating_sub(fed);
-            // A first token somebody waits for comes with this step: no
-            // other prompt's rows make it wait longer.
-            if rank < 2 && slot.cached.len() == job.prompt.len() {
-                room = 0;
-            }
         }
         let rows = self.batch.n_tokens() as usize;
         if rows == 0 {
@@ -154,8 +162,16 @@ impl DecodeStep {
         }
         let started = Instant::now();
         let batch = &mut self.batch;
+        // Time spent answering requests inside the step is not the step's
+        // cost: the planner learns compute only.
+        let mut answering = std::time::Duration::ZERO;
+        let mut timed = || {
+            let at = Instant::now();
+            between();
+            answering += at.elapsed();
+        };
         let decoded = match ctx_ptr {
-            Some(ptr) => sys::decode_between_nodes(ptr, between, || ctx.decode(batch)),
+            Some(ptr) => sys::decode_between_nodes(ptr, &mut timed, || ctx.decode(batch)),
             None => ctx.decode(batch),
         };
         if let Err(e) = decoded {
@@ -163,7 +179,7 @@ impl DecodeStep {
             slots.fail_running(&e.to_string(), ctx);
             return StepReport { rows, elapsed_ms: f64::NAN };
         }
-        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let elapsed_ms = started.elapsed().saturating_sub(answering).as_secs_f64() * 1000.0;
         tracing::trace!(rows, prompt_rows, elapsed_ms, ?mode, drafting, "decode step");
         // Steps where every row has logits (decoding and drafts) cost more
         // per row than prompt chunks: they are learned apart.
@@ -174,15 +190,13 @@ impl DecodeStep {
         StepReport { rows, elapsed_ms }
     }
 
-    /// A draft for generating slot `i`, sized to pay on this machine with
-    /// `rows` rows in the step so far; None when none does.
-    fn draft_for(&mut self, slots: &SlotTable, i: usize, rows: usize, n_ctx_seq: usize) -> Option<Draft> {
+    /// The lookup's proposal for generating slot `i`'s next token, and a
+    /// draft sized to pay on this machine with `rows` rows in the step so
+    /// far (None when none does).
+    fn draft_for(&mut self, slots: &SlotTable, i: usize, rows: usize, n_ctx_seq: usize) -> (Option<LlamaToken>, Option<Draft>) {
         let slot = &slots.slots[i];
-        let job = slot.job.as_ref()?;
-        if !job.speculative {
-            return None;
-        }
-        let pending = job.pending?;
+        let Some(job) = slot.job.as_ref().filter(|j| j.speculative) else { return (None, None) };
+        let Some(pending) = job.pending else { return (None, None) };
         // Never past the token limit or the context: the last token there is sampled, not drafted.
         let left = job.max_tokens.saturating_sub(job.usage.completion_tokens as usize + 1);
         let room = n_ctx_seq.saturating_sub(slot.cached.len() + 2);
@@ -192,7 +206,9 @@ impl DecodeStep {
         let mut history = Vec::with_capacity(window.len() + 1);
         history.extend_from_slice(window);
         history.push(pending);
-        let mut draft = lookup(&history, &job.prediction, max)?;
+        let Some(mut draft) = lookup(&history, &job.prediction, max) else { return (None, None) };
+        let proposed = draft.tokens.first().copied();
+        draft.streak = job.copying >= STREAK;
         let planner = &self.planner;
         let k = match self.speculative {
             Speculation::Always => draft.tokens.len(),
@@ -202,17 +218,18 @@ impl DecodeStep {
             found = draft.tokens.len(),
             k,
             ngram = draft.ngram,
-            acceptance = self.drafts.acceptance(draft.source, draft.ngram),
+            streak = draft.streak,
+            acceptance = self.drafts.acceptance(&draft),
             c1 = ?self.planner.predict_logits(rows),
             c2 = ?self.planner.predict_logits(rows + 1),
             c4 = ?self.planner.predict_logits(rows + 3),
             "draft"
         );
         if k == 0 {
-            return None;
+            return (proposed, None);
         }
         draft.tokens.truncate(k);
-        Some(draft)
+        (proposed, Some(draft))
     }
 
     /// Sample a slot's logits: the position after its last token, then, in
@@ -225,6 +242,7 @@ impl DecodeStep {
         // Cells the step wrote for this slot: its token and the whole draft.
         let written = slots.slots[i].cached.len() + drafted.len();
         let mut accepted = 0;
+        let mut first_sample = None;
         let mut finish = None;
         let mut failure = None;
         {
@@ -241,6 +259,9 @@ impl DecodeStep {
                 };
                 if job.logprobs.is_some() {
                     job.note_logprob(model, ctx.get_logits_ith(row), token);
+                }
+                if at == 0 {
+                    first_sample = Some(token);
                 }
                 finish = job.take_token(model, token, slot.cached.len(), n_ctx_seq);
                 if finish.is_some() {
@@ -260,8 +281,16 @@ impl DecodeStep {
             if let Some(d) = &s.draft {
                 job.usage.draft_tokens += drafted.len() as u32;
                 job.usage.accepted_tokens += accepted as u32;
-                self.drafts.observe(d.source, d.ngram, drafted.len(), accepted);
+                self.drafts.observe(d, drafted.len(), accepted);
             }
+            // The copy goes on while every sample is what the lookup
+            // proposed: the drafted ones that held, or the one proposal
+            // checked against the first sample when nothing was drafted.
+            job.copying = match (&s.draft, job.proposed.take()) {
+                (Some(_), _) if accepted == drafted.len() => job.copying + accepted as u32,
+                (None, Some(p)) if first_sample == Some(p) => job.copying + 1,
+                _ => 0,
+            };
         }
         if slots.slots[i].cached.len() < written {
             // Rejected draft cells go.
