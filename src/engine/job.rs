@@ -9,6 +9,7 @@ use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::speculative::Draft;
 use super::request::{Completion, EngineError, FinishReason, GenerationEvent, Interest, Timings, TokenLogprob, TopLogprob, Usage};
 use super::sampler::JobSampler;
 use super::text::TextDecoder;
@@ -30,10 +31,12 @@ pub(super) struct Job {
     pub speculative: bool,
     /// The request's predicted output, tokenised: a draft source.
     pub prediction: Vec<LlamaToken>,
-    /// The next token the text lookup proposed at the last step (decoded as
-    /// a draft or not), and how many sampled tokens in a row matched such
+    /// What the text lookup proposed at the last step, cut to its first
+    /// token (decoded as a draft or not: a proposal not drafted is still
+    /// checked against the sample, so acceptance is learned without paying
+    /// for drafts), and how many sampled tokens in a row matched such
     /// proposals: a reply copying its input (see `speculative`).
-    pub proposed: Option<LlamaToken>,
+    pub proposed: Option<Draft>,
     pub copying: u32,
     pub sampler: JobSampler,
     pub decoder: TextDecoder,

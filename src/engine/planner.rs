@@ -119,6 +119,20 @@ impl StepPlanner {
     /// The expected milliseconds of a step of `rows` rows that all have
     /// logits (decoding with drafts); None before any decode step.
     pub fn predict_logits(&self, rows: usize) -> Option<f64> {
+        let rows = rows.clamp(1, MAX_BATCH);
+        let widest = (1..=rows).rev().find_map(|r| self.logit_cost[r].map(|c| (r, c)));
+        let beyond = widest.is_some_and(|(r, _)| r < rows) && (rows + 1..=MAX_BATCH).all(|r| self.logit_cost[r].is_none());
+        // Wider than any step with logits seen: scaled from the widest one
+        // by the prompt curve's shape, where prompt steps that wide were
+        // seen (the slope of two narrow steps says little: here 2 rows cost
+        // 2.27x one, 4 rows only 2.34x), else a prior per row.
+        if let (true, Some((r0, c0))) = (beyond, widest) {
+            if (rows..=MAX_BATCH).any(|r| self.cost[r].is_some()) {
+                if let (Some(a), Some(b)) = (self.predict(r0), self.predict(rows)) {
+                    return Some(c0 * (b / a).max(1.0));
+                }
+            }
+        }
         estimate(&self.logit_cost, None, rows, Some(LOGIT_ROW_PRIOR))
     }
 }
@@ -241,6 +255,17 @@ mod tests {
         p.observe(5, 50.0, true);
         assert_eq!(p.predict_logits(3), Some(45.0));
         assert_eq!(p.predict(1), Some(40.0), "a decode step anchors the prompt curve");
+        // Wider than any decode step seen, where prompt steps that wide
+        // were: the prompt curve's shape, not the slope of two narrow steps.
+        let mut p = StepPlanner::new(50, true);
+        for (rows, ms) in [(1, 37.0), (2, 84.0)] {
+            p.observe(rows, ms, true);
+        }
+        for (rows, ms) in [(26, 200.0), (128, 770.0)] {
+            p.observe(rows, ms, false);
+        }
+        let wide = p.predict_logits(13).unwrap();
+        assert!(wide < 84.0 * 13.0 / 2.0 && wide > 84.0, "{wide}");
     }
 
     /// Decode steps on this project's machine (Qwen2.5-0.5B, 2 threads),

@@ -193,7 +193,7 @@ impl DecodeStep {
     /// The lookup's proposal for generating slot `i`'s next token, and a
     /// draft sized to pay on this machine with `rows` rows in the step so
     /// far (None when none does).
-    fn draft_for(&mut self, slots: &SlotTable, i: usize, rows: usize, n_ctx_seq: usize) -> (Option<LlamaToken>, Option<Draft>) {
+    fn draft_for(&mut self, slots: &SlotTable, i: usize, rows: usize, n_ctx_seq: usize) -> (Option<Draft>, Option<Draft>) {
         let slot = &slots.slots[i];
         let Some(job) = slot.job.as_ref().filter(|j| j.speculative) else { return (None, None) };
         let Some(pending) = job.pending else { return (None, None) };
@@ -207,8 +207,8 @@ impl DecodeStep {
         history.extend_from_slice(window);
         history.push(pending);
         let Some(mut draft) = lookup(&history, &job.prediction, max) else { return (None, None) };
-        let proposed = draft.tokens.first().copied();
         draft.streak = job.copying >= STREAK;
+        let proposed = Some(Draft { tokens: draft.tokens[..1].to_vec(), ..draft.clone() });
         let planner = &self.planner;
         let k = match self.speculative {
             Speculation::Always => draft.tokens.len(),
@@ -286,11 +286,16 @@ impl DecodeStep {
             // The copy goes on while every sample is what the lookup
             // proposed: the drafted ones that held, or the one proposal
             // checked against the first sample when nothing was drafted.
-            job.copying = match (&s.draft, job.proposed.take()) {
-                (Some(_), _) if accepted == drafted.len() => job.copying + accepted as u32,
-                (None, Some(p)) if first_sample == Some(p) => job.copying + 1,
-                _ => 0,
+            let held = match (&s.draft, job.proposed.take()) {
+                (Some(_), _) => accepted == drafted.len(),
+                (None, Some(p)) => {
+                    let held = first_sample == Some(p.tokens[0]);
+                    self.drafts.observe(&p, 1, usize::from(held));
+                    held
+                }
+                (None, None) => false,
             };
+            job.copying = if held { job.copying + accepted.max(1) as u32 } else { 0 };
         }
         if slots.slots[i].cached.len() < written {
             // Rejected draft cells go.
