@@ -19,15 +19,13 @@
 //!   a step: where rows are nearly free (a GPU, or 2 to 4 rows on this
 //!   CPU) the chunk is large, where each row costs its share it is as small
 //!   as efficiency allows. A step never waits on another request's end;
-//! - **prompts alone** (nobody reads a token of this step): the largest
-//!   chunk ([`MAX_CHUNK`]) whose step stays within [`THROUGHPUT_STEP_MS`]
-//!   (or two `max_step_ms`, when that is longer), but never a chunk less
-//!   efficient than the one above: on a loaded machine every step is
-//!   slower, and small chunks would read far less per millisecond.
-//!   Requests are answered in the middle of such a step (between its graph
-//!   nodes), so a long step costs nobody an answer. Where they cannot be
-//!   (a device backend without ggml's abort callback), steps stay near
-//!   `max_step_ms`.
+//! - **prompts alone** (nobody reads a token of this step): the whole chunk
+//!   ([`MAX_CHUNK`]), however slow steps are now (on a loaded machine every
+//!   step is slower, and smaller chunks would read far less per
+//!   millisecond). Requests are answered in the middle of such a step
+//!   (between its graph nodes), so a long step costs nobody an answer.
+//!   Where they cannot be (a device backend without ggml's abort
+//!   callback), steps stay near `max_step_ms`.
 
 /// Most prompt rows one step may decode (llama.cpp computes them at once:
 /// the context's micro-batch).
@@ -39,9 +37,6 @@ pub(super) const MAX_UBATCH: usize = MAX_CHUNK;
 /// A prompt chunk read beside decoding rows (or on a loaded machine) reads
 /// at least this share of the best prompt rate the cost curve allows.
 pub(super) const CHUNK_EFFICIENCY: f64 = 0.8;
-/// Longest step planned when only prompts are read (a soft bound: requests
-/// are answered inside it; it bounds how long a new job waits to start).
-pub(super) const THROUGHPUT_STEP_MS: f64 = 1000.0;
 /// Weight of a new observation in a row count's moving average.
 const LEARNING_RATE: f64 = 0.3;
 /// The first observations of a row count keep their minimum (warm-up).
@@ -182,20 +177,17 @@ impl StepPlanner {
         if room == 0 || waiting == 0 {
             return 0;
         }
-        let efficient = self.efficient_chunk(generating, room);
         let rows = match mode {
-            Mode::Cadence => efficient,
+            Mode::Cadence => self.efficient_chunk(generating, room),
+            // Requests are answered inside the step: the whole chunk, the
+            // most rows per millisecond, however slow the machine is now.
+            Mode::Throughput if self.interleaved => room,
             Mode::Throughput => {
-                let bound = if self.interleaved {
-                    THROUGHPUT_STEP_MS.max(2.0 * self.max_step_ms)
-                } else {
-                    // Nothing is answered inside a step: keep it short.
-                    self.max_step_ms
-                };
-                // Before anything was seen, the full chunk (one step tells).
-                let fits = |rows: usize| self.predict(generating + rows).is_none_or(|ms| ms <= bound);
-                let largest = (1..=room).rev().find(|&rows| fits(rows)).unwrap_or(1);
-                if self.interleaved { largest.max(efficient) } else { largest }
+                // Nothing is answered inside a step: keep it near
+                // max_step_ms. Before anything was seen, the full chunk
+                // (one step tells).
+                let fits = |rows: usize| self.predict(generating + rows).is_none_or(|ms| ms <= self.max_step_ms);
+                (1..=room).rev().find(|&rows| fits(rows)).unwrap_or(1)
             }
         };
         rows.clamp(1, room).min(waiting)
@@ -313,18 +305,15 @@ mod tests {
     }
 
     #[test]
-    fn prompts_alone_take_the_chunk_and_a_loaded_machine_keeps_efficient_chunks() {
+    fn prompts_alone_take_the_whole_chunk_even_on_a_loaded_machine() {
         let p = planner(&QWEN, 50);
         assert_eq!(p.prompt_rows(Mode::Throughput, 0, 1000), MAX_CHUNK);
         assert_eq!(p.prompt_rows(Mode::Throughput, 0, 40), 40, "no more rows than wait");
-        // A machine three times slower (a compile beside it): steps past the
-        // bound, but chunks no less efficient than beside a decode.
+        // A machine three times slower (a compile beside it): still the
+        // whole chunk, the most rows per millisecond.
         let loaded: Vec<(usize, f64)> = QWEN.iter().map(|&(r, ms)| (r, ms * 3.0)).collect();
         let p = planner(&loaded, 50);
-        let rows = p.prompt_rows(Mode::Throughput, 0, 1000);
-        assert_eq!(rows, p.efficient_chunk(0, MAX_CHUNK).max(rows));
-        let rate = |r: usize| r as f64 / p.predict(r).unwrap();
-        assert!(rate(rows) >= CHUNK_EFFICIENCY * rate(MAX_CHUNK), "{rows} rows");
+        assert_eq!(p.prompt_rows(Mode::Throughput, 0, 1000), MAX_CHUNK);
         // Without answers inside a step, steps stay near max_step_ms.
         let mut p = planner(&QWEN, 100);
         p.interleaved = false;
