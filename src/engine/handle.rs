@@ -53,6 +53,8 @@ pub struct EngineLoad {
     pub slots: Vec<SlotReport>,
     pub steering: SteeringReport,
     pub prompt_cache: CacheReport,
+    /// Reply tokens the engine sampled since start.
+    pub tokens_generated: u64,
 }
 
 /// One slot, as the engine accounts for it and as llama.cpp's memory sees it.

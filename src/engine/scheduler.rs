@@ -90,6 +90,9 @@ pub struct Engine {
     background_ms: f64,
     /// The server is shutting down: every generation ends as cancelled.
     closing: bool,
+    /// Reply tokens sampled since start, whoever waited for them (a
+    /// generation whose client left included, up to the step that saw it).
+    tokens_generated: u64,
     /// Raw pointers are neither Send nor Sync: this makes `Engine` `!Send`.
     _not_send: PhantomData<*const ()>,
 }
@@ -146,6 +149,7 @@ impl Engine {
             foreground_ms: 0.0,
             background_ms: 0.0,
             closing: false,
+            tokens_generated: 0,
             _not_send: PhantomData,
         };
         let mut engine = engine;
@@ -254,6 +258,7 @@ impl Engine {
         }
         let llama = (&mut self.ctx, self.ptrs.map(|p| p.ctx), self.model);
         let report = self.step.run(now, &mut self.slots, llama, self.n_ctx_seq, answer_requests);
+        self.tokens_generated += report.tokens as u64;
         if report.rows > 0 {
             self.worked_since_trim = true;
             self.worked_since_save = true;
@@ -325,7 +330,7 @@ impl Engine {
         if let (true, Some((done, all))) = (self.steering.wants_identity(), self.identity.progress()) {
             steering.reason = Some(format!("identifying the model file (sha256, {done} of {all} MiB)"));
         }
-        EngineLoad { active, queued, cached_tokens, slots, steering, prompt_cache: self.cache.report() }
+        EngineLoad { active, queued, cached_tokens, slots, steering, prompt_cache: self.cache.report(), tokens_generated: self.tokens_generated }
     }
 
     /// The measurements' access to this engine (it is not serving: the

@@ -42,6 +42,8 @@ pub(super) struct StepReport {
     /// Rows decoded (0: nothing to do).
     pub rows: usize,
     pub elapsed_ms: f64,
+    /// Reply tokens the step's samples produced.
+    pub tokens: usize,
 }
 
 /// A position (and the draft after it) whose logits a slot samples.
@@ -158,7 +160,7 @@ impl DecodeStep {
         }
         let rows = self.batch.n_tokens() as usize;
         if rows == 0 {
-            return StepReport { rows: 0, elapsed_ms: 0.0 };
+            return StepReport { rows: 0, elapsed_ms: 0.0, tokens: 0 };
         }
         let started = Instant::now();
         let batch = &mut self.batch;
@@ -177,17 +179,18 @@ impl DecodeStep {
         if let Err(e) = decoded {
             tracing::error!("decode failed: {e}");
             slots.fail_running(&e.to_string(), ctx);
-            return StepReport { rows, elapsed_ms: f64::NAN };
+            return StepReport { rows, elapsed_ms: f64::NAN, tokens: 0 };
         }
         let elapsed_ms = started.elapsed().saturating_sub(answering).as_secs_f64() * 1000.0;
         tracing::trace!(rows, prompt_rows, elapsed_ms, ?mode, drafting, "decode step");
         // Steps where every row has logits (decoding and drafts) cost more
         // per row than prompt chunks: they are learned apart.
         self.planner.observe(rows, elapsed_ms, prompt_rows == 0);
+        let mut tokens = 0;
         for sample in samples {
-            self.sample(slots, sample, ctx, model, n_ctx_seq);
+            tokens += self.sample(slots, sample, ctx, model, n_ctx_seq);
         }
-        StepReport { rows, elapsed_ms }
+        StepReport { rows, elapsed_ms, tokens }
     }
 
     /// The lookup's proposal for generating slot `i`'s next token, and a
@@ -236,18 +239,19 @@ impl DecodeStep {
     /// order, after each draft token while the samples agree with the
     /// draft. The first disagreement is the next token; the cells of the
     /// draft tokens after it are removed.
-    fn sample(&mut self, slots: &mut SlotTable, s: Sample, ctx: &mut LlamaContext, model: &LlamaModel, n_ctx_seq: usize) {
+    fn sample(&mut self, slots: &mut SlotTable, s: Sample, ctx: &mut LlamaContext, model: &LlamaModel, n_ctx_seq: usize) -> usize {
         let i = s.slot;
         let drafted: &[LlamaToken] = s.draft.as_ref().map_or(&[], |d| &d.tokens);
         // Cells the step wrote for this slot: its token and the whole draft.
         let written = slots.slots[i].cached.len() + drafted.len();
         let mut accepted = 0;
         let mut first_sample = None;
+        let mut taken = 0;
         let mut finish = None;
         let mut failure = None;
         {
             let slot = &mut slots.slots[i];
-            let Some(job) = slot.job.as_mut() else { return };
+            let Some(job) = slot.job.as_mut() else { return 0 };
             for at in 0..=drafted.len() {
                 let row = s.row + at as i32;
                 let token = match job.sampler.sample(ctx, row) {
@@ -264,6 +268,7 @@ impl DecodeStep {
                     first_sample = Some(token);
                 }
                 finish = job.take_token(model, token, slot.cached.len(), n_ctx_seq);
+                taken += 1;
                 if finish.is_some() {
                     break;
                 }
@@ -307,5 +312,6 @@ impl DecodeStep {
         } else if let Some(reason) = finish {
             slots.finish(i, reason, ctx);
         }
+        taken
     }
 }
