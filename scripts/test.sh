@@ -25,18 +25,24 @@ cargo build --release --all-targets
 # over the cores.
 cargo test --release -- --test-threads="${ELPIS_TEST_THREADS:-2}"
 
-# The client Psyche uses: the MCP Python SDK, pinned, in a cached venv; and
-# jinja2, the reference engine chat templates are written for.
+# The client Psyche uses: the MCP Python SDK, pinned, in a cached venv;
+# jinja2, the reference engine chat templates are written for; the official
+# openai SDK and Prometheus' own parser, for the OpenAI front door.
 venv="${ELPIS_CACHE_DIR:-$HOME/.cache/elpis}/mcp-venv"
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import mcp, jinja2" 2>/dev/null; then
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import mcp, jinja2, openai, prometheus_client" 2>/dev/null; then
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check "mcp==2.3.0" "jinja2==3.1.6"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "mcp==2.3.0" "jinja2==3.1.6" \
+        "openai==2.8.1" "prometheus-client==0.23.1"
 fi
 "$venv/bin/python" scripts/psyche-client-check.py target/release/elpis-server
 # The same client over streamable HTTP, and through the stdio bridge
 # (`--remote`) to an HTTP server, as an unmodified Psyche would use it.
 "$venv/bin/python" scripts/psyche-client-check.py target/release/elpis-server --http
 "$venv/bin/python" scripts/psyche-client-check.py target/release/elpis-server --bridge
+
+# The OpenAI API through the official SDK, on the default model (tool calls
+# need its template).
+"$venv/bin/python" scripts/openai-check.py target/release/elpis-server "$ELPIS_QWEN_PATH"
 
 # Every test model with a chat template renders byte-equal to jinja2.
 "$venv/bin/python" scripts/template-check.py target/release/elpis-server "$ELPIS_QWEN_PATH" "$ELPIS_SMOLLM2_PATH"

@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::server::inference::Inference;
 use crate::server::mcp::{ElpisServer, SessionGuard};
+use crate::server::openai;
 
 /// How Elpis listens on HTTP, validated.
 #[derive(Debug, Clone)]
@@ -116,12 +117,13 @@ async fn gate(State(gate): State<Arc<Gate>>, request: Request, next: Next) -> Re
             return response;
         }
     }
-    let opens_session = request.method() == axum::http::Method::POST && !request.headers().contains_key("mcp-session-id");
+    let mcp = request.uri().path().starts_with("/mcp");
+    let opens_session = mcp && request.method() == axum::http::Method::POST && !request.headers().contains_key("mcp-session-id");
     if opens_session && gate.sessions.load(Ordering::Relaxed) >= gate.max_sessions {
         let why = format!("too many sessions: {} are open (server.max_sessions); end one (DELETE) or try later\n", gate.max_sessions);
         return (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
     }
-    let ends_session = request.method() == axum::http::Method::DELETE;
+    let ends_session = mcp && request.method() == axum::http::Method::DELETE;
     let mut response = next.run(request).await;
     if ends_session && response.status() == StatusCode::ACCEPTED {
         // The session is gone when rmcp answers: say "done" (204), which
@@ -159,10 +161,11 @@ pub async fn session(inference: Arc<Inference>, settings: HttpSettings, mut sigt
     let stop = CancellationToken::new();
     let scheme = if settings.tls.is_some() { "https" } else { "http" };
     let local = listener.local_addr().unwrap_or(settings.addr);
+    let origins = allowed_origins(&settings.allowed_origins, scheme, local);
     let mut http = StreamableHttpServerConfig::default()
         .with_cancellation_token(stop.child_token())
         .with_allowed_hosts(settings.allowed_hosts.clone())
-        .with_allowed_origins(allowed_origins(&settings.allowed_origins, scheme, local))
+        .with_allowed_origins(origins.clone())
         .enforce_origin_validation()
         .with_max_request_body_bytes(settings.max_body_bytes);
     http.sse_keep_alive = Some(Duration::from_secs(15));
@@ -176,13 +179,18 @@ pub async fn session(inference: Arc<Inference>, settings: HttpSettings, mut sigt
         http,
     );
     let gate = Arc::new(Gate { token: settings.token.clone(), sessions, max_sessions: settings.max_sessions });
+    let openai = openai::router(Arc::clone(&inference), settings.max_body_bytes).layer(axum::middleware::from_fn_with_state(
+        Arc::new((origins, settings.allowed_hosts.clone())),
+        openai::origin_and_host,
+    ));
     let app = axum::Router::new()
         .nest_service("/mcp", service)
+        .merge(openai)
         .layer(axum::middleware::from_fn_with_state(gate, self::gate));
-    tracing::info!("serving MCP on {scheme}://{local}/mcp");
+    tracing::info!("serving MCP on {scheme}://{local}/mcp and the OpenAI API on {scheme}://{local}/v1");
     // Always said on stderr (never stdout), logs or not: with port 0 it is
     // how a launcher learns the port.
-    eprintln!("elpis-server: serving MCP on {scheme}://{local}/mcp");
+    eprintln!("elpis-server: serving MCP on {scheme}://{local}/mcp (OpenAI API: {scheme}://{local}/v1)");
     let shutdown = {
         let stop = stop.clone();
         async move {

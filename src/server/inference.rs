@@ -269,6 +269,11 @@ impl Inference {
     }
 
     /// `max_tokens` when a request gives none (the config's).
+    /// The loaded model's facts.
+    pub fn model_info(&self) -> &engine::ModelInfo {
+        self.engine.info()
+    }
+
     pub fn default_max_tokens(&self) -> u32 {
         self.defaults.max_tokens
     }
@@ -359,6 +364,7 @@ impl Inference {
         out["queued_generations"] = json!(load.queued);
         out["kv_cells_in_use"] = json!(cells);
         out["active_streams"] = json!(self.open_streams());
+        out["engine_tokens_generated"] = json!(load.tokens_generated);
         out
     }
 

@@ -6,7 +6,9 @@
 //! ([`controls`] validates sampling and stops, [`calls`] sets up tool calls
 //! and JSON replies and reads them back, [`metrics`] counts);
 //! [`streams`] keeps the polled streams; [`mood`] is the live emotional state;
-//! [`transport`] reads and writes the JSON-RPC lines, answering every one.
+//! [`transport`] reads and writes the JSON-RPC lines, answering every one;
+//! [`http`] serves MCP over HTTP and, beside it, [`openai`]: the OpenAI API,
+//! a second thin face over the same [`inference`].
 
 pub mod bridge;
 pub mod calls;
@@ -16,6 +18,7 @@ pub mod inference;
 pub mod mcp;
 pub mod metrics;
 pub mod mood;
+pub mod openai;
 pub mod serve;
 pub mod streams;
 pub mod transport;
