@@ -13,6 +13,7 @@
 //! A slot remembers the tokens in its cells, so a prompt that extends an
 //! earlier one only decodes the new suffix.
 
+use std::cell::Cell;
 use std::marker::PhantomData;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -175,16 +176,20 @@ impl Engine {
     /// gone. Then every generation still running ends as cancelled.
     pub fn drive(mut self, runtime: &tokio::runtime::Runtime, local: &tokio::task::LocalSet, stop: &CancellationToken) {
         let mut last = Instant::now();
+        // Time the tasks took inside steps (what a step costs is its compute).
+        let answering = Cell::new(Duration::ZERO);
         let mut answer_requests = || {
             if last.elapsed() >= ANSWER_EVERY {
                 // Inside a decode ggml's other threads wait meanwhile: a
                 // bounded run, however many requests are ready.
+                let started = Instant::now();
                 local.block_on(runtime, yield_rounds_within(ANSWER_BUDGET));
                 last = Instant::now();
+                answering.set(answering.get() + (last - started));
             }
         };
         while local.block_on(runtime, self.next_turn(stop)) {
-            self.turn(&mut answer_requests);
+            self.turn(&mut answer_requests, &answering);
         }
         self.assert_owner_thread();
         self.slots.cancel_all(&mut self.ctx);
@@ -236,7 +241,7 @@ impl Engine {
 
     /// One turn of work: reap, assign, background work within its share,
     /// steering, one decode step.
-    fn turn(&mut self, answer_requests: &mut dyn FnMut()) {
+    fn turn(&mut self, answer_requests: &mut dyn FnMut(), answering: &Cell<Duration>) {
         self.assert_owner_thread();
         let now = Instant::now();
         self.slots.reap_cancelled(&mut self.ctx);
@@ -257,7 +262,7 @@ impl Engine {
             self.steering.apply(source());
         }
         let llama = (&mut self.ctx, self.ptrs.map(|p| p.ctx), self.model);
-        let report = self.step.run(now, &mut self.slots, llama, self.n_ctx_seq, answer_requests);
+        let report = self.step.run(now, &mut self.slots, llama, self.n_ctx_seq, (answer_requests, answering));
         self.tokens_generated += report.tokens as u64;
         if report.rows > 0 {
             self.worked_since_trim = true;

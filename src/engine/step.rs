@@ -61,15 +61,16 @@ impl DecodeStep {
     }
 
     /// Build the step's batch, decode it (with `between` run between its
-    /// graph nodes, when the context's pointer is known), and sample every
-    /// slot that now has logits to sample from.
+    /// graph nodes, when the context's pointer is known; `answering` is the
+    /// time it has spent running tasks), and sample every slot that now has
+    /// logits to sample from.
     pub fn run(
         &mut self,
         now: Instant,
         slots: &mut SlotTable,
         llama: (&mut LlamaContext<'static>, Option<NonNull<ffi::llama_context>>, &'static LlamaModel),
         n_ctx_seq: usize,
-        between: &mut dyn FnMut(),
+        (between, answering): (&mut dyn FnMut(), &std::cell::Cell<std::time::Duration>),
     ) -> StepReport {
         let (ctx, ctx_ptr, model) = llama;
         self.batch.clear();
@@ -164,16 +165,11 @@ impl DecodeStep {
         }
         let started = Instant::now();
         let batch = &mut self.batch;
-        // Time spent answering requests inside the step is not the step's
-        // cost: the planner learns compute only.
-        let mut answering = std::time::Duration::ZERO;
-        let mut timed = || {
-            let at = Instant::now();
-            between();
-            answering += at.elapsed();
-        };
+        // Time spent answering requests inside the step (`between` adds it
+        // to `answering`) is not the step's cost: the planner learns compute.
+        let answered_before = answering.get();
         let decoded = match ctx_ptr {
-            Some(ptr) => sys::decode_between_nodes(ptr, &mut timed, || ctx.decode(batch)),
+            Some(ptr) => sys::decode_between_nodes(ptr, between, || ctx.decode(batch)),
             None => ctx.decode(batch),
         };
         if let Err(e) = decoded {
@@ -181,7 +177,7 @@ impl DecodeStep {
             slots.fail_running(&e.to_string(), ctx);
             return StepReport { rows, elapsed_ms: f64::NAN, tokens: 0 };
         }
-        let elapsed_ms = started.elapsed().saturating_sub(answering).as_secs_f64() * 1000.0;
+        let elapsed_ms = started.elapsed().saturating_sub(answering.get() - answered_before).as_secs_f64() * 1000.0;
         tracing::trace!(rows, prompt_rows, elapsed_ms, ?mode, drafting, "decode step");
         // Steps where every row has logits (decoding and drafts) cost more
         // per row than prompt chunks: they are learned apart.

@@ -315,7 +315,6 @@ async fn chat_completions(State(inference): State<Arc<Inference>>, body: Bytes) 
                     }).collect();
                     yield event(&chunk(json!({"tool_calls": deltas}), Value::Null, Value::Null));
                 }
-                let logprobs = if logprobs.is_null() { Value::Null } else { logprobs };
                 let mut last = chunk(json!({}), json!(finish), logprobs);
                 last["timings"] = result.get("timings").cloned().unwrap_or_default();
                 last["emotional_state"] = result.get("emotional_state").cloned().unwrap_or_default();
