@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::emotion::EmotionParams;
-use crate::engine::{EngineSettings, KvType, Speculation, SteeringSettings};
+use crate::engine::{EngineSettings, GpuLayers, KvType, Speculation, SteeringSettings};
 use crate::prompt::ChatFormat;
 
 use env::apply_env;
@@ -155,8 +155,10 @@ pub struct ModelConfig {
     pub path: String,
     /// Tokens of context each generation may use (prompt + reply).
     pub context_length: u32,
-    /// Layers offloaded to the GPU (needs the `cuda` build); 0 = CPU only.
-    pub gpu_layers: u32,
+    /// Layers offloaded to the GPU (a `cuda` or `vulkan` build) or to
+    /// `rpc_servers`: a count (0: CPU only), `auto` (all that fit in free
+    /// device memory; none without a GPU) or `all`.
+    pub gpu_layers: GpuLayers,
     /// llama.cpp compute threads; 0 = one per available core.
     pub n_threads: u32,
     pub temperature: f64,
@@ -208,7 +210,7 @@ impl Default for ModelConfig {
         ModelConfig {
             path: String::new(),
             context_length: 4096,
-            gpu_layers: 0,
+            gpu_layers: GpuLayers::Auto,
             n_threads: 0,
             temperature: 0.7,
             top_p: 0.9,
@@ -340,8 +342,8 @@ impl Config {
         if m.n_threads > 512 {
             return bad(format!("model.n_threads = {} is out of range: expected 0 (auto) to 512", m.n_threads));
         }
-        if m.gpu_layers > 100_000 {
-            return bad(format!("model.gpu_layers = {} is out of range: expected 0 to 100000", m.gpu_layers));
+        if let Some(GpuLayers::Count(n)) = m.gpu_layers.filter(|n| n > 100_000 && n != u32::MAX) {
+            return bad(format!("model.gpu_layers = {n} is out of range: expected 0 to 100000, \"auto\" or \"all\""));
         }
         let in_range = |key: &str, v: f64, lo: f64, hi: f64| -> Result<(), ConfigError> {
             if v.is_finite() && (lo..=hi).contains(&v) {
@@ -618,10 +620,11 @@ mod tests {
     fn the_predecessors_documented_values_are_accepted() {
         let f = write_config("[model]\nhardware_backend = \"ROCm\"\ngpu_layers = 20\nchat_format = \"llama-2\"\n");
         let (c, warnings) = Config::load_with_env(Some(&f.0), &[]).unwrap();
-        assert_eq!(c.model.gpu_layers, 0);
+        let rocm_layers = if cfg!(feature = "vulkan") { 20 } else { 0 };
+        assert_eq!(c.model.gpu_layers, GpuLayers::Count(rocm_layers), "AMD cards go through the Vulkan build");
         assert_eq!(c.engine_settings().chat_format, ChatFormat::Llama2);
         assert_eq!(warnings.len(), 1, "{warnings:?}");
-        assert!(warnings[0].contains("hardware_backend = \"rocm\"") && warnings[0].contains("CPU"), "{warnings:?}");
+        assert!(warnings[0].contains("hardware_backend = \"rocm\""), "{warnings:?}");
         for (format, expected) in [("alpaca", ChatFormat::Alpaca), ("vicuna", ChatFormat::Vicuna), ("zephyr", ChatFormat::Zephyr)] {
             let (c, w) = Config::load_with_env(None, &env(&[("ELPIS_MODEL_CHAT_FORMAT", format)])).unwrap();
             assert_eq!((c.engine_settings().chat_format, w.len()), (expected, 0));
@@ -630,8 +633,14 @@ mod tests {
         assert_eq!(c.engine_settings().chat_format, ChatFormat::Auto);
         assert!(w[0].contains("saiga") && w[0].contains("auto"), "{w:?}");
         let (c, w) = Config::load_with_env(None, &env(&[("ELPIS_MODEL_HARDWARE_BACKEND", "cpu"), ("ELPIS_MODEL_GPU_LAYERS", "99")])).unwrap();
-        assert_eq!(c.model.gpu_layers, 0);
+        assert_eq!(c.model.gpu_layers, GpuLayers::Count(0));
         assert!(w[0].contains("gpu_layers = 99"), "{w:?}");
+        for (raw, expected) in [("auto", GpuLayers::Auto), ("35", GpuLayers::Count(35)), ("all", GpuLayers::Count(u32::MAX))] {
+            let (c, _) = Config::load_with_env(None, &env(&[("ELPIS_MODEL_GPU_LAYERS", raw)])).unwrap();
+            assert_eq!(c.model.gpu_layers, expected);
+        }
+        assert!(Config::load_with_env(None, &env(&[("ELPIS_MODEL_GPU_LAYERS", "lots")])).is_err());
+        assert!(Config::load_with_env(None, &env(&[("ELPIS_MODEL_GPU_LAYERS", "200000")])).is_err());
     }
 
     #[test]

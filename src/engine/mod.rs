@@ -22,12 +22,14 @@
 //! - `steering`, `vectors`, `sys`: emotion steering with control vectors,
 //!   their files, and the raw llama.cpp calls (the one file that calls C directly);
 //!   `rpc`: layers on other hosts' workers (ggml RPC), probed before use;
+//!   `gpu`: layers on the GPU (how many fit, which devices);
 //! - `text`: detokenisation; `probes`: what the person's commands measure;
 //!   `raw`: the benchmark's bare llama-cpp-2 loop;
 //! - `request`, `handle`: the plain data the server sends and receives, and
 //!   the `Send` handle.
 
 mod admission;
+mod gpu;
 mod handle;
 mod identity;
 mod job;
@@ -48,6 +50,7 @@ mod sys;
 mod text;
 mod vectors;
 
+pub use gpu::{GpuDevice, GpuInfo, GpuLayers};
 pub use handle::{EngineHandle, EngineLoad, Generation, SlotReport, SteeringSource};
 pub use model::{route_llama_logs, EngineSettings, KvType, ModelInfo};
 pub use prompt_cache::CacheReport;

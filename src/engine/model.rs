@@ -8,13 +8,13 @@ use std::path::{Path, PathBuf};
 use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
-use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use serde::Serialize;
 
 use crate::prompt::{ChatFormat, NativeToolFormat, Renderer, TemplateTexts};
 
+use super::gpu::{GpuInfo, GpuLayers};
 use super::planner::{MAX_BATCH, MAX_UBATCH};
 use super::request::EngineError;
 use super::speculative::Speculation;
@@ -25,7 +25,8 @@ use super::steering::SteeringSettings;
 pub struct EngineSettings {
     pub model_path: PathBuf,
     pub context_length: u32,
-    pub gpu_layers: u32,
+    /// Layers on the GPU (or RPC workers): a count, or all that fit.
+    pub gpu_layers: GpuLayers,
     /// 0 = one per available core.
     pub n_threads: u32,
     pub chat_format: ChatFormat,
@@ -76,6 +77,15 @@ impl KvType {
         }
     }
 
+    /// Bytes one cached value takes (quantized blocks included).
+    pub fn bytes_per_element(self) -> f64 {
+        match self {
+            KvType::F16 => 2.0,
+            KvType::Q8_0 => 34.0 / 32.0,
+            KvType::Q4_0 => 18.0 / 32.0,
+        }
+    }
+
     fn ggml(self) -> KvCacheType {
         match self {
             KvType::F16 => KvCacheType::F16,
@@ -105,8 +115,11 @@ pub struct ModelInfo {
     #[serde(skip)]
     pub native_tools: Option<NativeToolFormat>,
     pub threads: u32,
+    /// Layers on the GPU or RPC workers (`gpu.offloaded_layers`).
     pub gpu_layers: u32,
     pub gpu_offload_supported: bool,
+    /// The devices and the layers on them.
+    pub gpu: GpuInfo,
     /// The CPU features ggml was built with and uses here (AVX2, AVX512...).
     pub cpu_features: Vec<String>,
     pub slots: u32,
@@ -206,6 +219,9 @@ pub(super) struct Loaded {
     /// The model uses sliding-window attention and its caches are not
     /// full-size: then a cached prefix cannot be partially kept.
     pub swa_limited: bool,
+    /// Every layer runs on the CPU backend: requests can be answered
+    /// between a step's graph nodes.
+    pub interleaved: bool,
 }
 
 /// Load the model and create its context (one KV sequence per slot).
@@ -215,36 +231,18 @@ pub(super) fn load(settings: &EngineSettings) -> Result<Loaded, EngineError> {
     super::rpc::attach(&settings.rpc_servers, settings.gpu_layers)?;
     // Somewhere to put layers: a GPU here, or RPC workers (a build with the
     // RPC backend "supports offload" even with neither).
-    let gpu_offload_supported = backend.supports_gpu_offload()
-        && llama_cpp_2::list_llama_ggml_backend_devices().iter().any(|d| d.backend != "CPU");
-    let model_params = LlamaModelParams::default().with_n_gpu_layers(settings.gpu_layers);
-    let model = LlamaModel::load_from_file(backend, &settings.model_path, &model_params)
+    let gpu_offload_supported = backend.supports_gpu_offload() && !super::gpu::devices().is_empty();
+    let threads = threads(settings.n_threads);
+    let parallel = settings.parallel.max(1);
+    let n_ctx = settings.context_length.saturating_mul(parallel);
+    let ctx_params = || context_params(settings, n_ctx, parallel, threads);
+    let offload = super::gpu::plan(settings.gpu_layers, &settings.model_path, &ctx_params, settings.kv_cache_type.bytes_per_element(), backend)?;
+    let model = LlamaModel::load_from_file(backend, &settings.model_path, &offload.params)
         .map_err(|_| EngineError::ModelLoad(settings.model_path.clone()))?;
     // The model lives as long as the process: leaking it lets the context
     // borrow it for 'static.
     let model: &'static LlamaModel = Box::leak(Box::new(model));
-
-    let threads = threads(settings.n_threads);
-    let parallel = settings.parallel.max(1);
-    let n_ctx = settings.context_length.saturating_mul(parallel);
-    let ctx_params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(n_ctx))
-        .with_n_batch(MAX_BATCH as u32)
-        .with_n_ubatch(MAX_UBATCH as u32)
-        .with_n_seq_max(parallel)
-        .with_kv_unified(true)
-        .with_swa_full(settings.swa_full)
-        .with_type_k(settings.kv_cache_type.ggml())
-        .with_type_v(settings.kv_cache_type.ggml())
-        .with_n_threads(threads as i32)
-        .with_n_threads_batch(threads as i32);
-    // A quantized V cache needs flash attention (llama.cpp refuses it otherwise).
-    let ctx_params = if settings.kv_cache_type == KvType::F16 {
-        ctx_params
-    } else {
-        ctx_params.with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED)
-    };
-    let ctx = model.new_context(backend, ctx_params).map_err(|_| EngineError::Context(n_ctx))?;
+    let ctx = model.new_context(backend, ctx_params()).map_err(|_| EngineError::Context(n_ctx))?;
     let n_ctx_seq = (ctx.n_ctx() / parallel) as usize;
 
     let architecture = model.meta_val_str("general.architecture").unwrap_or_default();
@@ -255,6 +253,7 @@ pub(super) fn load(settings: &EngineSettings) -> Result<Loaded, EngineError> {
         .and_then(|v| v.trim().parse::<u32>().ok())
         .unwrap_or(0);
     let texts = template_texts(model);
+    let gpu = super::gpu::info(offload.n_gpu_layers, model.n_layer());
     let renderer = Renderer::new(settings.chat_format, &texts, &architecture).map_err(EngineError::Template)?;
     let info = ModelInfo {
         model_path: settings.model_path.display().to_string(),
@@ -269,8 +268,9 @@ pub(super) fn load(settings: &EngineSettings) -> Result<Loaded, EngineError> {
         has_chat_template: texts.chat.is_some(),
         native_tools: renderer.native_tools(),
         threads,
-        gpu_layers: settings.gpu_layers,
+        gpu_layers: gpu.offloaded_layers,
         gpu_offload_supported,
+        gpu,
         cpu_features: cpu_features(&super::sys::system_info()),
         slots: parallel,
         max_step_ms: settings.max_step_ms,
@@ -279,7 +279,29 @@ pub(super) fn load(settings: &EngineSettings) -> Result<Loaded, EngineError> {
         speculative: if sliding_window > 0 && !settings.swa_full { Speculation::Off } else { settings.speculative },
     };
     tracing::info!(?info, "model loaded");
-    Ok(Loaded { model, ctx, renderer, info, n_ctx_seq, swa_limited: sliding_window > 0 && !settings.swa_full })
+    let interleaved = offload.interleaved() && settings.rpc_servers.is_empty();
+    Ok(Loaded { model, ctx, renderer, info, n_ctx_seq, swa_limited: sliding_window > 0 && !settings.swa_full, interleaved })
+}
+
+/// The context's parameters: one KV sequence per slot in one unified cache.
+fn context_params(settings: &EngineSettings, n_ctx: u32, parallel: u32, threads: u32) -> LlamaContextParams {
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(n_ctx))
+        .with_n_batch(MAX_BATCH as u32)
+        .with_n_ubatch(MAX_UBATCH as u32)
+        .with_n_seq_max(parallel)
+        .with_kv_unified(true)
+        .with_swa_full(settings.swa_full)
+        .with_type_k(settings.kv_cache_type.ggml())
+        .with_type_v(settings.kv_cache_type.ggml())
+        .with_n_threads(threads as i32)
+        .with_n_threads_batch(threads as i32);
+    // A quantized V cache needs flash attention (llama.cpp refuses it otherwise).
+    if settings.kv_cache_type == KvType::F16 {
+        params
+    } else {
+        params.with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED)
+    }
 }
 
 /// What the GGUF says about its prompts: its templates and the text of its

@@ -86,6 +86,20 @@ const ATTENTION_INTERVALS: f64 = 4.0;
 /// Before its first poll a stream counts as attended this long.
 const FIRST_POLL_GRACE_S: f64 = 1.0;
 
+/// Microseconds this process spent in decode steps during which no request
+/// could be answered (a device backend answers only between steps): time
+/// in which no client could have been heard, so no stream's silence.
+static DEAF_US: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A step during which nothing was answered took `elapsed`.
+pub(super) fn add_deaf_time(elapsed: std::time::Duration) {
+    DEAF_US.fetch_add(elapsed.as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn deaf_s() -> f64 {
+    DEAF_US.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6
+}
+
 /// How recently a client read a stream, shared by the stream registry
 /// (which touches it on every poll) and the scheduler (which lets work a
 /// client is waiting on right now go before a stream nobody reads).
@@ -95,13 +109,15 @@ pub struct Interest(Arc<Mutex<InterestState>>);
 #[derive(Debug)]
 struct InterestState {
     last: Instant,
+    /// [`DEAF_US`] at `last`, in seconds.
+    deaf_at_last: f64,
     /// Moving average of the time between polls, once there was one.
     interval_s: Option<f64>,
 }
 
 impl Interest {
     pub fn new(now: Instant) -> Self {
-        Interest(Arc::new(Mutex::new(InterestState { last: now, interval_s: None })))
+        Interest(Arc::new(Mutex::new(InterestState { last: now, deaf_at_last: deaf_s(), interval_s: None })))
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, InterestState> {
@@ -111,29 +127,38 @@ impl Interest {
     /// A poll at `now`.
     pub fn touch(&self, now: Instant) {
         let mut s = self.state();
-        let gap = now.saturating_duration_since(s.last).as_secs_f64();
+        let gap = s.heard_s(now);
         s.interval_s = Some(match s.interval_s {
             Some(avg) => 0.7 * avg + 0.3 * gap,
             None => gap,
         });
         s.last = now;
+        s.deaf_at_last = deaf_s();
     }
 
-    /// Seconds since the last poll (or the start).
+    /// Seconds since the last poll (or the start) in which the server could
+    /// have heard one.
     pub fn idle_s(&self, now: Instant) -> f64 {
-        now.saturating_duration_since(self.state().last).as_secs_f64()
+        self.state().heard_s(now)
     }
 
     /// Whether the reader is still there: it polled within a few of its own
     /// intervals (at least [`MIN_ATTENTION_S`]).
     pub fn attended(&self, now: Instant) -> bool {
         let s = self.state();
-        let idle = now.saturating_duration_since(s.last).as_secs_f64();
+        let idle = s.heard_s(now);
         let patience = match s.interval_s {
             Some(interval) => (ATTENTION_INTERVALS * interval).max(MIN_ATTENTION_S),
             None => FIRST_POLL_GRACE_S,
         };
         idle <= patience
+    }
+}
+
+impl InterestState {
+    /// Seconds since `last` less the time nothing could be heard.
+    fn heard_s(&self, now: Instant) -> f64 {
+        (now.saturating_duration_since(self.last).as_secs_f64() - (deaf_s() - self.deaf_at_last)).max(0.0)
     }
 }
 
@@ -268,5 +293,8 @@ pub enum EngineError {
     /// An RPC worker (`model.rpc_servers`) that cannot be used.
     #[error("{0}")]
     Rpc(String),
+    /// Layers that cannot go to the GPU as configured (`model.gpu_layers`).
+    #[error("{0}")]
+    Offload(String),
 }
 

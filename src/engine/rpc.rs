@@ -16,6 +16,7 @@
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
+use super::gpu::GpuLayers;
 use super::request::EngineError;
 use super::sys;
 
@@ -24,7 +25,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Probe every worker, then register them all with ggml. Called once,
 /// before the model loads.
-pub(super) fn attach(workers: &[String], gpu_layers: u32) -> Result<(), EngineError> {
+pub(super) fn attach(workers: &[String], gpu_layers: GpuLayers) -> Result<(), EngineError> {
     if workers.is_empty() {
         return Ok(());
     }
@@ -49,10 +50,10 @@ pub(super) fn attach(workers: &[String], gpu_layers: u32) -> Result<(), EngineEr
             return Err(EngineError::Rpc(format!("the RPC worker at {worker} offers no device")));
         }
     }
-    if gpu_layers == 0 {
+    if matches!(gpu_layers, GpuLayers::Count(0) | GpuLayers::Auto) {
         tracing::warn!(
-            "model.rpc_servers is set but model.gpu_layers = 0: every layer stays here; \
-             set model.gpu_layers (999: all) to put layers on the workers"
+            "model.rpc_servers is set but model.gpu_layers = {gpu_layers} (auto fits layers on GPUs only): every \
+             layer stays here; set model.gpu_layers to a count (999: all) to put layers on the workers"
         );
     }
     Ok(())

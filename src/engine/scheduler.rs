@@ -125,7 +125,7 @@ impl Engine {
                 loaded.info.speculative != Speculation::Off,
             ),
             slots: SlotTable::new(parallel, Arc::clone(&waiting), loaded.swa_limited),
-            step: DecodeStep::new(parallel, StepPlanner::new(settings.max_step_ms, ptrs.is_ok()), loaded.info.speculative),
+            step: DecodeStep::new(parallel, StepPlanner::new(settings.max_step_ms, ptrs.is_ok() && loaded.interleaved), loaded.info.speculative),
             n_ctx_seq: loaded.n_ctx_seq,
             commands: rx,
             worked_since_trim: false,

@@ -391,6 +391,7 @@ impl Inference {
             "threads": info.threads,
             "gpu_layers": info.gpu_layers,
             "gpu_offload_supported": info.gpu_offload_supported,
+            "gpu": info.gpu,
             "cpu_features": info.cpu_features,
             "slots": info.slots,
             "max_step_ms": info.max_step_ms,
