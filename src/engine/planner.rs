@@ -25,7 +25,10 @@
 //!   millisecond). Requests are answered in the middle of such a step
 //!   (between its graph nodes), so a long step costs nobody an answer.
 //!   Where they cannot be (a device backend without ggml's abort
-//!   callback), steps stay near `max_step_ms`.
+//!   callback), they wait one step: a device reads a whole chunk in about
+//!   the time of one row. Beside decoding rows there, the chunk is also
+//!   kept near `max_step_ms` (or near a decode step, where that alone is
+//!   longer), so the streams' tokens and the answers keep their pace.
 
 /// Most prompt rows one step may decode (llama.cpp computes them at once:
 /// the context's micro-batch).
@@ -68,7 +71,7 @@ pub(super) struct StepPlanner {
     /// pays for laying out its graph.
     seen: Vec<(u32, u32)>,
     /// Requests are answered between a step's graph nodes (else a long step
-    /// holds them up, and throughput steps stay near `max_step_ms`).
+    /// holds them up: chunks beside decoding rows stay near `max_step_ms`).
     interleaved: bool,
 }
 
@@ -81,6 +84,11 @@ impl StepPlanner {
             seen: vec![(0, 0); MAX_BATCH + 1],
             interleaved,
         }
+    }
+
+    /// Requests are answered inside steps (every layer on the CPU).
+    pub fn interleaved(&self) -> bool {
+        self.interleaved
     }
 
     /// A step of `rows` rows took `elapsed_ms`; `all_logits`: every row had
@@ -178,17 +186,21 @@ impl StepPlanner {
             return 0;
         }
         let rows = match mode {
-            Mode::Cadence => self.efficient_chunk(generating, room),
-            // Requests are answered inside the step: the whole chunk, the
-            // most rows per millisecond, however slow the machine is now.
-            Mode::Throughput if self.interleaved => room,
-            Mode::Throughput => {
-                // Nothing is answered inside a step: keep it near
-                // max_step_ms. Before anything was seen, the full chunk
-                // (one step tells).
-                let fits = |rows: usize| self.predict(generating + rows).is_none_or(|ms| ms <= self.max_step_ms);
-                (1..=room).rev().find(|&rows| fits(rows)).unwrap_or(1)
+            Mode::Cadence if self.interleaved => self.efficient_chunk(generating, room),
+            // On a device nothing is answered inside a step: the efficient
+            // chunk, shrunk to keep the step near max_step_ms (or near a
+            // decode step, where that alone is longer).
+            Mode::Cadence => {
+                let bound = self.predict_logits(generating.max(1)).map_or(self.max_step_ms, |ms| ms.max(self.max_step_ms));
+                let fits = |rows: usize| self.predict(generating + rows).is_none_or(|ms| ms <= bound);
+                (1..=self.efficient_chunk(generating, room)).rev().find(|&rows| fits(rows)).unwrap_or(1)
             }
+            // Nobody reads a token of this step: the whole chunk, the most
+            // rows per millisecond, however slow the machine is now. On
+            // the CPU requests are answered inside the step; on a device
+            // they wait for its end, one step (a device reads a chunk
+            // nearly as fast as one row, and a slow one gains the most).
+            Mode::Throughput => room,
         };
         rows.clamp(1, room).min(waiting)
     }
@@ -314,12 +326,34 @@ mod tests {
         let loaded: Vec<(usize, f64)> = QWEN.iter().map(|&(r, ms)| (r, ms * 3.0)).collect();
         let p = planner(&loaded, 50);
         assert_eq!(p.prompt_rows(Mode::Throughput, 0, 1000), MAX_CHUNK);
-        // Without answers inside a step, steps stay near max_step_ms.
+        // Without answers inside a step (a device) too: one step's wait.
         let mut p = planner(&QWEN, 100);
         p.interleaved = false;
-        assert_eq!(p.prompt_rows(Mode::Throughput, 0, 1000), 10, "8 rows 87 ms, 16 rows 130: about 98 ms for 10");
+        assert_eq!(p.prompt_rows(Mode::Throughput, 0, 1000), MAX_CHUNK);
         // Nothing learned yet: the full chunk (one step tells).
         let p = StepPlanner::new(50, true);
         assert_eq!((p.prompt_rows(Mode::Cadence, 1, 1000), p.prompt_rows(Mode::Throughput, 0, 1000)), (MAX_CHUNK, MAX_CHUNK));
+    }
+
+    #[test]
+    fn on_a_device_a_chunk_beside_decodes_keeps_the_step_near_max_step_ms() {
+        // A GPU: rows nearly free; the whole efficient chunk fits.
+        let flat: Vec<(usize, f64)> = [1, 2, 4, 16, 64, 128].iter().map(|&r| (r, 8.0 + r as f64 * 0.02)).collect();
+        let mut p = planner(&flat, 50);
+        p.interleaved = false;
+        assert!(p.prompt_rows(Mode::Cadence, 1, 500) >= 64);
+        // This CPU's curve without answers inside steps: the chunk shrinks
+        // to about max_step_ms (the decode step alone costs 37 ms).
+        let mut p = planner(&QWEN, 50);
+        let inside = p.prompt_rows(Mode::Cadence, 1, 500);
+        p.interleaved = false;
+        let rows = p.prompt_rows(Mode::Cadence, 1, 500);
+        assert!(rows < inside && p.predict(1 + rows).unwrap() <= 50.0, "{rows} rows, {inside} inside");
+        // Slow steps (lavapipe): a decode step alone is 900 ms; chunks stay near it.
+        let slow: Vec<(usize, f64)> = QWEN.iter().map(|&(r, ms)| (r, ms * 25.0)).collect();
+        let mut p = planner(&slow, 50);
+        p.interleaved = false;
+        let rows = p.prompt_rows(Mode::Cadence, 1, 500);
+        assert!(rows >= 1 && p.predict(1 + rows).unwrap() <= 25.0 * 41.0 + 1e-9, "{rows}");
     }
 }

@@ -177,7 +177,14 @@ impl DecodeStep {
             slots.fail_running(&e.to_string(), ctx);
             return StepReport { rows, elapsed_ms: f64::NAN, tokens: 0 };
         }
-        let elapsed_ms = started.elapsed().saturating_sub(answering.get() - answered_before).as_secs_f64() * 1000.0;
+        // A device backend returns from decode once the graph is queued:
+        // the step's cost is the wait for its results (on the CPU, nothing).
+        ctx.synchronize();
+        let elapsed = started.elapsed().saturating_sub(answering.get() - answered_before);
+        if !self.planner.interleaved() {
+            super::request::add_deaf_time(elapsed);
+        }
+        let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
         tracing::trace!(rows, prompt_rows, elapsed_ms, ?mode, drafting, "decode step");
         // Steps where every row has logits (decoding and drafts) cost more
         // per row than prompt chunks: they are learned apart.
