@@ -75,6 +75,12 @@ pub enum Command {
         /// A quick call slower than this many seconds counts as a stall.
         #[arg(long, default_value_t = 5.0)]
         stall_s: f64,
+        /// Cap every generation's max_tokens (short replies on a slow device).
+        #[arg(long)]
+        max_tokens: Option<u64>,
+        /// Cut every message's text to this many characters (short prompts on a slow device).
+        #[arg(long)]
+        clip_chars: Option<usize>,
         /// Print the reports as JSON lines.
         #[arg(long)]
         json: bool,
@@ -150,8 +156,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Some(Command::Vectors) => steering::vectors(&config),
         Some(Command::SteeringCheck) => steering::check(&config),
-        Some(Command::Replay { files, speed, stall_s, json }) => {
-            local.block_on(&runtime, reports::replay_files(&files, speed, stall_s, json))
+        Some(Command::Replay { files, speed, stall_s, max_tokens, clip_chars, json }) => {
+            local.block_on(&runtime, reports::replay_files(&files, speed, stall_s, (max_tokens, clip_chars), json))
         }
         Some(Command::Soak { seconds, seed }) => local.block_on(&runtime, reports::soak(seconds, seed)),
         Some(Command::Bench { runs, out }) => local.block_on(&runtime, reports::bench(&config, runs, out)),

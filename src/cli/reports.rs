@@ -9,13 +9,21 @@ use crate::session::parse_session;
 
 /// `elpis-server replay FILE...`: play each session against a fresh server
 /// (this same binary), print a report per session; fail if any broke a rule.
-pub async fn replay_files(files: &[PathBuf], speed: f64, stall_s: f64, as_json: bool) -> anyhow::Result<()> {
+pub async fn replay_files(
+    files: &[PathBuf],
+    speed: f64,
+    stall_s: f64,
+    (max_tokens, clip_chars): (Option<u64>, Option<usize>),
+    as_json: bool,
+) -> anyhow::Result<()> {
     let options = replay::ReplayOptions {
         binary: std::env::current_exe()?,
         env: Vec::new(),
         speed,
         stall: std::time::Duration::from_secs_f64(stall_s.max(0.001)),
         stderr_to: None,
+        max_tokens,
+        clip_chars,
     };
     let mut failed = 0;
     for file in files {

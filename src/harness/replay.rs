@@ -77,6 +77,8 @@ struct Replay {
     violations: Vec<String>,
     speed: f64,
     stall: Duration,
+    max_tokens: Option<u64>,
+    clip_chars: Option<usize>,
     closed: bool,
     /// The session itself closed stdin (Psyche exiting), perhaps mid-stream.
     closed_by_session: bool,
@@ -93,6 +95,12 @@ pub struct ReplayOptions {
     /// A quick call slower than this is a violation.
     pub stall: Duration,
     pub stderr_to: Option<PathBuf>,
+    /// Cap every generation's `max_tokens` (a slow device: the session's
+    /// shape with short replies).
+    pub max_tokens: Option<u64>,
+    /// Cut every message's text to this many characters (a slow device:
+    /// the session's shape with short prompts).
+    pub clip_chars: Option<usize>,
 }
 
 /// Play `steps` against a fresh server and check the rules.
@@ -114,6 +122,8 @@ pub async fn replay(name: &str, steps: &[Step], options: &ReplayOptions) -> Repo
         violations: Vec::new(),
         speed: options.speed.max(0.001),
         stall: options.stall,
+        max_tokens: options.max_tokens,
+        clip_chars: options.clip_chars,
         closed: false,
         closed_by_session: false,
         next_id: 9_000_000,
@@ -157,7 +167,17 @@ pub async fn replay(name: &str, steps: &[Step], options: &ReplayOptions) -> Repo
 
 impl Replay {
     async fn send(&mut self, msg: &Value) -> Result<(), String> {
-        let msg = self.rewrite_stream_ids(msg.clone()).await?;
+        let mut msg = self.rewrite_stream_ids(msg.clone()).await?;
+        if let (Some(cap), Some(n)) = (self.max_tokens, msg["params"]["arguments"]["max_tokens"].as_u64()) {
+            msg["params"]["arguments"]["max_tokens"] = n.min(cap).into();
+        }
+        if let (Some(cap), Some(messages)) = (self.clip_chars, msg["params"]["arguments"]["messages"].as_array_mut()) {
+            for m in messages {
+                if let Some(text) = m["content"].as_str() {
+                    m["content"] = text.chars().take(cap).collect::<String>().into();
+                }
+            }
+        }
         let rx = self.client.lock().await.send(&msg).await.map_err(|e| format!("send failed: {e}"))?;
         if let Some(rx) = rx {
             let method = msg["method"].as_str().unwrap_or("").to_string();
