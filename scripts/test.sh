@@ -61,3 +61,17 @@ if [ ! -x "$inspector/node_modules/.bin/mcp-inspector" ]; then
 fi
 python3 scripts/inspector-check.py "$inspector/node_modules/.bin/mcp-inspector" target/release/elpis-server
 python3 scripts/inspector-check.py "$inspector/node_modules/.bin/mcp-inspector" target/release/elpis-server --http
+
+# The GPU path on a real device backend: the Vulkan build set up from the
+# registries and built, every layer offloaded to Mesa's lavapipe (a Vulkan
+# device on the CPU): the layers and device reported, the errors for counts
+# that do not fit (tests/gpu.rs; its decoding tests run by hand, since
+# lavapipe 22.3 crashes at random inside its own queue thread).
+# ELPIS_GPU_TESTS=off skips it (it builds llama.cpp a second time, with
+# ggml-vulkan's shaders: about 13 minutes here).
+if [ "${ELPIS_GPU_TESTS:-vulkan}" = vulkan ]; then
+    bash scripts/setup.sh --gpu vulkan
+    cargo test --release --features vulkan --test gpu -- --test-threads=1
+    # The default (CPU) binary back in place for whoever runs it next.
+    cargo build --release --bin elpis-server
+fi
