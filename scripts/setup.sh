@@ -70,7 +70,7 @@ if [ "$gpu" = vulkan ]; then
     # ggml-vulkan needs Vulkan-Hpp 1.4 (vk::LayerSettingEXT); Debian 12 has
     # 1.3.239. Debian 13's headers, and nothing else of it, go to
     # /usr/local/include, which the compiler reads before /usr/include.
-    have="$(sed -n 's/^#define VK_HEADER_VERSION \([0-9]*\).*/\1/p' /usr/local/include/vulkan/vulkan_core.h /usr/include/vulkan/vulkan_core.h 2>/dev/null | sort -n | tail -1)"
+    have="$(sed -n 's/^#define VK_HEADER_VERSION \([0-9]*\).*/\1/p' /usr/local/include/vulkan/vulkan_core.h /usr/include/vulkan/vulkan_core.h 2>/dev/null | sort -n | tail -1 || true)"
     if [ "${have:-0}" -lt 300 ]; then
         log "fetching Vulkan 1.4 headers (Debian 13's libvulkan-dev)"
         tmp="$(mktemp -d)"
