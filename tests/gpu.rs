@@ -19,7 +19,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{instruct_model_path, poll_stream, user, Server};
+use common::{instruct_model_path, poll_stream, top_two, user, Server, NEAR_TIE};
 use serde_json::{json, Value};
 
 /// What every server here runs with: SmolLM2 (the smallest test model),
@@ -52,28 +52,14 @@ fn greedy(server: &mut Server, text: &str, max_tokens: u32) -> Value {
         .ok()
 }
 
-/// Top-two log-probabilities closer than this are a near-tie: different
-/// kernels (or batched rows) may round the pick either way.
-const NEAR_TIE: f64 = 0.5;
-
 /// Two greedy replies agree token for token, but where the first reply's
 /// two best tokens were a near-tie (from there on they may part).
 fn agree_or_near_tie(a: &Value, b: &Value) {
-    let tokens = |out: &Value| -> Vec<(String, f64)> {
-        out["logprobs"]["content"]
-            .as_array()
-            .unwrap_or_else(|| panic!("no logprobs: {out}"))
-            .iter()
-            .map(|t| {
-                let top: Vec<f64> = t["top_logprobs"].as_array().unwrap().iter().map(|x| x["logprob"].as_f64().unwrap()).collect();
-                (t["token"].as_str().unwrap().to_string(), top[0] - top.get(1).copied().unwrap_or(f64::NEG_INFINITY))
-            })
-            .collect()
-    };
-    let (x, y) = (tokens(a), tokens(b));
+    let (x, y) = (top_two(a), top_two(b));
     if let Some(at) = x.iter().zip(&y).position(|(p, q)| p.0 != q.0) {
-        eprintln!("the replies part at token {at} ({:?} vs {:?}), top two {:.3} apart", x[at].0, y[at].0, x[at].1);
-        assert!(x[at].1 < NEAR_TIE, "the replies part at token {at} where the model was sure: {a}\n{b}");
+        let gap = x[at].1 - x[at].2;
+        eprintln!("the replies part at token {at} ({:?} vs {:?}), top two {gap:.3} apart", x[at].0, y[at].0);
+        assert!(gap < NEAR_TIE, "the replies part at token {at} where the model was sure: {a}\n{b}");
     } else {
         assert_eq!(a["content"], b["content"]);
     }

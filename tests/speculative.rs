@@ -13,9 +13,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{json, Value};
 
-/// Top-two log-probabilities closer than this are a near-tie: batched
-/// arithmetic may round the pick either way.
-const NEAR_TIE: f64 = 0.5;
 
 /// A code snippet to copy (the project's own text: stable, ~300 tokens).
 fn snippet() -> String {
@@ -46,18 +43,6 @@ fn assert_slots_accounted(s: &mut Server) {
     }
 }
 
-fn tokens(out: &Value) -> Vec<(String, f64, f64)> {
-    out["logprobs"]["content"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no logprobs: {out}"))
-        .iter()
-        .map(|t| {
-            let top: Vec<f64> = t["top_logprobs"].as_array().unwrap().iter().map(|x| x["logprob"].as_f64().unwrap()).collect();
-            (t["token"].as_str().unwrap().to_string(), top[0], top.get(1).copied().unwrap_or(f64::NEG_INFINITY))
-        })
-        .collect()
-}
-
 /// Greedy with drafts writes what greedy without them writes, but where the
 /// two best tokens were a near-tie (said when it happens). A predicted
 /// output that differs from the reply makes drafts fail: their cells go and
@@ -85,7 +70,7 @@ fn drafts_hold_or_fail_and_the_reply_is_the_one_without_them() {
         let (d, a) = (usage["draft_tokens"].as_u64().unwrap(), usage["accepted_tokens"].as_u64().unwrap());
         eprintln!("prediction {}: {d} draft tokens, {a} accepted, {} tokens", prediction.is_some(), usage["completion_tokens"]);
         assert!(d > 0 && a > 0 && a <= d, "{usage}");
-        let (x, y) = (tokens(&plain), tokens(&drafted));
+        let (x, y) = (top_two(&plain), top_two(&drafted));
         match x.iter().zip(&y).position(|(p, q)| p.0 != q.0) {
             None => assert_eq!(plain["content"], drafted["content"]),
             Some(at) => {

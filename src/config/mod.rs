@@ -342,7 +342,8 @@ impl Config {
         if m.n_threads > 512 {
             return bad(format!("model.n_threads = {} is out of range: expected 0 (auto) to 512", m.n_threads));
         }
-        if let Some(GpuLayers::Count(n)) = m.gpu_layers.filter(|n| n > 100_000 && n != u32::MAX) {
+        // u32::MAX is `all`.
+        if let GpuLayers::Count(n @ 100_001..=0xFFFF_FFFE) = m.gpu_layers {
             return bad(format!("model.gpu_layers = {n} is out of range: expected 0 to 100000, \"auto\" or \"all\""));
         }
         let in_range = |key: &str, v: f64, lo: f64, hi: f64| -> Result<(), ConfigError> {

@@ -7,8 +7,8 @@
 //! A count that cannot fit is a clear error naming the sizes and what would
 //! fit, never an allocation failure inside llama.cpp; `auto` takes fewer
 //! layers with a warning. ggml's device backends do not call the abort
-//! callback, so the scheduler learns here whether requests can be answered
-//! inside a step ([`Offload::interleaved`]).
+//! callback, so requests are answered inside a step only when
+//! [`GpuInfo::offloaded_layers`] is 0.
 
 use std::ffi::CString;
 use std::path::Path;
@@ -42,16 +42,6 @@ impl GpuLayers {
             "auto" => Some(GpuLayers::Auto),
             "all" | "-1" => Some(GpuLayers::Count(u32::MAX)),
             n => n.parse().ok().map(GpuLayers::Count),
-        }
-    }
-}
-
-impl GpuLayers {
-    /// The count, where it passes `keep`.
-    pub fn filter(self, keep: impl Fn(u32) -> bool) -> Option<GpuLayers> {
-        match self {
-            GpuLayers::Count(n) if keep(n) => Some(self),
-            _ => None,
         }
     }
 }
@@ -127,14 +117,6 @@ pub(super) struct Offload {
     pub n_gpu_layers: i32,
     /// The model's parameters (fitted ones under `auto`).
     pub params: std::pin::Pin<Box<LlamaModelParams>>,
-}
-
-impl Offload {
-    /// Whether requests can still be answered between a step's graph nodes:
-    /// only when every layer runs on the CPU backend.
-    pub fn interleaved(&self) -> bool {
-        self.n_gpu_layers == 0
-    }
 }
 
 /// The non-CPU devices ggml offers now (GPUs, RPC workers).

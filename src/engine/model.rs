@@ -219,9 +219,6 @@ pub(super) struct Loaded {
     /// The model uses sliding-window attention and its caches are not
     /// full-size: then a cached prefix cannot be partially kept.
     pub swa_limited: bool,
-    /// Every layer runs on the CPU backend: requests can be answered
-    /// between a step's graph nodes.
-    pub interleaved: bool,
 }
 
 /// Load the model and create its context (one KV sequence per slot).
@@ -229,9 +226,6 @@ pub(super) fn load(settings: &EngineSettings) -> Result<Loaded, EngineError> {
     check_model_file(&settings.model_path)?;
     let backend = backend()?;
     super::rpc::attach(&settings.rpc_servers, settings.gpu_layers)?;
-    // Somewhere to put layers: a GPU here, or RPC workers (a build with the
-    // RPC backend "supports offload" even with neither).
-    let gpu_offload_supported = backend.supports_gpu_offload() && !super::gpu::devices().is_empty();
     let threads = threads(settings.n_threads);
     let parallel = settings.parallel.max(1);
     let n_ctx = settings.context_length.saturating_mul(parallel);
@@ -269,7 +263,9 @@ pub(super) fn load(settings: &EngineSettings) -> Result<Loaded, EngineError> {
         native_tools: renderer.native_tools(),
         threads,
         gpu_layers: gpu.offloaded_layers,
-        gpu_offload_supported,
+        // Somewhere to put layers: a GPU here, or RPC workers (a build with
+        // the RPC backend "supports offload" even with neither).
+        gpu_offload_supported: backend.supports_gpu_offload() && !gpu.devices.is_empty(),
         gpu,
         cpu_features: cpu_features(&super::sys::system_info()),
         slots: parallel,
@@ -279,8 +275,7 @@ pub(super) fn load(settings: &EngineSettings) -> Result<Loaded, EngineError> {
         speculative: if sliding_window > 0 && !settings.swa_full { Speculation::Off } else { settings.speculative },
     };
     tracing::info!(?info, "model loaded");
-    let interleaved = offload.interleaved() && settings.rpc_servers.is_empty();
-    Ok(Loaded { model, ctx, renderer, info, n_ctx_seq, swa_limited: sliding_window > 0 && !settings.swa_full, interleaved })
+    Ok(Loaded { model, ctx, renderer, info, n_ctx_seq, swa_limited: sliding_window > 0 && !settings.swa_full })
 }
 
 /// The context's parameters: one KV sequence per slot in one unified cache.

@@ -409,6 +409,24 @@ pub fn poll_stream(server: &mut Server, stream_id: &str, interval: Duration) -> 
     }
 }
 
+/// Top-two log-probabilities closer than this are a near-tie: batched
+/// arithmetic, or another backend's kernels, may round the pick either way.
+pub const NEAR_TIE: f64 = 0.5;
+
+/// A reply's tokens (asked with `logprobs` and `top_logprobs` >= 2), each
+/// with its two best log-probabilities.
+pub fn top_two(out: &Value) -> Vec<(String, f64, f64)> {
+    out["logprobs"]["content"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no logprobs: {out}"))
+        .iter()
+        .map(|t| {
+            let top: Vec<f64> = t["top_logprobs"].as_array().unwrap().iter().map(|x| x["logprob"].as_f64().unwrap()).collect();
+            (t["token"].as_str().unwrap().to_string(), top[0], top.get(1).copied().unwrap_or(f64::NEG_INFINITY))
+        })
+        .collect()
+}
+
 /// p50 and p99 of durations in milliseconds.
 pub fn percentiles(mut ms: Vec<f64>) -> (f64, f64) {
     if ms.is_empty() {

@@ -1,3 +1,4 @@
+//! The build script (a build script speaks to cargo on stdout).
 //! Links what llama-cpp-sys-2's build script cannot: with `--features
 //! cuda` on the toolkit `scripts/setup.sh --gpu cuda` installs from PyPI,
 //! whose cuBLAS is shared libraries only (llama-cpp-sys-2 names the static
@@ -6,7 +7,7 @@
 use std::path::PathBuf;
 
 fn main() {
-    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=scripts/build.rs");
     println!("cargo:rerun-if-env-changed=CUDA_PATH");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
