@@ -15,11 +15,13 @@
 //!   serving or to a person's commands (`chat`, `prompt`, `vectors`,
 //!   `steering-check`, and `replay`, `soak`, `bench`, which print the
 //!   harness's reports).
-//! - [`server`]: the process Psyche spawns and the request path:
-//!   `serve` (stdio, lifecycle) → `transport` (every line answered) → `mcp`
-//!   (tools, resources) → `wire` (argument types) → `inference` (what each
-//!   tool does) → `streams` (polled streams) and `mood` (the live emotional
-//!   state).
+//! - [`server`]: the process Psyche spawns, in layers: a protocol-free
+//!   `core` (requests' arguments, generation whole or streamed, controls,
+//!   tool use, `streams`, the live `mood`, `metrics`), two thin faces over
+//!   it (`mcp`: tools and resources, with `mcp::wire`'s schemas; `openai`:
+//!   OpenAI's HTTP API), and the transports under them (`transport`:
+//!   stdio's JSON-RPC lines, every one answered; `http`; `bridge`), with
+//!   `serve` owning the process's lifetime.
 //! - [`engine`]: the one owner of llama.cpp, split by what each part owns:
 //!   the `!Send` [`engine::Engine`] and its loop (`scheduler`), loading
 //!   (`model`), requests becoming jobs (`admission`), a job and its sampler

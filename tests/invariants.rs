@@ -103,56 +103,144 @@ fn imports_run_one_way() {
     assert!(offenders.is_empty(), "imports against the layering:\n{}", offenders.join("\n"));
 }
 
-/// The engine's rooms: no file over about 500 lines, and no two of its
-/// files that import each other, directly or around a loop.
-#[test]
-fn the_engine_is_split_without_cycles() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/engine");
-    let mut files = Vec::new();
-    rust_files(&dir, &mut files);
-    let name = |p: &Path| p.file_stem().unwrap().to_string_lossy().to_string();
-    let names: Vec<String> = files.iter().map(|p| name(p)).collect();
-    let mut edges: Vec<(String, String)> = Vec::new();
-    for path in &files {
-        let text = std::fs::read_to_string(path).unwrap();
-        let lines = text.lines().count();
-        assert!(lines <= 520, "{} has {lines} lines: split it by what it owns", path.display());
-        let from = name(path);
-        for line in text.lines() {
-            let mut rest = line;
-            while let Some(at) = rest.find("super::") {
-                let tail = &rest[at + "super::".len()..];
-                let to: String = tail.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
-                rest = &tail[to.len()..];
-                if names.contains(&to) && to != from && from != "mod" {
-                    edges.push((from.clone(), to));
+/// The module a source file is (`src/server/core/inference.rs` ->
+/// `server::core::inference`, `src/server/mcp/mod.rs` -> `server::mcp`).
+fn module_path(path: &Path) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let rel = path.strip_prefix(&root).unwrap().with_extension("");
+    let parts: Vec<String> = rel.components().map(|c| c.as_os_str().to_string_lossy().to_string()).collect();
+    let parts = match parts.last().map(String::as_str) {
+        Some("mod") | Some("lib") | Some("main") => &parts[..parts.len() - 1],
+        _ => &parts[..],
+    };
+    parts.join("::")
+}
+
+/// Which files each file imports: `crate::a::b::c` and `super::x` paths,
+/// each resolved to the longest module that exists (comments skipped).
+fn file_imports() -> Vec<(String, Vec<String>)> {
+    let files = sources();
+    let modules: Vec<String> = files.iter().map(|(p, _)| module_path(p)).collect();
+    let resolve = |path: &str| -> Option<String> {
+        let parts: Vec<&str> = path.split("::").collect();
+        (1..=parts.len()).rev().map(|n| parts[..n].join("::")).find(|m| modules.contains(m))
+    };
+    let parent = |m: &str| m.rsplit_once("::").map_or(String::new(), |(p, _)| p.to_string());
+    let mut out = Vec::new();
+    for (path, text) in &files {
+        let me = module_path(path);
+        let mut to = Vec::new();
+        for line in text.lines().filter(|l| !l.trim_start().starts_with("//")) {
+            for (marker, base) in [("crate::", String::new()), ("super::", parent(&me))] {
+                let mut rest = line;
+                while let Some(at) = rest.find(marker) {
+                    let tail = &rest[at + marker.len()..];
+                    let path: String = tail.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == ':').collect();
+                    rest = &tail[path.len()..];
+                    let path = path.trim_end_matches(':');
+                    let full = if base.is_empty() { path.to_string() } else { format!("{base}::{path}") };
+                    if let Some(m) = resolve(&full) {
+                        // A file's own ancestors (mod.rs hubs) are its home, not an import.
+                        if m != me && !me.starts_with(&format!("{m}::")) && !to.contains(&m) {
+                            to.push(m);
+                        }
+                    }
                 }
             }
         }
+        // A hub's re-exports (`pub use args::{..}` in a mod.rs) lead on to
+        // its children: importing the hub imports them.
+        if path.file_stem().is_some_and(|s| s == "mod") {
+            for line in text.lines() {
+                if let Some(rest) = line.trim_start().strip_prefix("pub use ") {
+                    let child: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                    if let Some(m) = resolve(&format!("{me}::{child}")).filter(|m| *m != me && !to.contains(m)) {
+                        to.push(m);
+                    }
+                }
+            }
+        }
+        out.push((me, to));
     }
-    // Depth-first search for a cycle.
-    fn visit(n: &str, edges: &[(String, String)], path: &mut Vec<String>, done: &mut Vec<String>) -> Option<Vec<String>> {
+    out
+}
+
+/// No two files of the crate import each other, directly or around a loop.
+#[test]
+fn no_files_import_each_other_in_a_loop() {
+    let edges = file_imports();
+    fn visit(n: &str, edges: &[(String, Vec<String>)], path: &mut Vec<String>, done: &mut Vec<String>) -> Option<Vec<String>> {
         if let Some(at) = path.iter().position(|p| p == n) {
-            return Some(path[at..].to_vec());
+            let mut cycle = path[at..].to_vec();
+            cycle.push(n.to_string());
+            return Some(cycle);
         }
         if done.iter().any(|d| d == n) {
             return None;
         }
         path.push(n.to_string());
-        for (_, to) in edges.iter().filter(|(f, _)| f == n) {
-            if let Some(cycle) = visit(to, edges, path, done) {
-                return Some(cycle);
+        for (_, tos) in edges.iter().filter(|(f, _)| f == n) {
+            for to in tos {
+                if let Some(cycle) = visit(to, edges, path, done) {
+                    return Some(cycle);
+                }
             }
         }
         path.pop();
         done.push(n.to_string());
         None
     }
+    let reads = |from: &str, to: &str| edges.iter().any(|(m, tos)| m == from && tos.iter().any(|t| t == to));
+    assert!(reads("server::core::inference", "server::core::calls") && reads("engine::scheduler", "engine::step"), "the import reader found too little");
     let mut done = Vec::new();
-    for n in &names {
+    for (n, _) in &edges {
         if let Some(cycle) = visit(n, &edges, &mut Vec::new(), &mut done) {
-            panic!("engine files import each other in a loop: {}", cycle.join(" -> "));
+            panic!("files import each other in a loop: {}", cycle.join(" -> "));
         }
+    }
+}
+
+/// The server's rooms: a protocol-free core, two faces over it (MCP and
+/// OpenAI), the transports under them and the process's lifetime on top.
+/// Each may import only rooms of lower rank (or its own).
+#[test]
+fn the_server_is_a_core_with_faces_and_transports() {
+    let room = |m: &str| -> Option<(u8, String)> {
+        let rest = m.strip_prefix("server::")?;
+        let first = rest.split("::").next().unwrap_or_default().to_string();
+        let rank = match first.as_str() {
+            "core" => 0,
+            "mcp" | "openai" => 1,
+            "transport" => 2,
+            "http" | "bridge" => 3,
+            "serve" => 4,
+            other => panic!("server::{other} has no room: add it to this test and to server/mod.rs's doc"),
+        };
+        Some((rank, first))
+    };
+    let mut offenders = Vec::new();
+    for (from, tos) in file_imports() {
+        let Some((rank, home)) = room(&from) else { continue };
+        for to in tos {
+            if let Some((to_rank, to_home)) = room(&to) {
+                if to_home != home && to_rank >= rank {
+                    offenders.push(format!("{from} imports {to}"));
+                }
+            }
+        }
+    }
+    assert!(offenders.is_empty(), "server imports against core <- faces <- transports <- serve:\n{}", offenders.join("\n"));
+}
+
+/// The engine's rooms stay small: no file over about 500 lines.
+#[test]
+fn the_engine_files_stay_small() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/engine");
+    let mut files = Vec::new();
+    rust_files(&dir, &mut files);
+    for path in &files {
+        let lines = std::fs::read_to_string(path).unwrap().lines().count();
+        assert!(lines <= 520, "{} has {lines} lines: split it by what it owns", path.display());
     }
 }
 

@@ -7,8 +7,7 @@ use std::io::Write;
 use tokio_util::sync::CancellationToken;
 
 use crate::prompt::Message;
-use crate::server::inference::{Inference, Progress};
-use crate::server::wire::GenerateArgs;
+use crate::server::core::{GenerateArgs, Inference, Progress};
 
 pub async fn chat(
     inference: &Inference,
@@ -43,7 +42,7 @@ pub async fn chat(
     });
     let result = inference.generate(args, CancellationToken::new(), Some(tx)).await;
     let _ = printer.await;
-    let result = result.map_err(|e| anyhow::anyhow!(e.0))?;
+    let result = result.map_err(|e| anyhow::anyhow!(e.message))?;
     let summary = format!(
         "\n\nfinish: {}  usage: {}\nsampling: {}\nemotional state: {}\n",
         result["finish_reason"],

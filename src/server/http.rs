@@ -32,7 +32,7 @@ use tokio::signal::unix::Signal;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::server::inference::Inference;
+use crate::server::core::Inference;
 use crate::server::mcp::{ElpisServer, SessionGuard};
 use crate::server::openai;
 

@@ -1,25 +1,20 @@
-//! The server: the process that Psyche spawns, and the path a request takes
-//! through it. [`serve`] owns stdio and the process's lifetime; [`mcp`] is
-//! the rmcp handler (tools and resources, thin); [`wire`] holds the tools'
-//! argument types and schemas; [`inference`] does what each tool means, from
-//! validated arguments to the result object, through the engine's handle
-//! ([`controls`] validates sampling and stops, [`calls`] sets up tool calls
-//! and JSON replies and reads them back, [`metrics`] counts);
-//! [`streams`] keeps the polled streams; [`mood`] is the live emotional state;
-//! [`transport`] reads and writes the JSON-RPC lines, answering every one;
-//! [`http`] serves MCP over HTTP and, beside it, [`openai`]: the OpenAI API,
-//! a second thin face over the same [`inference`].
+//! The server: the process that Psyche spawns, in three layers.
+//!
+//! - [`core`], protocol-free: generation requests, controls, tool use, the
+//!   mood, streams and metrics, over the engine's handle.
+//! - Two thin faces over it: [`mcp`] (tools and resources, with the tools'
+//!   argument schemas in `mcp::wire`) and [`openai`] (OpenAI's HTTP API).
+//! - The transports under them: [`transport`] reads and writes stdio's
+//!   JSON-RPC lines, answering every one; [`http`] carries `/mcp` and the
+//!   OpenAI routes on one listener; [`bridge`] relays stdio to a remote
+//!   Elpis; [`serve`] owns the process's lifetime.
+//!
+//! Imports run one way: transports → faces → core.
 
 pub mod bridge;
-pub mod calls;
-pub mod controls;
+pub mod core;
 pub mod http;
-pub mod inference;
 pub mod mcp;
-pub mod metrics;
-pub mod mood;
 pub mod openai;
 pub mod serve;
-pub mod streams;
 pub mod transport;
-pub mod wire;

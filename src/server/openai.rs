@@ -23,9 +23,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::server::inference::{Inference, ToolError};
-use crate::server::mood::unix_now;
-use crate::server::wire::GenerateArgs;
+use crate::server::core::{unix_now, ErrorKind, GenerateArgs, Inference, RequestError};
 
 /// The routes, over `inference`; `max_body_bytes` bounds a request body.
 pub fn router(inference: Arc<Inference>, max_body_bytes: usize) -> axum::Router {
@@ -52,18 +50,27 @@ fn error(status: StatusCode, message: &str, param: Option<&str>) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
 }
 
-/// A failure of the core, as an OpenAI error: a full queue is 503, the rest
-/// is the request's fault (400), naming the field the message names.
-fn tool_error(e: &ToolError) -> Response {
-    let message = e.0.as_str();
-    if message.starts_with("busy") {
-        return error(StatusCode::SERVICE_UNAVAILABLE, message, None);
+/// A failure of the core, as an OpenAI error: the request's fault is a
+/// 400 naming the field the message names, a full queue 503, the server's
+/// own failure 500.
+fn request_error(e: &RequestError) -> Response {
+    let message = e.message.as_str();
+    match e.kind {
+        ErrorKind::Busy => error(StatusCode::SERVICE_UNAVAILABLE, message, None),
+        ErrorKind::Failed => error(StatusCode::INTERNAL_SERVER_ERROR, message, None),
+        ErrorKind::Invalid => {
+            let param = FIELDS.into_iter().find(|p| message.contains(p));
+            error(StatusCode::BAD_REQUEST, message, param)
+        }
     }
-    let param = ["messages", "max_tokens", "temperature", "top_p", "stop", "seed", "tools", "tool_choice", "response_format", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty"]
-        .into_iter()
-        .find(|p| message.contains(p));
-    error(StatusCode::BAD_REQUEST, message, param)
 }
+
+/// The body fields an error message may name, longest first where one
+/// contains another.
+const FIELDS: [&str; 16] = [
+    "messages", "max_tokens", "temperature", "top_logprobs", "logprobs", "top_p", "top_k", "min_p", "stop", "seed",
+    "tool_choice", "tools", "response_format", "presence_penalty", "frequency_penalty", "prompt",
+];
 
 fn json_response(value: &Value) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], value.to_string()).into_response()
@@ -262,7 +269,7 @@ async fn chat_completions(State(inference): State<Arc<Inference>>, body: Bytes) 
                     "emotional_state": result.get("emotional_state"),
                 }))
             }
-            Err(e) => tool_error(&e),
+            Err(e) => request_error(&e),
         };
     }
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -274,7 +281,7 @@ async fn chat_completions(State(inference): State<Arc<Inference>>, body: Bytes) 
         text = rx.recv() => Ok(text),
     };
     let first = match first {
-        Err(Err(e)) => return tool_error(&e),
+        Err(Err(e)) => return request_error(&e),
         Err(Ok(result)) => Err(result),
         Ok(text) => Ok(text.map(|(_, t)| t)),
     };
@@ -327,7 +334,7 @@ async fn chat_completions(State(inference): State<Arc<Inference>>, body: Bytes) 
                 }
             }
             Err(e) => {
-                yield event(&json!({"error": {"message": e.0, "type": "server_error", "param": null, "code": null}}));
+                yield event(&json!({"error": {"message": e.message, "type": "server_error", "param": null, "code": null}}));
             }
         }
         yield Ok(Bytes::from_static(b"data: [DONE]\n\n"));

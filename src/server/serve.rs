@@ -17,9 +17,8 @@ use crate::config::Config;
 use crate::engine::{Engine, EngineSettings};
 use crate::server::http::{self, HttpSettings};
 use crate::server::bridge;
-use crate::server::inference::Inference;
+use crate::server::core::{Inference, Mood};
 use crate::server::mcp::ElpisServer;
-use crate::server::mood::Mood;
 use crate::server::transport::{stdio_lines, Ledger, StdinWatch, StdoutWatch};
 use crate::session::Recorder;
 

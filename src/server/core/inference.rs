@@ -14,29 +14,19 @@ use crate::config::{ModelConfig, ServerConfig, ToolFormat};
 use crate::emotion::EVENTS;
 use crate::engine::{self, Completion, EngineHandle, FinishReason, Generation, GenerationEvent, GenerationRequest, Interest, SamplingParams, Speculation};
 use crate::prompt::{self, CallGuard, Message, NativeToolFormat, ROLES};
-use crate::server::calls::{self, ToolUse};
-use crate::server::controls;
-use crate::server::metrics::Metrics;
-use crate::server::mood::Mood;
-use crate::server::streams::{Owner, StreamEnd, StreamRegistry};
-use crate::server::wire::{Controls, FunctionCallArgs, GenerateArgs, UpdateEmotionArgs};
+use super::args::{Controls, FunctionCallArgs, GenerateArgs, UpdateEmotionArgs};
+use super::calls::{self, ToolUse};
+use super::controls;
+use super::error::RequestError;
+use super::metrics::Metrics;
+use super::mood::Mood;
+use super::streams::{Owner, StreamEnd, StreamRegistry};
 
-/// A failure reported to the client as `{"error": message}`.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{0}")]
-pub struct ToolError(pub String);
-
-impl From<engine::EngineError> for ToolError {
-    fn from(e: engine::EngineError) -> Self {
-        ToolError(e.to_string())
-    }
-}
-
-impl From<crate::server::streams::StreamError> for ToolError {
-    fn from(e: crate::server::streams::StreamError) -> Self {
-        ToolError(e.to_string())
-    }
-}
+/// The names of the core's readable views (the mood, its events, the
+/// metrics): MCP serves them as resources, and capabilities lists them.
+pub const EMOTION_STATE_URI: &str = "emotion://state";
+pub const EMOTION_EVENTS_URI: &str = "emotion://events";
+pub const METRICS_URI: &str = "elpis://metrics";
 
 /// One progress update of a running `generate`: tokens so far, new text.
 pub type Progress = (u32, String);
@@ -96,13 +86,13 @@ impl Inference {
         modulate: bool,
         controls: &Controls,
         stop: Option<&Vec<String>>,
-    ) -> Result<(GenerationRequest, SamplingParams), ToolError> {
+    ) -> Result<(GenerationRequest, SamplingParams), RequestError> {
         validate_messages(&messages)?;
         let context = self.engine.info().context_length;
         let max_tokens = match max_tokens {
             None => self.defaults.max_tokens,
             Some(n) if n < 1 => {
-                return Err(ToolError(format!("max_tokens = {n} is invalid: it must be at least 1")));
+                return Err(RequestError::invalid(format!("max_tokens = {n} is invalid: it must be at least 1")));
             }
             // Beyond the context the generation stops at its end anyway.
             Some(n) => n.min(context as i64) as u32,
@@ -113,7 +103,7 @@ impl Inference {
         let waiting = self.engine.waiting();
         if waiting >= self.max_queued {
             self.metrics.refused();
-            return Err(ToolError(format!(
+            return Err(RequestError::busy(format!(
                 "busy: {waiting} generations are already waiting for a slot (server.max_queued = {}): \
                  try again when some have finished",
                 self.max_queued
@@ -136,15 +126,15 @@ impl Inference {
 
     /// `generate` and `generate_stream_start` arguments, validated, with
     /// their tools or JSON constraint set up.
-    async fn prepare(&self, args: GenerateArgs) -> Result<Prepared, ToolError> {
+    async fn prepare(&self, args: GenerateArgs) -> Result<Prepared, RequestError> {
         let modulate = args.modulation();
         if args.tools.is_some() && args.response_format.is_some() {
-            return Err(ToolError("tools and response_format cannot be combined: give one of them".into()));
+            return Err(RequestError::invalid("tools and response_format cannot be combined: give one of them"));
         }
         if args.tools.is_none() && args.tool_choice.is_some() {
-            return Err(ToolError("tool_choice needs tools: give the tools the model may call".into()));
+            return Err(RequestError::invalid("tool_choice needs tools: give the tools the model may call"));
         }
-        let schema = prompt::response_format::schema(args.response_format.as_ref()).map_err(ToolError)?;
+        let schema = prompt::response_format::schema(args.response_format.as_ref()).map_err(RequestError::invalid)?;
         let (mut request, used) =
             self.request(args.messages, args.max_tokens, args.temperature, modulate, &args.controls, args.stop.as_ref())?;
         let tools = match &args.tools {
@@ -163,7 +153,7 @@ impl Inference {
         args: GenerateArgs,
         cancel: CancellationToken,
         progress: Option<mpsc::UnboundedSender<Progress>>,
-    ) -> Result<Value, ToolError> {
+    ) -> Result<Value, RequestError> {
         let Prepared { request, used, tools, json } = self.prepare(args).await?;
         let mut guard = tools.as_ref().map(ToolUse::guard);
         let completion = self.run(request, cancel, progress.as_ref(), guard.as_mut()).await?;
@@ -197,7 +187,7 @@ impl Inference {
         cancel: CancellationToken,
         progress: Option<&mpsc::UnboundedSender<Progress>>,
         guard: Option<&mut CallGuard>,
-    ) -> Result<Completion, ToolError> {
+    ) -> Result<Completion, RequestError> {
         self.metrics.queued();
         let result = run_to_end(self.engine.generate(request), cancel, progress, guard).await;
         match &result {
@@ -209,7 +199,7 @@ impl Inference {
 
     /// `generate_stream_start`: queue the generation, register the stream and
     /// pump its events into the registry in the background.
-    pub async fn stream_start(&self, owner: Owner, args: GenerateArgs) -> Result<Value, ToolError> {
+    pub async fn stream_start(&self, owner: Owner, args: GenerateArgs) -> Result<Value, RequestError> {
         let Prepared { mut request, used, tools, json } = self.prepare(args).await?;
         let cancel = CancellationToken::new();
         let interest = Interest::new(Instant::now());
@@ -239,7 +229,7 @@ impl Inference {
     }
 
     /// `generate_stream_read`.
-    pub fn stream_read(&self, owner: Owner, stream_id: &str) -> Result<Value, ToolError> {
+    pub fn stream_read(&self, owner: Owner, stream_id: &str) -> Result<Value, RequestError> {
         let read = self.streams().read(owner, stream_id)?;
         let mut out = json!({
             "stream_id": stream_id,
@@ -263,7 +253,7 @@ impl Inference {
     }
 
     /// `generate_stream_cancel`.
-    pub fn stream_cancel(&self, owner: Owner, stream_id: &str) -> Result<Value, ToolError> {
+    pub fn stream_cancel(&self, owner: Owner, stream_id: &str) -> Result<Value, RequestError> {
         self.streams().cancel(owner, stream_id)?;
         Ok(json!({"status": "cancelled", "stream_id": stream_id}))
     }
@@ -307,7 +297,7 @@ impl Inference {
     /// in the model's own format when it has one (the tools go to its
     /// template; with `tool_choice: "auto"` it may answer in text, returned as
     /// `content`), else as a generic JSON array.
-    pub async fn function_call(&self, args: FunctionCallArgs, cancel: CancellationToken) -> Result<Value, ToolError> {
+    pub async fn function_call(&self, args: FunctionCallArgs, cancel: CancellationToken) -> Result<Value, RequestError> {
         validate_messages(&args.messages)?;
         let max_tokens = FUNCTION_CALL_MAX_TOKENS.min(self.defaults.max_tokens);
         let (mut request, used) =
@@ -328,10 +318,10 @@ impl Inference {
     }
 
     /// `update_emotion`.
-    pub fn update_emotion(&self, args: UpdateEmotionArgs) -> Result<Value, ToolError> {
+    pub fn update_emotion(&self, args: UpdateEmotionArgs) -> Result<Value, RequestError> {
         let intensity = args.intensity.unwrap_or(1.0);
         if !intensity.is_finite() {
-            return Err(ToolError(format!("intensity = {intensity} is invalid: give a number (clamped to 0..2)")));
+            return Err(RequestError::invalid(format!("intensity = {intensity} is invalid: give a number (clamped to 0..2)")));
         }
         if !crate::emotion::is_known_event(&args.event_type) {
             tracing::info!(event_type = %args.event_type, "unknown emotional event: small arousal rise");
@@ -422,7 +412,7 @@ impl Inference {
             "generation_controls": ["stop", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty",
                 "frequency_penalty", "seed", "response_format", "tools", "tool_choice", "speculative", "prediction",
                 "logprobs", "top_logprobs"],
-            "resources": [crate::server::mcp::EMOTION_STATE_URI, crate::server::mcp::EMOTION_EVENTS_URI, crate::server::mcp::METRICS_URI],
+            "resources": [EMOTION_STATE_URI, EMOTION_EVENTS_URI, METRICS_URI],
         });
         if let (Value::Object(out), Value::Object(more)) = (&mut out, more) {
             out.extend(more);
@@ -463,14 +453,14 @@ async fn run_to_end(
     cancel: CancellationToken,
     progress: Option<&mpsc::UnboundedSender<Progress>>,
     mut guard: Option<&mut CallGuard>,
-) -> Result<Completion, ToolError> {
+) -> Result<Completion, RequestError> {
     let mut tokens = 0;
     loop {
         let event = tokio::select! {
             event = generation.events.recv() => event,
             _ = cancel.cancelled() => {
                 generation.cancel.cancel();
-                return Err(ToolError("request cancelled".into()));
+                return Err(RequestError::invalid("request cancelled"));
             }
         };
         match event {
@@ -581,13 +571,13 @@ impl StreamPump {
     }
 }
 
-fn validate_messages(messages: &[Message]) -> Result<(), ToolError> {
+fn validate_messages(messages: &[Message]) -> Result<(), RequestError> {
     if messages.is_empty() {
-        return Err(ToolError("messages is empty: give at least one {\"role\", \"content\"} message".into()));
+        return Err(RequestError::invalid("messages is empty: give at least one {\"role\", \"content\"} message"));
     }
     for (i, m) in messages.iter().enumerate() {
         if !ROLES.contains(&m.role.as_str()) {
-            return Err(ToolError(format!(
+            return Err(RequestError::invalid(format!(
                 "messages[{i}].role {:?} is unknown: expected one of {}",
                 m.role,
                 ROLES.join(", ")
@@ -596,7 +586,7 @@ fn validate_messages(messages: &[Message]) -> Result<(), ToolError> {
         for (j, call) in m.tool_calls.iter().flatten().enumerate() {
             let function = call.get("function").unwrap_or(call);
             if !function.get("name").is_some_and(Value::is_string) {
-                return Err(ToolError(format!(
+                return Err(RequestError::invalid(format!(
                     "messages[{i}].tool_calls[{j}] has no function name: expected \
                      {{\"id\": ..., \"type\": \"function\", \"function\": {{\"name\": ..., \"arguments\": \"{{...}}\"}}}}"
                 )));

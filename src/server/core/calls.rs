@@ -7,7 +7,7 @@ use serde_json::{json, Map, Value};
 
 use crate::engine::{Completion, EngineHandle, FinishReason, Grammar, GenerationRequest};
 use crate::prompt::{self, Message, NativeToolFormat, ToolSpec};
-use crate::server::inference::ToolError;
+use super::error::RequestError;
 
 /// A request's tools, set up: how to read the calls back.
 pub struct ToolUse {
@@ -28,9 +28,9 @@ impl ToolUse {
         tools: &[Value],
         choice: Option<&Value>,
         request: &mut GenerationRequest,
-    ) -> Result<ToolUse, ToolError> {
-        let tools = prompt::parse_tools(tools).map_err(ToolError)?;
-        let (tools, required) = prompt::apply_tool_choice(tools, choice).map_err(ToolError)?;
+    ) -> Result<ToolUse, RequestError> {
+        let tools = prompt::parse_tools(tools).map_err(RequestError::invalid)?;
+        let (tools, required) = prompt::apply_tool_choice(tools, choice).map_err(RequestError::invalid)?;
         let grammar = match native {
             Some(format) => {
                 let call = engine.schema_grammar(&prompt::call_schema(format, &tools)).await?;
@@ -105,11 +105,11 @@ impl ToolUse {
 }
 
 /// Constrain `request`'s reply to JSON valid for `schema`.
-pub async fn json_reply(engine: &EngineHandle, schema: &Value, request: &mut GenerationRequest) -> Result<(), ToolError> {
+pub async fn json_reply(engine: &EngineHandle, schema: &Value, request: &mut GenerationRequest) -> Result<(), RequestError> {
     let gbnf = engine
         .schema_grammar(schema)
         .await
-        .map_err(|e| ToolError(format!("response_format's schema cannot be turned into a grammar: {e}")))?;
+        .map_err(|e| RequestError::invalid(format!("response_format's schema cannot be turned into a grammar: {e}")))?;
     request.grammar = Some(Grammar { gbnf, triggers: Vec::new() });
     Ok(())
 }

@@ -10,8 +10,8 @@ use serde_json::Value;
 use crate::config::ModelConfig;
 use crate::emotion::Modulation;
 use crate::engine::SamplingParams;
-use crate::server::inference::ToolError;
-use crate::server::wire::Controls;
+use super::args::Controls;
+use super::error::RequestError;
 
 /// Most stop strings a request may give.
 pub const MAX_STOPS: usize = 8;
@@ -21,23 +21,23 @@ pub const MAX_STOP_BYTES: usize = 256;
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
 /// Log-probabilities asked for: None, or the number of alternatives.
-pub fn logprobs(c: &Controls) -> Result<Option<usize>, ToolError> {
+pub fn logprobs(c: &Controls) -> Result<Option<usize>, RequestError> {
     match (c.logprobs, c.top_logprobs) {
         (_, Some(n)) if !(0..=MAX_TOP_LOGPROBS as i64).contains(&n) => {
-            Err(ToolError(format!("top_logprobs = {n} is out of range: expected 0 to {MAX_TOP_LOGPROBS}")))
+            Err(RequestError::invalid(format!("top_logprobs = {n} is out of range: expected 0 to {MAX_TOP_LOGPROBS}")))
         }
-        (Some(false), Some(n)) if n > 0 => Err(ToolError("top_logprobs needs logprobs: true".into())),
+        (Some(false), Some(n)) if n > 0 => Err(RequestError::invalid("top_logprobs needs logprobs: true")),
         (_, Some(n)) => Ok(Some(n as usize)),
         (Some(true), None) => Ok(Some(0)),
         _ => Ok(None),
     }
 }
 
-fn in_range(name: &str, value: Option<f64>, lo: f64, hi: f64, lo_open: bool) -> Result<Option<f64>, ToolError> {
+fn in_range(name: &str, value: Option<f64>, lo: f64, hi: f64, lo_open: bool) -> Result<Option<f64>, RequestError> {
     match value {
         Some(v) if !v.is_finite() || v > hi || v < lo || (lo_open && v == lo) => {
             let from = if lo_open { format!("above {lo}") } else { format!("{lo}") };
-            Err(ToolError(format!("{name} = {v} is out of range: expected {from} to {hi}")))
+            Err(RequestError::invalid(format!("{name} = {v} is out of range: expected {from} to {hi}")))
         }
         other => Ok(other),
     }
@@ -46,8 +46,8 @@ fn in_range(name: &str, value: Option<f64>, lo: f64, hi: f64, lo_open: bool) -> 
 /// The sampling for a request: the temperature (explicit, else the mood's
 /// when `modulate`, else the config's), and every other control explicit
 /// or the config's. `top_p` follows the temperature's source unless given.
-pub fn sampling(defaults: &ModelConfig, mood: impl FnOnce() -> Modulation, temperature: Option<f64>, modulate: bool, c: &Controls) -> Result<SamplingParams, ToolError> {
-    let temperature = in_range("temperature", temperature, 0.0, 2.0, false).map_err(|e| ToolError(format!("{} (0 = greedy)", e.0)))?;
+pub fn sampling(defaults: &ModelConfig, mood: impl FnOnce() -> Modulation, temperature: Option<f64>, modulate: bool, c: &Controls) -> Result<SamplingParams, RequestError> {
+    let temperature = in_range("temperature", temperature, 0.0, 2.0, false).map_err(|e| RequestError::invalid(format!("{} (0 = greedy)", e.message)))?;
     let base = match temperature {
         Some(t) => Modulation { temperature: t, top_p: defaults.top_p },
         None if modulate => mood(),
@@ -55,14 +55,14 @@ pub fn sampling(defaults: &ModelConfig, mood: impl FnOnce() -> Modulation, tempe
     };
     let top_k = match c.top_k {
         Some(k) if !(0..=100_000).contains(&k) => {
-            return Err(ToolError(format!("top_k = {k} is out of range: expected 0 (no limit) to 100000")))
+            return Err(RequestError::invalid(format!("top_k = {k} is out of range: expected 0 (no limit) to 100000")))
         }
         Some(k) => k as u32,
         None => defaults.top_k,
     };
     let seed = match c.seed {
         Some(s) if !(0..=u32::MAX as i64).contains(&s) => {
-            return Err(ToolError(format!("seed = {s} is out of range: expected 0 to {}", u32::MAX)))
+            return Err(RequestError::invalid(format!("seed = {s} is out of range: expected 0 to {}", u32::MAX)))
         }
         Some(s) => s as u32,
         None => defaults.seed.unwrap_or_else(|| uuid::Uuid::new_v4().as_u128() as u32),
@@ -80,17 +80,17 @@ pub fn sampling(defaults: &ModelConfig, mood: impl FnOnce() -> Modulation, tempe
 }
 
 /// Stop strings: at most [`MAX_STOPS`], none empty or over [`MAX_STOP_BYTES`].
-pub fn stops(stop: Option<&Vec<String>>) -> Result<Vec<String>, ToolError> {
+pub fn stops(stop: Option<&Vec<String>>) -> Result<Vec<String>, RequestError> {
     let stops = stop.cloned().unwrap_or_default();
     if stops.len() > MAX_STOPS {
-        return Err(ToolError(format!("stop has {} strings: at most {MAX_STOPS} are allowed", stops.len())));
+        return Err(RequestError::invalid(format!("stop has {} strings: at most {MAX_STOPS} are allowed", stops.len())));
     }
     for (i, s) in stops.iter().enumerate() {
         if s.is_empty() {
-            return Err(ToolError(format!("stop[{i}] is empty: a stop string needs at least one character")));
+            return Err(RequestError::invalid(format!("stop[{i}] is empty: a stop string needs at least one character")));
         }
         if s.len() > MAX_STOP_BYTES {
-            return Err(ToolError(format!("stop[{i}] is {} bytes: at most {MAX_STOP_BYTES}", s.len())));
+            return Err(RequestError::invalid(format!("stop[{i}] is {} bytes: at most {MAX_STOP_BYTES}", s.len())));
         }
     }
     Ok(stops)
@@ -98,10 +98,10 @@ pub fn stops(stop: Option<&Vec<String>>) -> Result<Vec<String>, ToolError> {
 
 /// The predicted output's text (`{"type": "content", "content": "..."}`,
 /// content a string or an array of `{"type": "text", "text"}` parts).
-pub fn prediction(prediction: Option<&Value>) -> Result<Option<String>, ToolError> {
+pub fn prediction(prediction: Option<&Value>) -> Result<Option<String>, RequestError> {
     let Some(p) = prediction else { return Ok(None) };
     let bad = || {
-        ToolError(format!(
+        RequestError::invalid(format!(
             "prediction {p} is invalid: use {{\"type\": \"content\", \"content\": \"the expected reply\"}}"
         ))
     };
@@ -144,20 +144,20 @@ mod tests {
             (Controls { repeat_penalty: Some(0.0), ..Controls::default() }, "repeat_penalty"),
             (Controls { seed: Some(-3), ..Controls::default() }, "seed"),
         ] {
-            let e = sampling(&d, mood, None, true, &c).unwrap_err().0;
+            let e = sampling(&d, mood, None, true, &c).unwrap_err().message;
             assert!(e.starts_with(word), "{e}");
         }
-        assert!(sampling(&d, mood, Some(3.0), true, &Controls::default()).unwrap_err().0.contains("temperature"));
+        assert!(sampling(&d, mood, Some(3.0), true, &Controls::default()).unwrap_err().message.contains("temperature"));
     }
 
     #[test]
     fn stops_and_predictions() {
         assert_eq!(stops(None).unwrap(), Vec::<String>::new());
-        assert!(stops(Some(&vec!["".into()])).unwrap_err().0.contains("stop[0] is empty"));
-        assert!(stops(Some(&vec!["x".into(); 9])).unwrap_err().0.contains("at most 8"));
+        assert!(stops(Some(&vec!["".into()])).unwrap_err().message.contains("stop[0] is empty"));
+        assert!(stops(Some(&vec!["x".into(); 9])).unwrap_err().message.contains("at most 8"));
         assert_eq!(prediction(Some(&json!({"type": "content", "content": "abc"}))).unwrap().as_deref(), Some("abc"));
         let parts = json!({"type": "content", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]});
         assert_eq!(prediction(Some(&parts)).unwrap().as_deref(), Some("ab"));
-        assert!(prediction(Some(&json!({"content": "x"}))).unwrap_err().0.contains("prediction"));
+        assert!(prediction(Some(&json!({"content": "x"}))).unwrap_err().message.contains("prediction"));
     }
 }

@@ -22,14 +22,11 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::server::inference::{Inference, Progress, ToolError};
-use crate::server::streams::Owner;
+use crate::server::core::{EMOTION_EVENTS_URI, EMOTION_STATE_URI, METRICS_URI, FunctionCallArgs, GenerateArgs, Inference, Owner, Progress, RequestError, UpdateEmotionArgs};
 use crate::session::Recorder;
-use crate::server::wire::{input_schema, output_schema, parse_args, FunctionCallArgs, GenerateArgs, StreamArgs, UpdateEmotionArgs};
 
-pub const EMOTION_STATE_URI: &str = "emotion://state";
-pub const EMOTION_EVENTS_URI: &str = "emotion://events";
-pub const METRICS_URI: &str = "elpis://metrics";
+pub mod wire;
+use wire::{input_schema, output_schema, parse_args, StreamArgs};
 
 /// The server handler; cheap to clone (rmcp runs each request in its own task).
 #[derive(Clone)]
@@ -106,13 +103,13 @@ impl ElpisServer {
         &self.inference
     }
 
-    async fn dispatch(&self, request: CallToolRequestParams, ctx: RequestContext<RoleServer>) -> Result<Value, ToolError> {
+    async fn dispatch(&self, request: CallToolRequestParams, ctx: RequestContext<RoleServer>) -> Result<Value, RequestError> {
         let inference = &self.inference;
         let name = request.name.as_ref();
         let args = request.arguments;
         match name {
             "generate" => {
-                let args: GenerateArgs = parse_args(name, args).map_err(ToolError)?;
+                let args: GenerateArgs = parse_args(name, args).map_err(RequestError::invalid)?;
                 let (progress, forwarder) = progress_forwarder(&ctx).unzip();
                 let (cancel, _call) = self.cancel_token(&ctx);
                 let result = inference.generate(args, cancel, progress).await;
@@ -123,7 +120,7 @@ impl ElpisServer {
                 result
             }
             "generate_stream_start" => {
-                let started = inference.stream_start(self.owner(), parse_args(name, args).map_err(ToolError)?).await;
+                let started = inference.stream_start(self.owner(), parse_args(name, args).map_err(RequestError::invalid)?).await;
                 if let (Some(recorder), Ok(result)) = (&self.recorder, &started) {
                     let id = serde_json::to_value(&ctx.id).unwrap_or(Value::Null);
                     recorder.stream_started(id, result["stream_id"].as_str().unwrap_or_default());
@@ -131,26 +128,26 @@ impl ElpisServer {
                 started
             }
             "generate_stream_read" => {
-                let args: StreamArgs = parse_args(name, args).map_err(ToolError)?;
+                let args: StreamArgs = parse_args(name, args).map_err(RequestError::invalid)?;
                 inference.stream_read(self.owner(), &args.stream_id)
             }
             "generate_stream_cancel" => {
-                let args: StreamArgs = parse_args(name, args).map_err(ToolError)?;
+                let args: StreamArgs = parse_args(name, args).map_err(RequestError::invalid)?;
                 inference.stream_cancel(self.owner(), &args.stream_id)
             }
             "function_call" => {
-                let args: FunctionCallArgs = parse_args(name, args).map_err(ToolError)?;
+                let args: FunctionCallArgs = parse_args(name, args).map_err(RequestError::invalid)?;
                 let (cancel, _call) = self.cancel_token(&ctx);
                 inference.function_call(args, cancel).await
             }
             "update_emotion" => {
-                let args: UpdateEmotionArgs = parse_args(name, args).map_err(ToolError)?;
+                let args: UpdateEmotionArgs = parse_args(name, args).map_err(RequestError::invalid)?;
                 inference.update_emotion(args)
             }
             "reset_emotion" => Ok(inference.reset_emotion()),
             "get_emotion" => Ok(inference.get_emotion()),
             "get_capabilities" => Ok(inference.capabilities().await),
-            other => Err(ToolError(format!(
+            other => Err(RequestError::invalid(format!(
                 "unknown tool {other:?}: the tools are {}",
                 TOOLS.iter().map(|t| t.name).collect::<Vec<_>>().join(", ")
             ))),
@@ -298,7 +295,7 @@ impl ServerHandler for ElpisServer {
             Ok(value) => tool_result(value, false),
             Err(e) => {
                 tracing::info!(tool, error = %e, "tool failed");
-                tool_result(json!({"error": e.0}), true)
+                tool_result(json!({"error": e.message}), true)
             }
         };
         Ok(result.into())

@@ -6,118 +6,14 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::prompt::Message;
-
-/// `generate` and `generate_stream_start`.
-#[derive(Debug, Clone, Deserialize, JsonSchema)]
-pub struct GenerateArgs {
-    /// The conversation: a list of {role, content}; role is system, user, assistant or tool.
-    pub messages: Vec<Message>,
-    /// Most tokens to generate (default from the config, 2048).
-    #[serde(default)]
-    pub max_tokens: Option<i64>,
-    /// Sampling temperature 0..2, overriding the emotional modulation (0 = greedy).
-    #[serde(default)]
-    pub temperature: Option<f64>,
-    /// Derive temperature/top_p from the emotional state (default true).
-    #[serde(default)]
-    pub emotional_modulation: Option<bool>,
-    #[serde(flatten)]
-    pub controls: Controls,
-    /// Stop strings (up to 8): the reply ends before the first of them (finish_reason "stop", stop_sequence names it).
-    #[serde(default)]
-    pub stop: Option<Vec<String>>,
-    /// Constrain the reply to JSON: {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": {...}}} ({"type": "text"}: unconstrained).
-    #[serde(default)]
-    pub response_format: Option<Value>,
-    /// Tools in OpenAI format the model may call (as function_call takes them); the completed result carries tool_calls.
-    #[serde(default)]
-    pub tools: Option<Vec<Value>>,
-    /// OpenAI tool_choice (with tools): "auto" (default), "required", or {"type": "function", "function": {"name": ...}}.
-    #[serde(default)]
-    pub tool_choice: Option<Value>,
-}
-
-/// Sampling and decoding controls shared by the generation tools, all
-/// optional: an explicit value wins over the mood's and the config's.
-#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
-pub struct Controls {
-    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches this (0 < top_p <= 1).
-    #[serde(default)]
-    pub top_p: Option<f64>,
-    /// Keep only the k most likely tokens (0 = no limit).
-    #[serde(default)]
-    pub top_k: Option<i64>,
-    /// Drop tokens less likely than this share of the most likely one (0..1).
-    #[serde(default)]
-    pub min_p: Option<f64>,
-    /// Penalty for tokens seen in the last 64 (1 = none, up to 2).
-    #[serde(default)]
-    pub repeat_penalty: Option<f64>,
-    /// Penalty for any token already present (0 = none, up to 2).
-    #[serde(default)]
-    pub presence_penalty: Option<f64>,
-    /// Penalty growing with how often a token was seen (0 = none, up to 2).
-    #[serde(default)]
-    pub frequency_penalty: Option<f64>,
-    /// Sampling seed: the same seed, settings and prompt give the same reply.
-    #[serde(default)]
-    pub seed: Option<i64>,
-    /// Speculative decoding for this request (default: the server's model.speculative); false turns it off.
-    #[serde(default)]
-    pub speculative: Option<bool>,
-    /// The expected reply (OpenAI predicted outputs: {"type": "content", "content": "..."}), for example the file being edited: a source of drafts.
-    #[serde(default)]
-    pub prediction: Option<Value>,
-    /// Report each reply token's log-probability (the result's logprobs.content).
-    #[serde(default)]
-    pub logprobs: Option<bool>,
-    /// With each token, this many of the most likely alternatives (0..20).
-    #[serde(default)]
-    pub top_logprobs: Option<i64>,
-}
-
-impl GenerateArgs {
-    pub fn modulation(&self) -> bool {
-        self.emotional_modulation.unwrap_or(true)
-    }
-}
+use crate::server::core::controls::{MAX_STOPS, MAX_STOP_BYTES, MAX_TOP_LOGPROBS};
+use crate::server::core::{Controls, FunctionCallArgs, GenerateArgs, UpdateEmotionArgs};
 
 /// `generate_stream_read` and `generate_stream_cancel`.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 pub struct StreamArgs {
     /// The id returned by generate_stream_start.
     pub stream_id: String,
-}
-
-/// `function_call`.
-#[derive(Debug, Clone, Deserialize, JsonSchema)]
-pub struct FunctionCallArgs {
-    /// The conversation: a list of {role, content}.
-    pub messages: Vec<Message>,
-    /// Tools in OpenAI format: {"type": "function", "function": {"name", "description", "parameters"}}.
-    pub tools: Vec<Value>,
-    /// Sampling temperature 0..2 (default: from the emotional state).
-    #[serde(default)]
-    pub temperature: Option<f64>,
-    /// OpenAI tool_choice: "auto" (default), "required", or {"type": "function", "function": {"name": ...}}.
-    #[serde(default)]
-    pub tool_choice: Option<Value>,
-    #[serde(flatten)]
-    pub controls: Controls,
-}
-
-/// `update_emotion`.
-#[derive(Debug, Clone, Deserialize, JsonSchema)]
-pub struct UpdateEmotionArgs {
-    /// Event name: success, failure, insight, blocked, ... (unknown names raise arousal slightly).
-    pub event_type: String,
-    /// Strength of the event, clamped to 0..2 (default 1.0).
-    #[serde(default)]
-    pub intensity: Option<f64>,
-    /// Free text, logged.
-    #[serde(default)]
-    pub context: Option<String>,
 }
 
 /// Tools without arguments.
@@ -203,9 +99,9 @@ pub fn input_schema(tool: &str, default_max_tokens: u32) -> Map<String, Value> {
     set(&mut schema, "seed", json!({"minimum": 0, "maximum": u32::MAX}));
     set(&mut schema, "speculative", json!({"default": true}));
     set(&mut schema, "logprobs", json!({"default": false}));
-    set(&mut schema, "top_logprobs", json!({"minimum": 0, "maximum": crate::server::controls::MAX_TOP_LOGPROBS}));
-    set(&mut schema, "stop", json!({"maxItems": crate::server::controls::MAX_STOPS,
-        "items": {"type": "string", "minLength": 1, "maxLength": crate::server::controls::MAX_STOP_BYTES}}));
+    set(&mut schema, "top_logprobs", json!({"minimum": 0, "maximum": MAX_TOP_LOGPROBS}));
+    set(&mut schema, "stop", json!({"maxItems": MAX_STOPS,
+        "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_BYTES}}));
     set(&mut schema, "temperature", json!({"minimum": 0.0, "maximum": 2.0}));
     set(&mut schema, "emotional_modulation", json!({"default": true}));
     set(&mut schema, "intensity", json!({"minimum": 0.0, "maximum": 2.0, "default": 1.0}));
