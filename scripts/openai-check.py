@@ -8,9 +8,10 @@ instruct model (Qwen2.5-Coder-0.5B-Instruct: tool calls need its template).
 Covers: the model list and /health; a whole and a streamed greedy reply
 that agree; tool calls required and named, whole and streamed, and a
 tool-result turn; a strict json_schema reply; stop, seed and logprobs;
+completions of raw text (whole and streamed agree, legacy logprobs);
 400s, 401, 404 and 413 with OpenAI's error object; four streams at once;
-/metrics through Prometheus' own parser; a client that disconnects
-mid-stream stops its generation. Every reply is greedy or seeded, and every
+/metrics through Prometheus' own parser; a client that disconnects,
+mid-stream or while waiting for a whole reply, stops its generation. Every reply is greedy or seeded, and every
 wait is a hang guard, never a speed assertion.
 """
 
@@ -83,6 +84,7 @@ def check(name, fn):
 def main():
     binary, model = sys.argv[1], sys.argv[2]
     proc, base = start(binary, model)
+    checks = []
     client = openai.OpenAI(base_url=base, api_key=TOKEN, timeout=GUARD_S, max_retries=0)
     user = lambda text: [{"role": "user", "content": text}]
     try:
@@ -153,6 +155,32 @@ def main():
             content = lp.choices[0].logprobs.content
             assert content and all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in content), content
 
+        def completions():
+            prompt = "def fibonacci(n):\n    "
+            whole = client.completions.create(model="elpis", prompt=prompt, max_tokens=16, logprobs=2, **GREEDY)
+            choice = whole.choices[0]
+            assert choice.text and choice.finish_reason in ("stop", "length") and whole.object == "text_completion", whole
+            lp = choice.logprobs
+            assert "".join(lp.tokens) == choice.text and len(lp.token_logprobs) == len(lp.tokens), lp
+            assert all(p <= 0 for p in lp.token_logprobs) and all(len(t) <= 2 for t in lp.top_logprobs), lp
+            assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset), lp
+            assert whole.usage.completion_tokens >= 1 and "valence" in whole.model_extra["emotional_state"], whole
+            chunks = list(client.completions.create(model="elpis", prompt=prompt, max_tokens=16, stream=True,
+                                                    stream_options={"include_usage": True}, **GREEDY))
+            streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+            assert streamed == choice.text, (streamed, choice.text)
+            assert chunks[-1].usage and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens, chunks[-1]
+            # Raw text, no template: the special tokens written in it are the model's own.
+            chat = "<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\n"
+            r = client.completions.create(model="elpis", prompt=chat, max_tokens=40, stop=["!"], **GREEDY)
+            assert r.choices[0].finish_reason == "stop" and "<|im_" not in r.choices[0].text, r
+            for body, param in [({"model": "elpis"}, "prompt"), ({"prompt": [1, 2, 3]}, "prompt"),
+                                ({"prompt": "x", "echo": True}, "echo"), ({"prompt": "x", "top_p": 0}, "top_p"),
+                                ({"prompt": ""}, "prompt")]:
+                status, text = raw(base, "POST", "/v1/completions", body)
+                error = json.loads(text)["error"]
+                assert status == 400 and error["param"] == param and error["type"] == "invalid_request_error", (body, text)
+
         def errors():
             for kwargs, param in [({"temperature": "hot"}, "temperature"), ({"n": 3}, "n"), ({"max_tokens": 0}, "max_tokens")]:
                 try:
@@ -217,11 +245,30 @@ def main():
             produced = metrics(base)["elpis_tokens_predicted_total"] - before
             assert produced < 1000, f"{produced} tokens: the generation ran on after the client left"
 
-        for name, fn in [("models and health", models), ("whole and streamed agree", whole_and_streamed_agree),
+        def disconnect_stops_a_whole_reply():
+            before = metrics(base)["elpis_tokens_predicted_total"]
+            impatient = client.with_options(timeout=2.0)
+            try:
+                impatient.chat.completions.create(model="elpis", messages=user("Count from 1 to 2000, separated by commas."),
+                                                  max_tokens=2000, **GREEDY)
+                raise AssertionError("2000 tokens came within 2 s")
+            except openai.APITimeoutError:
+                pass
+            deadline = time.monotonic() + GUARD_S
+            while metrics(base)["elpis_requests_processing"] > 0:
+                assert time.monotonic() < deadline, "the generation went on after its client left"
+                time.sleep(0.2)
+            produced = metrics(base)["elpis_tokens_predicted_total"] - before
+            assert produced < 1000, f"{produced} tokens: the generation ran on after the client left"
+
+        checks = [("models and health", models), ("whole and streamed agree", whole_and_streamed_agree),
                          ("tool calls", tool_calls), ("json_schema", json_schema),
                          ("stop, seed, logprobs", stop_seed_logprobs), ("errors", errors),
                          ("four streams at once", four_streams), ("metrics", prometheus),
-                         ("a client that leaves stops its generation", disconnect_stops)]:
+                         ("completions of raw text", completions),
+                         ("a client that leaves stops its generation", disconnect_stops),
+                         ("a client that leaves stops a whole reply", disconnect_stops_a_whole_reply)]
+        for name, fn in checks:
             check(name, fn)
         assert proc.poll() is None, "the server died"
     finally:
@@ -230,7 +277,7 @@ def main():
         out = proc.stdout.read()
     assert code == 0, f"exit {code}"
     assert out == "", f"the HTTP server wrote to stdout: {out[:200]!r}"
-    print("openai-check: 9 passed, 0 failed", file=sys.stderr)
+    print(f"openai-check: {len(checks)} passed, 0 failed", file=sys.stderr)
 
 
 if __name__ == "__main__":

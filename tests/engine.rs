@@ -10,6 +10,7 @@ use elpis::prompt::Message;
 
 fn request(grammar: Option<&str>, max_tokens: u32) -> GenerationRequest {
     GenerationRequest {
+        text: None,
         messages: vec![Message::new("user", "Say anything.")],
         max_tokens,
         sampling: SamplingParams { temperature: 0.0, top_p: 1.0, top_k: 40, min_p: 0.0, repeat_penalty: 1.0, presence_penalty: 0.0, frequency_penalty: 0.0, seed: 1 },

@@ -22,6 +22,7 @@ pub async fn chat(
     }
     messages.push(Message::new("user", message));
     let args = GenerateArgs {
+        prompt: None,
         messages,
         max_tokens,
         temperature,

@@ -46,7 +46,16 @@ impl Admission {
         let limit = self.n_ctx_seq.saturating_sub(1);
         let mut messages = request.messages;
         let mut truncated = false;
+        let raw = request.text.is_some();
         let prompt = loop {
+            if let Some(text) = &request.text {
+                // Raw text, as a completion takes it: never cut.
+                let tokens = self.tokenize(&[Segment { text: text.clone(), special: true }]);
+                if tokens.len() > limit {
+                    return Err(EngineError::PromptTooLong { prompt: tokens.len(), limit, context: self.n_ctx_seq as u32 });
+                }
+                break tokens;
+            }
             let segments = self.render(&messages, request.tools.as_deref())?;
             let text_len: usize = segments.iter().map(|s| s.text.len()).sum();
             // A text longer than this cannot fit, whatever its tokens: refuse
@@ -95,7 +104,8 @@ impl Admission {
             proposed: None,
             copying: 0,
             sampler,
-            decoder: TextDecoder::new(self.renderer.stops().iter().chain(&request.stop).cloned().collect()),
+            // A raw prompt has no template, so no turn markers to stop at.
+            decoder: TextDecoder::new(self.renderer.stops().iter().filter(|_| !raw).chain(&request.stop).cloned().collect()),
             pending: None,
             text: String::new(),
             truncated,

@@ -31,6 +31,9 @@ pub struct SamplingParams {
 #[derive(Debug, Clone)]
 pub struct GenerationRequest {
     pub messages: Vec<Message>,
+    /// Raw prompt text instead of `messages` rendered by the template
+    /// (special-token strings in it parsed; never truncated).
+    pub text: Option<String>,
     pub max_tokens: u32,
     pub sampling: SamplingParams,
     /// A GBNF grammar constraining the reply.

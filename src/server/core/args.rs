@@ -39,6 +39,12 @@ pub struct GenerateArgs {
     /// OpenAI tool_choice (with tools): "auto" (default), "required", or {"type": "function", "function": {"name": ...}}.
     #[serde(default)]
     pub tool_choice: Option<Value>,
+    /// Raw prompt text, fed to the model as it is instead of rendering
+    /// `messages` with the chat template (OpenAI's `/v1/completions`).
+    /// Special-token strings in it are parsed. Not an MCP argument.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub prompt: Option<String>,
 }
 
 /// Sampling and decoding controls shared by the generation tools, all

@@ -86,8 +86,14 @@ impl Inference {
         modulate: bool,
         controls: &Controls,
         stop: Option<&Vec<String>>,
+        text: Option<String>,
     ) -> Result<(GenerationRequest, SamplingParams), RequestError> {
-        validate_messages(&messages)?;
+        match &text {
+            None => validate_messages(&messages)?,
+            Some(_) if !messages.is_empty() => return Err(RequestError::invalid("give a prompt or messages, not both")),
+            Some(text) if text.is_empty() => return Err(RequestError::invalid("prompt is empty: give the text to continue")),
+            Some(_) => {}
+        }
         let context = self.engine.info().context_length;
         let max_tokens = match max_tokens {
             None => self.defaults.max_tokens,
@@ -111,6 +117,7 @@ impl Inference {
         }
         let request = GenerationRequest {
             messages,
+            text,
             max_tokens,
             sampling: used.clone(),
             grammar: None,
@@ -136,7 +143,7 @@ impl Inference {
         }
         let schema = prompt::response_format::schema(args.response_format.as_ref()).map_err(RequestError::invalid)?;
         let (mut request, used) =
-            self.request(args.messages, args.max_tokens, args.temperature, modulate, &args.controls, args.stop.as_ref())?;
+            self.request(args.messages, args.max_tokens, args.temperature, modulate, &args.controls, args.stop.as_ref(), args.prompt)?;
         let tools = match &args.tools {
             Some(tools) => Some(ToolUse::prepare(&self.engine, self.native_tools(), tools, args.tool_choice.as_ref(), &mut request).await?),
             None => None,
@@ -301,7 +308,7 @@ impl Inference {
         validate_messages(&args.messages)?;
         let max_tokens = FUNCTION_CALL_MAX_TOKENS.min(self.defaults.max_tokens);
         let (mut request, used) =
-            self.request(args.messages, Some(max_tokens as i64), args.temperature, true, &args.controls, None)?;
+            self.request(args.messages, Some(max_tokens as i64), args.temperature, true, &args.controls, None, None)?;
         let tools = ToolUse::prepare(&self.engine, self.native_tools(), &args.tools, args.tool_choice.as_ref(), &mut request).await?;
         let completion = self.run(request, cancel, None, None).await?;
         let mut out = json!({
