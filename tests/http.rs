@@ -147,6 +147,53 @@ async fn metrics(client: &mut Client) -> Value {
     serde_json::from_str(read["result"]["contents"][0]["text"].as_str().unwrap()).unwrap()
 }
 
+/// Issue 32: the listener is up before the model has loaded. From the
+/// line that says it listens, every request is answered (never a refused
+/// connection): 503 with OpenAI's error object and a Retry-After while the
+/// model loads, then the real answer. Whether any request falls inside the
+/// load depends on the machine; every answer's shape does not.
+#[test]
+fn while_the_model_loads_requests_get_503_then_answers() {
+    let server = Server::spawn_raw(&[("ELPIS_SERVER_HTTP_TOKEN", TOKEN)], &["--http", "127.0.0.1:0"]);
+    let deadline = Instant::now() + TIMEOUT;
+    let base = loop {
+        let stderr = server.stderr_all();
+        if let Some(at) = stderr.find("listening on ") {
+            break stderr[at + "listening on ".len()..].split_whitespace().next().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "the HTTP server did not say where it listens; stderr:\n{}", server.stderr());
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let (loading, ready) = runtime().block_on(async {
+        let http = reqwest::Client::new();
+        let mut loading = 0;
+        loop {
+            assert!(Instant::now() < deadline, "the model never finished loading; stderr:\n{}", server.stderr());
+            // The token is checked first, loading or not.
+            let anonymous = http.get(format!("{base}/health")).send().await.expect("a refused connection after the listening line");
+            assert_eq!(anonymous.status().as_u16(), 401);
+            let reply = http.get(format!("{base}/health")).bearer_auth(TOKEN).send().await.expect("a refused connection");
+            let status = reply.status().as_u16();
+            let retry = reply.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+            let body: Value = serde_json::from_str(&reply.text().await.unwrap()).unwrap();
+            match status {
+                503 => {
+                    assert_eq!(retry.as_deref(), Some("1"));
+                    assert_eq!(body["error"]["type"], "unavailable_error", "{body}");
+                    assert!(body["error"]["message"].as_str().unwrap().contains("loading"), "{body}");
+                    loading += 1;
+                }
+                200 => break (loading, body),
+                other => panic!("status {other} while loading: {body}"),
+            }
+        }
+    });
+    assert_eq!(ready, json!({"status": "ok"}));
+    assert!(server.stderr_all().contains("serving MCP on "), "ready, but not said: {}", server.stderr());
+    eprintln!("{loading} requests were answered 503 while the model loaded");
+    stop(server);
+}
+
 #[test]
 fn exposure_without_its_protection_is_refused_at_start() {
     // Refused before the model loads: no model is needed to see it.

@@ -129,7 +129,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
-    let local = tokio::task::LocalSet::new();
+    // Shared (never across threads) with the hook that answers requests
+    // while the model loads.
+    let runtime = std::rc::Rc::new(runtime);
+    let local = std::rc::Rc::new(tokio::task::LocalSet::new());
     let serving = matches!(cli.command, None | Some(Command::Serve));
     if !serving && (cli.http.is_some() || cli.remote.is_some() || cli.insecure_http) {
         anyhow::bail!("--http, --insecure-http and --remote go with serving (no command, or `serve`)");
@@ -162,7 +165,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Soak { seconds, seed }) => local.block_on(&runtime, reports::soak(seconds, seed)),
         Some(Command::Bench { runs, out }) => local.block_on(&runtime, reports::bench(&config, runs, out)),
     };
-    // Don't wait for the runtime's blocking pool (a stdin read may be parked there).
-    runtime.shutdown_timeout(Duration::from_millis(100));
+    // Don't wait for the runtime's blocking pool (a stdin read may be parked
+    // there). The tasks go first: they may hold handles into the runtime.
+    drop(local);
+    if let Ok(runtime) = std::rc::Rc::try_unwrap(runtime) {
+        runtime.shutdown_timeout(Duration::from_millis(100));
+    }
     result
 }

@@ -32,7 +32,7 @@ pub fn prompt(config: &Config) -> anyhow::Result<()> {
     std::io::stdin().read_to_string(&mut input).context("cannot read stdin")?;
     let cases: Vec<Case> = serde_json::from_str(&input)
         .context("stdin must be a JSON array of {\"messages\": [...], \"tools\"?: [...], \"plain\"?: [...]}")?;
-    let (mut engine, _handle) = Engine::load(&config.engine_settings())?;
+    let (mut engine, _handle) = Engine::load(&config.engine_settings(), None)?;
     let mut out = Vec::with_capacity(cases.len());
     for case in cases {
         out.push(engine.probe().inspect_prompt(&case.messages, case.tools.as_deref(), &case.plain)?);

@@ -50,7 +50,7 @@ pub const NEGATIVE_WORDS: [&str; 24] = [
 ];
 
 fn load(config: &Config) -> anyhow::Result<Engine> {
-    let (mut engine, _handle) = Engine::load(&config.measurement_settings())?;
+    let (mut engine, _handle) = Engine::load(&config.measurement_settings(), None)?;
     engine.probe().settle_steering();
     Ok(engine)
 }

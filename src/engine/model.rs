@@ -222,7 +222,10 @@ pub(super) struct Loaded {
 }
 
 /// Load the model and create its context (one KV sequence per slot).
-pub(super) fn load(settings: &EngineSettings) -> Result<Loaded, EngineError> {
+/// `between` runs, on this thread, at each step of reading the weights
+/// (llama.cpp's progress callback), so that a listener can answer while
+/// the model loads.
+pub(super) fn load(settings: &EngineSettings, between: Option<Box<dyn FnMut()>>) -> Result<Loaded, EngineError> {
     check_model_file(&settings.model_path)?;
     let backend = backend()?;
     super::rpc::attach(&settings.rpc_servers, settings.gpu_layers)?;
@@ -231,7 +234,15 @@ pub(super) fn load(settings: &EngineSettings) -> Result<Loaded, EngineError> {
     let n_ctx = settings.context_length.saturating_mul(parallel);
     let ctx_params = || context_params(settings, n_ctx, parallel, threads);
     let offload = super::gpu::plan(settings.gpu_layers, &settings.model_path, &ctx_params, settings.kv_cache_type.bytes_per_element(), backend)?;
-    let model = LlamaModel::load_from_file(backend, &settings.model_path, &offload.params)
+    let mut params = offload.params;
+    if let Some(mut between) = between {
+        let taken = *std::pin::Pin::into_inner(params);
+        params = Box::pin(taken.with_progress_callback(move |_| {
+            between();
+            true
+        }));
+    }
+    let model = LlamaModel::load_from_file(backend, &settings.model_path, &params)
         .map_err(|_| EngineError::ModelLoad(settings.model_path.clone()))?;
     // The model lives as long as the process: leaking it lets the context
     // borrow it for 'static.

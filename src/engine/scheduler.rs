@@ -100,9 +100,10 @@ pub struct Engine {
 
 impl Engine {
     /// Load the model and create the context on the calling thread, which
-    /// from then on is the only thread that may touch them.
-    pub fn load(settings: &EngineSettings) -> Result<(Engine, EngineHandle), EngineError> {
-        let loaded = model::load(settings)?;
+    /// from then on is the only thread that may touch them. `between` runs
+    /// on it while the weights are read (see [`model::load`]).
+    pub fn load(settings: &EngineSettings, between: Option<Box<dyn FnMut()>>) -> Result<(Engine, EngineHandle), EngineError> {
+        let loaded = model::load(settings, between)?;
         let ptrs = RawPtrs::recover(loaded.model, &loaded.ctx);
         if let Err(e) = &ptrs {
             tracing::warn!("llama-cpp-2's internals did not pass the startup check ({e}): no steering, and requests wait for long steps");

@@ -18,7 +18,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -29,6 +29,8 @@ use axum::response::{IntoResponse, Response};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use tokio::signal::unix::Signal;
+use tokio::sync::oneshot;
+use tower::ServiceExt as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -151,46 +153,37 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && bool::from(a.ct_eq(b))
 }
 
-/// Serve MCP over HTTP until SIGTERM or SIGINT; then every generation stops
-/// (running replies answer as cancelled) and the listener closes.
-pub async fn session(inference: Arc<Inference>, settings: HttpSettings, mut sigterm: Signal) -> anyhow::Result<()> {
+/// Serve MCP and the OpenAI API over HTTP until SIGTERM or SIGINT; then
+/// every generation stops (running replies answer as cancelled) and the
+/// listener closes. The listener is up before the model has loaded: until
+/// `loaded` gives the core, every request past the token check is a 503.
+pub async fn session(loaded: oneshot::Receiver<Arc<Inference>>, settings: HttpSettings, mut sigterm: Signal) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(settings.addr)
         .await
         .with_context(|| format!("cannot listen on {}", settings.addr))?;
-    let sessions = Arc::new(AtomicUsize::new(0));
     let stop = CancellationToken::new();
     let scheme = if settings.tls.is_some() { "https" } else { "http" };
     let local = listener.local_addr().unwrap_or(settings.addr);
     let origins = allowed_origins(&settings.allowed_origins, scheme, local);
-    let mut http = StreamableHttpServerConfig::default()
-        .with_cancellation_token(stop.child_token())
-        .with_allowed_hosts(settings.allowed_hosts.clone())
-        .with_allowed_origins(origins.clone())
-        .enforce_origin_validation()
-        .with_max_request_body_bytes(settings.max_body_bytes);
-    http.sse_keep_alive = Some(Duration::from_secs(15));
-    let mut manager = LocalSessionManager::default();
-    manager.session_config.keep_alive = Some(settings.session_idle);
-    let factory_inference = Arc::clone(&inference);
-    let factory_sessions = Arc::clone(&sessions);
-    let service = StreamableHttpService::new(
-        move || Ok(ElpisServer::for_session(Arc::clone(&factory_inference), SessionGuard::new(&factory_inference, &factory_sessions))),
-        manager.into(),
-        http,
-    );
-    let gate = Arc::new(Gate { token: settings.token.clone(), sessions, max_sessions: settings.max_sessions });
-    let openai = openai::router(Arc::clone(&inference), settings.max_body_bytes).layer(axum::middleware::from_fn_with_state(
-        Arc::new((origins, settings.allowed_hosts.clone())),
-        openai::origin_and_host,
-    ));
+    let routes: Arc<OnceLock<axum::Router>> = Arc::default();
+    let gate = Arc::new(Gate { token: settings.token.clone(), sessions: Arc::default(), max_sessions: settings.max_sessions });
     let app = axum::Router::new()
-        .nest_service("/mcp", service)
-        .merge(openai)
-        .layer(axum::middleware::from_fn_with_state(gate, self::gate));
-    tracing::info!("serving MCP on {scheme}://{local}/mcp and the OpenAI API on {scheme}://{local}/v1");
+        .fallback_service(tower::service_fn({
+            let routes = Arc::clone(&routes);
+            move |request: Request| {
+                let routes = routes.get().cloned();
+                async move {
+                    Ok::<Response, std::convert::Infallible>(match routes {
+                        Some(routes) => routes.oneshot(request).await.unwrap_or_else(|never| match never {}),
+                        None => loading(),
+                    })
+                }
+            }
+        }))
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&gate), self::gate));
     // Always said on stderr (never stdout), logs or not: with port 0 it is
-    // how a launcher learns the port.
-    eprintln!("elpis-server: serving MCP on {scheme}://{local}/mcp (OpenAI API: {scheme}://{local}/v1)");
+    // how a launcher learns the port, and the second line says it is ready.
+    eprintln!("elpis-server: listening on {scheme}://{local} (503 until the model has loaded)");
     let shutdown = {
         let stop = stop.clone();
         async move {
@@ -201,13 +194,63 @@ pub async fn session(inference: Arc<Inference>, settings: HttpSettings, mut sigt
             stop.cancel();
         }
     };
-    let served = match &settings.tls {
-        None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(anyhow::Error::from),
-        Some((cert, key)) => serve_tls(listener, app, tls_acceptor(cert, key)?, shutdown).await,
+    let serving = async {
+        match &settings.tls {
+            None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(anyhow::Error::from),
+            Some((cert, key)) => serve_tls(listener, app, tls_acceptor(cert, key)?, shutdown).await,
+        }
     };
+    tokio::pin!(serving);
+    let inference = tokio::select! {
+        loaded = loaded => match loaded {
+            Ok(inference) => inference,
+            Err(_) => anyhow::bail!("the model did not load"),
+        },
+        served = &mut serving => return served,
+    };
+    let _ = routes.set(self::routes(&inference, &settings, &gate, origins, stop.child_token()));
+    tracing::info!("serving MCP on {scheme}://{local}/mcp and the OpenAI API on {scheme}://{local}/v1");
+    eprintln!("elpis-server: serving MCP on {scheme}://{local}/mcp (OpenAI API: {scheme}://{local}/v1)");
+    let served = serving.await;
     inference.cancel_all();
     tracing::info!("shut down");
     served
+}
+
+/// What every request past the token check gets while the model loads:
+/// 503 with OpenAI's error object (as llama-server answers then), and when
+/// to try again.
+fn loading() -> Response {
+    let body = serde_json::json!({"error": {"message": "the model is loading: try again shortly", "type": "unavailable_error", "param": null, "code": 503}});
+    let mut response = (StatusCode::SERVICE_UNAVAILABLE, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
+    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
+/// The routes over the loaded core: MCP at `/mcp` (rmcp's own Origin and
+/// Host checks) and the OpenAI API (the same rules, as a layer).
+fn routes(inference: &Arc<Inference>, settings: &HttpSettings, gate: &Arc<Gate>, origins: Vec<String>, stop: CancellationToken) -> axum::Router {
+    let mut http = StreamableHttpServerConfig::default()
+        .with_cancellation_token(stop)
+        .with_allowed_hosts(settings.allowed_hosts.clone())
+        .with_allowed_origins(origins.clone())
+        .enforce_origin_validation()
+        .with_max_request_body_bytes(settings.max_body_bytes);
+    http.sse_keep_alive = Some(Duration::from_secs(15));
+    let mut manager = LocalSessionManager::default();
+    manager.session_config.keep_alive = Some(settings.session_idle);
+    let factory_inference = Arc::clone(inference);
+    let factory_sessions = Arc::clone(&gate.sessions);
+    let service = StreamableHttpService::new(
+        move || Ok(ElpisServer::for_session(Arc::clone(&factory_inference), SessionGuard::new(&factory_inference, &factory_sessions))),
+        manager.into(),
+        http,
+    );
+    let openai = openai::router(Arc::clone(inference), settings.max_body_bytes).layer(axum::middleware::from_fn_with_state(
+        Arc::new((origins, settings.allowed_hosts.clone())),
+        openai::origin_and_host,
+    ));
+    axum::Router::new().nest_service("/mcp", service).merge(openai)
 }
 
 /// A TLS acceptor from PEM files (the certificate chain and its key).

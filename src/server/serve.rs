@@ -3,6 +3,7 @@
 //! arrives, even in the middle of a generation.
 
 use std::future::Future;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use anyhow::Context as _;
 use rmcp::ServiceExt;
 use tokio::runtime::Runtime;
 use tokio::signal::unix::Signal;
+use tokio::sync::oneshot;
 use tokio::task::LocalSet;
 use tokio_util::sync::CancellationToken;
 
@@ -34,31 +36,75 @@ const FLUSH_LIMIT: Duration = Duration::from_secs(10);
 /// result. The engine stops when the session ends. The `chat` command uses
 /// it too.
 pub fn with_engine<T, Fut>(
-    runtime: &Runtime,
-    local: &LocalSet,
+    runtime: &Rc<Runtime>,
+    local: &Rc<LocalSet>,
     config: &Config,
     settings: EngineSettings,
-    session: impl FnOnce(Arc<Inference>) -> Fut,
+    session: impl FnOnce(Arc<Inference>) -> Fut + 'static,
 ) -> anyhow::Result<T>
 where
     T: 'static,
     Fut: Future<Output = anyhow::Result<T>> + 'static,
 {
-    let (engine, handle) = Engine::load(&settings)?;
-    let mood = Arc::new(Mood::new(config.emotion.clone()));
-    let steering_mood = Arc::clone(&mood);
-    handle.steer_with(Box::new(move || steering_mood.steering()));
-    let inference = Arc::new(Inference::new(handle, mood, config.model.clone(), &config.server));
+    while_loading(runtime, local, config, settings, |loaded| async move {
+        match loaded.await {
+            Ok(inference) => session(inference).await,
+            Err(_) => anyhow::bail!("the model did not load"),
+        }
+    })
+}
+
+/// As [`with_engine`], but the session starts before the model loads: it
+/// gets the core once it is ready, and the runtime's tasks run while the
+/// weights are read (a listener answers "loading" meanwhile).
+pub fn while_loading<T, Fut>(
+    runtime: &Rc<Runtime>,
+    local: &Rc<LocalSet>,
+    config: &Config,
+    settings: EngineSettings,
+    session: impl FnOnce(oneshot::Receiver<Arc<Inference>>) -> Fut,
+) -> anyhow::Result<T>
+where
+    T: 'static,
+    Fut: Future<Output = anyhow::Result<T>> + 'static,
+{
     let over = CancellationToken::new();
     let session_over = over.clone();
-    let session = session(inference);
+    let (ready, loaded) = oneshot::channel();
+    let session = session(loaded);
     let task = local.spawn_local(async move {
         let result = session.await;
         session_over.cancel();
         result
     });
+    let (engine, handle) = Engine::load(&settings, Some(answer_while_loading(runtime, local)))?;
+    let mood = Arc::new(Mood::new(config.emotion.clone()));
+    let steering_mood = Arc::clone(&mood);
+    handle.steer_with(Box::new(move || steering_mood.steering()));
+    let _ = ready.send(Arc::new(Inference::new(handle, mood, config.model.clone(), &config.server)));
     engine.drive(runtime, local, &over);
     local.block_on(runtime, task).map_err(|e| anyhow::anyhow!("the session stopped abnormally: {e}"))?
+}
+
+/// The runtime's ready tasks, run from inside the model's load every few
+/// milliseconds, each run bounded: the load is on this thread, so this is
+/// the only way anything is answered meanwhile. Nothing that runs can reach
+/// the engine: it does not exist yet.
+fn answer_while_loading(runtime: &Rc<Runtime>, local: &Rc<LocalSet>) -> Box<dyn FnMut()> {
+    const EVERY: Duration = Duration::from_millis(5);
+    const ROUNDS: usize = 8;
+    let (runtime, local) = (Rc::clone(runtime), Rc::clone(local));
+    let mut last = std::time::Instant::now();
+    Box::new(move || {
+        if last.elapsed() >= EVERY {
+            local.block_on(&runtime, async {
+                for _ in 0..ROUNDS {
+                    tokio::task::yield_now().await;
+                }
+            });
+            last = std::time::Instant::now();
+        }
+    })
 }
 
 /// Where MCP is served.
@@ -87,7 +133,7 @@ impl Listen {
 }
 
 /// Serve MCP until the client goes, stdin closes or a signal comes.
-pub fn serve(runtime: &Runtime, local: &LocalSet, config: Config, listen: Listen) -> anyhow::Result<()> {
+pub fn serve(runtime: &Rc<Runtime>, local: &Rc<LocalSet>, config: Config, listen: Listen) -> anyhow::Result<()> {
     // Listening before the model loads: a SIGTERM during the load is an
     // orderly end too, not a kill.
     let sigterm = {
@@ -97,7 +143,8 @@ pub fn serve(runtime: &Runtime, local: &LocalSet, config: Config, listen: Listen
     let settings = config.engine_settings();
     match listen {
         Listen::Stdio => with_engine(runtime, local, &config.clone(), settings, move |inference| session(config, inference, sigterm)),
-        Listen::Http(http) => with_engine(runtime, local, &config, settings, move |inference| http::session(inference, http, sigterm)),
+        // The listener is up while the model loads, answering 503.
+        Listen::Http(http) => while_loading(runtime, local, &config, settings, move |loaded| http::session(loaded, http, sigterm)),
         // No model here: the remote has it.
         Listen::Remote(url) => local.block_on(runtime, bridge::bridge(&config, &url)),
     }

@@ -186,7 +186,7 @@ pub async fn bench(config: &Config, options: &BenchOptions) -> anyhow::Result<Be
 /// missing): the steering rows and the first stream need them. False when
 /// steering is unavailable.
 fn prepare_vectors(config: &Config) -> anyhow::Result<bool> {
-    let (mut engine, _handle) = Engine::load(&config.measurement_settings())?;
+    let (mut engine, _handle) = Engine::load(&config.measurement_settings(), None)?;
     let mut probe = engine.probe();
     probe.settle_steering();
     if probe.steering_report().enabled {
@@ -206,7 +206,7 @@ fn prepare_vectors(config: &Config) -> anyhow::Result<bool> {
 /// greedy, one sequence, best of three interleaved runs of 128 tokens, on an
 /// engine of this process; zeros when the model has no vectors.
 pub fn steering_speed(config: &Config) -> anyhow::Result<(f64, f64)> {
-    let (mut engine, _handle) = Engine::load(&config.measurement_settings())?;
+    let (mut engine, _handle) = Engine::load(&config.measurement_settings(), None)?;
     let mut engine = engine.probe();
     engine.settle_steering();
     if !engine.steering_report().enabled {
