@@ -132,6 +132,70 @@ fn random_lines_and_arguments_never_break_the_server() {
     server.shutdown();
 }
 
+/// Random JSON schemas, built from the keywords the converter reads
+/// (types, properties, required, enums, patterns, formats, refs,
+/// combinators, bounds), with junk among them.
+fn schema() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        proptest::sample::select(vec!["string", "integer", "number", "boolean", "null", "object", "array", "bogus"])
+            .prop_map(|t| json!({"type": t})),
+        proptest::sample::select(vec!["^[a-z]+$", "(", "[a-", "\\d{2,1}", "a{99999}", ".*", "(?i)x", "\\p{L}", ""])
+            .prop_map(|p| json!({"type": "string", "pattern": p})),
+        proptest::sample::select(vec!["date", "date-time", "uuid", "email", "time", "nonsense"]).prop_map(|f| json!({"type": "string", "format": f})),
+        (any::<i64>(), any::<i64>()).prop_map(|(a, b)| json!({"type": "integer", "minimum": a, "maximum": b})),
+        (0u64..5, 0u64..100_000).prop_map(|(a, b)| json!({"type": "string", "minLength": b, "maxLength": a})),
+        proptest::collection::vec(json_value(), 0..4).prop_map(|e| json!({"enum": e})),
+        json_value().prop_map(|c| json!({"const": c})),
+        proptest::sample::select(vec!["#/nowhere", "#", "#/$defs/a", "http://example.com/s.json", ""]).prop_map(|r| json!({"$ref": r})),
+        json_value(),
+    ];
+    leaf.prop_recursive(3, 16, 3, |inner| {
+        prop_oneof![
+            proptest::collection::btree_map("[a-z]{1,6}", inner.clone(), 0..3).prop_map(|props| {
+                let required: Vec<&String> = props.keys().collect();
+                json!({"type": "object", "properties": props, "required": required, "additionalProperties": false})
+            }),
+            (inner.clone(), 0u64..4, 0u64..4).prop_map(|(items, lo, hi)| json!({"type": "array", "items": items, "minItems": lo, "maxItems": hi})),
+            proptest::collection::vec(inner.clone(), 0..3).prop_map(|v| json!({"anyOf": v})),
+            proptest::collection::vec(inner.clone(), 0..3).prop_map(|v| json!({"allOf": v})),
+            (inner.clone(), inner).prop_map(|(a, b)| json!({"$defs": {"a": a}, "oneOf": [b, {"$ref": "#/$defs/a"}]})),
+        ]
+    })
+}
+
+/// The JSON-schema-to-grammar converter (llama.cpp's, reached through
+/// `response_format`) on random schemas: each request is answered, a reply
+/// or an error naming response_format, and the server goes on serving.
+#[test]
+fn random_schemas_never_break_the_server() {
+    let server = Mutex::new(Server::start(&[("ELPIS_MODEL_N_THREADS", "1"), ("ELPIS_LOGGING_LEVEL", "warn")]));
+    let mut runner = TestRunner::new_with_rng(Config { cases: cases(), failure_persistence: None, ..Config::default() }, rng());
+    let refused = std::cell::Cell::new(0u32);
+    let outcome = runner.run(&schema(), |schema| {
+        let mut s = server.lock().unwrap();
+        let format = json!({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}});
+        let id = s.request_tool("generate", json!({"messages": user("x"), "max_tokens": 2, "temperature": 0, "response_format": format}));
+        let response = s.wait_timed(&id, Duration::from_secs(120)).0;
+        let r = parse_tool_response(&response);
+        if r.is_error {
+            let error = r.value["error"].as_str().unwrap_or_default().to_string();
+            prop_assert!(error.contains("response_format") || error.contains("schema") || error.contains("grammar"), "{error}");
+            refused.set(refused.get() + 1);
+        } else {
+            prop_assert!(r.value["content"].is_string());
+        }
+        let ping = s.request_tool("get_emotion", json!({}));
+        prop_assert!(parse_tool_response(&s.wait_timed(&ping, Duration::from_secs(60)).0).value.get("valence").is_some());
+        Ok(())
+    });
+    let server = server.into_inner().unwrap();
+    eprintln!("random schemas: {} cases, {} refused with an error", cases(), refused.get());
+    if let Err(e) = outcome {
+        panic!("{e}\nstderr:\n{}", server.stderr());
+    }
+    server.shutdown();
+}
+
 #[test]
 fn named_hostile_inputs() {
     let mut s = Server::start(&[("ELPIS_MODEL_N_THREADS", "1"), ("ELPIS_MODEL_MAX_TOKENS", "8")]);

@@ -401,9 +401,14 @@ fn read_header(path: &Path) -> Result<(Header, Vec<LlamaToken>, u64), String> {
     let mut header = vec![0u8; header_len];
     f.read_exact(&mut header).map_err(|_| "it is truncated".to_string())?;
     let header: Header = serde_json::from_slice(&header).map_err(|e| format!("its header is corrupt ({e})"))?;
-    let expected = 12 + header_len as u64 + header.tokens as u64 * 4 + header.payload as u64 + 32;
-    if length != expected {
-        return Err(format!("it is {length} bytes where its header says {expected} (truncated or corrupt)"));
+    // Sizes from the file are checked, never trusted to fit: a corrupt
+    // header must not overflow the sum (nor allocate what it claims).
+    let expected = (header.tokens as u64)
+        .checked_mul(4)
+        .and_then(|t| t.checked_add(header.payload as u64))
+        .and_then(|n| n.checked_add(12 + header_len as u64 + 32));
+    if expected != Some(length) {
+        return Err(format!("it is {length} bytes where its header says {} (truncated or corrupt)", expected.map_or("more".to_string(), |e| e.to_string())));
     }
     let mut raw = vec![0u8; header.tokens * 4];
     f.read_exact(&mut raw).map_err(|_| "it is truncated".to_string())?;
@@ -437,3 +442,7 @@ fn read_payload(path: &Path, tokens: usize, between: &mut dyn FnMut()) -> Result
     }
     Ok(body.split_off(body_len - header.payload))
 }
+
+#[cfg(test)]
+#[path = "prompt_cache_tests.rs"]
+mod tests;

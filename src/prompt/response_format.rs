@@ -64,6 +64,7 @@ pub fn schema(response_format: Option<&Value>) -> Result<Option<Value>, String> 
                 return Err(format!("response_format.json_schema.schema must be a JSON schema object, not {schema}"));
             }
             check(schema, "response_format.json_schema.schema")?;
+            within_grammar_bounds(schema, "response_format.json_schema.schema")?;
             Ok(Some(schema.clone()))
         }
         _ => Err(format!(
@@ -125,6 +126,76 @@ fn check(schema: &Value, path: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The largest count a schema may ask the grammar to repeat something:
+/// llama.cpp's converter writes a repetition out in full, and a lower bound
+/// above the upper one sends it into a loop that never ends (found by
+/// `tests/hostile.rs`: `{"minLength": 543, "maxLength": 1}` hung the server).
+pub const MAX_REPEAT: u64 = 4096;
+
+/// Every bound in `schema` (at `path`, at any depth: tool parameters too)
+/// is one the grammar can hold: counts and lengths whole numbers up to
+/// [`MAX_REPEAT`], a lower bound never above its upper one, in the schema's
+/// keywords and in the repetitions (`{n,m}`) of its patterns.
+pub fn within_grammar_bounds(schema: &Value, path: &str) -> Result<(), String> {
+    match schema {
+        Value::Array(items) => items.iter().enumerate().try_for_each(|(i, v)| within_grammar_bounds(v, &format!("{path}[{i}]"))),
+        Value::Object(map) => {
+            for (low, high) in [("minLength", "maxLength"), ("minItems", "maxItems"), ("minProperties", "maxProperties")] {
+                let count = |key: &str| -> Result<Option<u64>, String> {
+                    match map.get(key) {
+                        None => Ok(None),
+                        Some(v) => match v.as_u64().filter(|n| *n <= MAX_REPEAT) {
+                            Some(n) => Ok(Some(n)),
+                            None => Err(format!("{path}.{key} = {v} cannot be held by the reply's grammar: a whole number up to {MAX_REPEAT}")),
+                        },
+                    }
+                };
+                if let (Some(lo), Some(hi)) = (count(low)?, count(high)?) {
+                    if lo > hi {
+                        return Err(format!("{path}: {low} = {lo} is above {high} = {hi}: no reply could satisfy it"));
+                    }
+                }
+            }
+            let number = |key: &str| map.get(key).and_then(Value::as_f64);
+            if let (Some(lo), Some(hi)) = (number("minimum"), number("maximum")) {
+                if lo > hi {
+                    return Err(format!("{path}: minimum = {lo} is above maximum = {hi}: no reply could satisfy it"));
+                }
+            }
+            if let Some(pattern) = map.get("pattern").and_then(Value::as_str) {
+                pattern_bounds(pattern, &format!("{path}.pattern"))?;
+            }
+            map.iter().try_for_each(|(key, v)| within_grammar_bounds(v, &format!("{path}.{key}")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The `{n}`, `{n,}` and `{n,m}` repetitions of a pattern, as the keywords.
+fn pattern_bounds(pattern: &str, path: &str) -> Result<(), String> {
+    let mut rest = pattern;
+    while let Some(open) = rest.find('{') {
+        let escaped = rest[..open].ends_with('\\') && !rest[..open].ends_with("\\\\");
+        let after = &rest[open + 1..];
+        let Some(close) = after.find('}') else { break };
+        let inside = &after[..close];
+        rest = &after[close + 1..];
+        if escaped || inside.is_empty() || !inside.chars().all(|c| c.is_ascii_digit() || c == ',') {
+            continue;
+        }
+        let (lo, hi) = inside.split_once(',').unwrap_or((inside, inside));
+        let parse = |s: &str| if s.is_empty() { Ok(None) } else { s.parse::<u64>().ok().filter(|n| *n <= MAX_REPEAT).map(Some).ok_or(()) };
+        match (parse(lo), parse(hi)) {
+            (Ok(Some(lo)), Ok(Some(hi))) if lo > hi => {
+                return Err(format!("{path}: the repetition {{{inside}}} has its lower bound above its upper one"));
+            }
+            (Ok(_), Ok(_)) => {}
+            _ => return Err(format!("{path}: the repetition {{{inside}}} cannot be held by the reply's grammar: counts up to {MAX_REPEAT}")),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,5 +215,19 @@ mod tests {
         assert!(e.contains("properties.a.uniqueItems") && e.contains("cannot be enforced"), "{e}");
         let loose = json!({"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "[a-z]+"}}});
         assert!(schema(Some(&loose)).unwrap_err().contains("anchored"));
+        for (bad, word) in [
+            (json!({"type": "string", "minLength": 543, "maxLength": 1}), "minLength = 543 is above maxLength = 1"),
+            (json!({"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 1}), "minItems = 2"),
+            (json!({"type": "string", "maxLength": 1_000_000}), "maxLength = 1000000"),
+            (json!({"type": "string", "maxLength": -1}), "maxLength = -1"),
+            (json!({"type": "integer", "minimum": 5, "maximum": 1}), "minimum = 5"),
+            (json!({"type": "string", "pattern": "^\\d{2,1}$"}), "repetition {2,1}"),
+            (json!({"type": "string", "pattern": "^a{99999}$"}), "repetition {99999}"),
+        ] {
+            let e = schema(Some(&json!({"type": "json_schema", "json_schema": {"schema": bad}}))).unwrap_err();
+            assert!(e.contains(word), "{e}");
+        }
+        let fine = json!({"type": "string", "pattern": "^\\{x}\\d{2,4}$", "minLength": 2, "maxLength": 9});
+        assert!(schema(Some(&json!({"type": "json_schema", "json_schema": {"schema": fine}}))).is_ok());
     }
 }

@@ -45,6 +45,7 @@ pub fn parse_tools(tools: &[Value]) -> Result<Vec<ToolSpec>, String> {
             Some(p @ Value::Object(_)) => p.clone(),
             Some(_) => return Err(format!("tools[{i}].function.parameters must be a JSON schema object")),
         };
+        super::response_format::within_grammar_bounds(&parameters, &format!("tools[{i}].function.parameters"))?;
         let description = function.get("description").and_then(Value::as_str).unwrap_or("").to_string();
         specs.push(ToolSpec { name: name.to_string(), description, parameters });
     }

@@ -753,4 +753,61 @@ mod tests {
         assert!(matches!(r.admit(&kind(full)), Admit::Pass));
         assert!(r.ledger.with(|s| s.begun));
     }
+
+    /// Random lines, and real requests cut, spliced and bit-flipped: the
+    /// classifier never panics, a line holding a request (an object with an
+    /// id and a method) always goes on or is answered, never dropped, and
+    /// every answer is JSON-RPC with an error and the request's id when it
+    /// can be read. Fixed cases; ELPIS_PROPTEST_CASES runs more.
+    #[test]
+    fn random_lines_are_passed_on_or_answered() {
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+        let cases = std::env::var("ELPIS_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
+        let mut runner = TestRunner::new_with_rng(
+            Config { cases, failure_persistence: None, ..Config::default() },
+            TestRng::from_seed(RngAlgorithm::ChaCha, &[7; 32]),
+        );
+        const REAL: [&str; 4] = [
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"generate","arguments":{"messages":[]}}}"#,
+            r#"{"jsonrpc":"2.0","id":"a","method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"x","version":"1"}}}"#,
+            r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":1}}"#,
+            r#"[{"jsonrpc":"2.0","id":2,"method":"ping"}]"#,
+        ];
+        let mutated = (proptest::sample::select(&REAL[..]), any::<proptest::sample::Index>(), any::<proptest::sample::Index>(), any::<u8>(), any::<bool>())
+            .prop_map(|(line, cut, flip, bit, splice)| {
+                let mut bytes = line.as_bytes().to_vec();
+                if splice {
+                    bytes.truncate(cut.index(bytes.len() + 1));
+                }
+                let at = flip.index(bytes.len().max(1));
+                if let Some(b) = bytes.get_mut(at) {
+                    *b ^= 1 << (bit % 8);
+                }
+                bytes
+            });
+        let line = prop_oneof![proptest::collection::vec(any::<u8>(), 0..200), "\\PC{0,200}".prop_map(String::into_bytes), mutated];
+        let outcome = runner.run(&line, |bytes| {
+            let parsed: Option<Value> = std::str::from_utf8(&bytes).ok().and_then(|t| serde_json::from_str(t.trim_start_matches('\u{feff}')).ok());
+            let request_id = parsed.as_ref().filter(|v| v.get("method").is_some()).and_then(|v| v.get("id")).filter(|id| id.is_string() || id.is_number()).cloned();
+            match classify(&bytes) {
+                Line::Answer(text) => {
+                    let answer: Value = serde_json::from_str(&text).map_err(|e| TestCaseError::fail(format!("{e}: {text}")))?;
+                    let answers = answer.as_array().cloned().unwrap_or_else(|| vec![answer.clone()]);
+                    for a in &answers {
+                        prop_assert!(a["jsonrpc"] == "2.0" && a["error"]["message"].is_string(), "{}", a);
+                    }
+                    if let Some(id) = request_id {
+                        prop_assert_eq!(&answer["id"], &id);
+                    }
+                }
+                Line::Empty | Line::Silent => prop_assert!(request_id.is_none(), "a request was dropped: {}", String::from_utf8_lossy(&bytes)),
+                Line::Message(..) => {}
+            }
+            Ok(())
+        });
+        if let Err(e) = outcome {
+            panic!("{e}");
+        }
+    }
 }

@@ -6,6 +6,7 @@
 //! the error names the argument the same way for both faces.
 
 use schemars::JsonSchema;
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -120,4 +121,29 @@ pub struct UpdateEmotionArgs {
     /// Free text, logged.
     #[serde(default)]
     pub context: Option<String>,
+}
+
+/// Arguments that do not have the types they must.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArgsError {
+    /// The offending field's path (`top_p`, `messages[0].role`), when one
+    /// can be named.
+    pub path: Option<String>,
+    pub message: String,
+}
+
+/// Arguments of type `T` from JSON; the error names the offending field.
+pub fn from_value<T: DeserializeOwned>(value: Value) -> Result<T, ArgsError> {
+    let error = |e: serde_path_to_error::Error<serde_json::Error>| {
+        let path = e.path().to_string();
+        ArgsError { path: Some(path).filter(|p| p != "." && !p.is_empty()), message: e.inner().to_string() }
+    };
+    serde_path_to_error::deserialize(value.clone()).map_err(|e| {
+        // A flattened field's error comes without its path: the controls
+        // parsed alone name it.
+        match serde_path_to_error::deserialize::<_, Controls>(value) {
+            Err(inner) if e.path().to_string() == "." => error(inner),
+            _ => error(e),
+        }
+    })
 }

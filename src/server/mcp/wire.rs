@@ -7,7 +7,8 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::server::core::controls::{MAX_STOPS, MAX_STOP_BYTES, MAX_TOP_LOGPROBS};
-use crate::server::core::{Controls, FunctionCallArgs, GenerateArgs, UpdateEmotionArgs};
+use crate::server::core::args::from_value;
+use crate::server::core::{FunctionCallArgs, GenerateArgs, UpdateEmotionArgs};
 
 /// `generate_stream_read` and `generate_stream_cancel`.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
@@ -22,22 +23,9 @@ pub struct NoArgs {}
 
 /// Parse tool arguments; the error names the offending argument.
 pub fn parse_args<T: DeserializeOwned>(tool: &str, arguments: Option<Map<String, Value>>) -> Result<T, String> {
-    let value = Value::Object(arguments.unwrap_or_default());
-    let describe = |e: serde_path_to_error::Error<serde_json::Error>| {
-        let path = e.path().to_string();
-        if path == "." || path.is_empty() {
-            format!("invalid arguments for {tool}: {}", e.inner())
-        } else {
-            format!("invalid argument {path} for {tool}: {}", e.inner())
-        }
-    };
-    serde_path_to_error::deserialize(value.clone()).map_err(|e| {
-        // A flattened field's error comes without its path: the controls
-        // parsed alone name it.
-        match serde_path_to_error::deserialize::<_, Controls>(value) {
-            Err(inner) if e.path().to_string() == "." => describe(inner),
-            _ => describe(e),
-        }
+    from_value(Value::Object(arguments.unwrap_or_default())).map_err(|e| match e.path {
+        Some(path) => format!("invalid argument {path} for {tool}: {}", e.message),
+        None => format!("invalid arguments for {tool}: {}", e.message),
     })
 }
 

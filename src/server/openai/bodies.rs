@@ -4,6 +4,7 @@
 
 use serde_json::{json, Map, Value};
 
+use crate::server::core::args::from_value;
 use crate::server::core::GenerateArgs;
 
 /// A body that cannot be served: `param` names the field.
@@ -170,10 +171,9 @@ fn arguments(mut args: Map<String, Value>, prompt: Option<String>) -> Result<Gen
     if args.get("response_format").and_then(|f| f.get("type")).and_then(Value::as_str) == Some("text") {
         args.remove("response_format");
     }
-    let mut parsed: GenerateArgs = serde_path_to_error::deserialize(Value::Object(args)).map_err(|e| {
-        let path = e.path().to_string();
-        let field = path.split(['.', '[']).next().unwrap_or("body").to_string();
-        bad(&field, format!("{path}: {}", e.inner()))
+    let mut parsed: GenerateArgs = from_value(Value::Object(args)).map_err(|e| match e.path {
+        Some(path) => bad(path.split(['.', '[']).next().unwrap_or("body"), format!("{path}: {}", e.message)),
+        None => bad("body", e.message),
     })?;
     parsed.prompt = prompt;
     Ok(parsed)
