@@ -40,7 +40,7 @@ fn a_grammar_no_token_can_continue_ends_the_job_not_the_process() {
     let (config, _) = Config::load_with_env(None, &env).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let local = tokio::task::LocalSet::new();
-    let (engine, handle) = Engine::load(&config.engine_settings()).unwrap();
+    let (engine, handle) = Engine::load(&config.engine_settings(), None).unwrap();
     let over = tokio_util::sync::CancellationToken::new();
     let done = over.clone();
     // The session is a task; this thread drives the engine, as the server does.

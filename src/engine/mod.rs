@@ -62,6 +62,14 @@ pub use request::{
 };
 pub use rpc::serve_worker;
 pub use scheduler::Engine;
+
+/// Whether the caller runs inside a decode step: a task the engine's
+/// thread runs between the graph nodes of a step (ggml's other threads
+/// waiting). Nothing there may touch the context; this only says where a
+/// request was answered.
+pub fn inside_a_step() -> bool {
+    sys::decoding()
+}
 pub use speculative::Speculation;
 pub use steering::{default_layers, SteeringReport, SteeringSettings};
 pub use text::TextDecoder;

@@ -237,6 +237,7 @@ impl Inference {
 
     /// `generate_stream_read`.
     pub fn stream_read(&self, owner: Owner, stream_id: &str) -> Result<Value, RequestError> {
+        self.metrics.quick_call();
         let read = self.streams().read(owner, stream_id)?;
         let mut out = json!({
             "stream_id": stream_id,
@@ -261,6 +262,7 @@ impl Inference {
 
     /// `generate_stream_cancel`.
     pub fn stream_cancel(&self, owner: Owner, stream_id: &str) -> Result<Value, RequestError> {
+        self.metrics.quick_call();
         self.streams().cancel(owner, stream_id)?;
         Ok(json!({"status": "cancelled", "stream_id": stream_id}))
     }
@@ -326,6 +328,7 @@ impl Inference {
 
     /// `update_emotion`.
     pub fn update_emotion(&self, args: UpdateEmotionArgs) -> Result<Value, RequestError> {
+        self.metrics.quick_call();
         let intensity = args.intensity.unwrap_or(1.0);
         if !intensity.is_finite() {
             return Err(RequestError::invalid(format!("intensity = {intensity} is invalid: give a number (clamped to 0..2)")));
@@ -338,10 +341,12 @@ impl Inference {
     }
 
     pub fn reset_emotion(&self) -> Value {
+        self.metrics.quick_call();
         json!(self.mood.reset())
     }
 
     pub fn get_emotion(&self) -> Value {
+        self.metrics.quick_call();
         json!(self.mood.snapshot())
     }
 

@@ -29,6 +29,11 @@ pub struct Totals {
     pub queue_seconds: f64,
     pub prompt_seconds: f64,
     pub reply_seconds: f64,
+    /// Quick calls (mood, stream reads and cancels, metrics, capabilities)
+    /// answered, and how many of them inside a decode step rather than
+    /// between steps.
+    pub quick_calls: u64,
+    pub quick_calls_inside_steps: u64,
 }
 
 pub struct Metrics {
@@ -53,6 +58,15 @@ impl Metrics {
 
     pub fn refused(&self) {
         self.with(|t| t.refused_busy += 1);
+    }
+
+    /// A quick call is being answered, inside a decode step or not.
+    pub fn quick_call(&self) {
+        let inside = crate::engine::inside_a_step();
+        self.with(|t| {
+            t.quick_calls += 1;
+            t.quick_calls_inside_steps += u64::from(inside);
+        });
     }
 
     pub fn failed(&self) {
