@@ -211,7 +211,7 @@ fn the_server_is_a_core_with_faces_and_transports() {
         let rank = match first.as_str() {
             "core" => 0,
             "mcp" | "openai" => 1,
-            "transport" => 2,
+            "transport" | "upstream" => 2,
             "http" | "bridge" => 3,
             "serve" => 4,
             other => panic!("server::{other} has no room: add it to this test and to server/mod.rs's doc"),

@@ -170,6 +170,38 @@ fn the_disk_bound_holds_and_a_cut_save_is_never_loaded() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A disk that refuses the save (here a file-size limit, whose EFBIG takes
+/// the same path as ENOSPC): a warning, no entry and no temporary file
+/// left, and serving goes on.
+#[test]
+fn a_full_disk_while_saving_is_a_warning_and_serving_goes_on() {
+    let dir = cache_dir("full");
+    let path = dir.display().to_string();
+    // Writes past 1 MiB fail (SIGXFSZ ignored, so they fail rather than kill).
+    let wrapper = ["sh", "-c", "trap '' XFSZ; exec prlimit --fsize=1048576 \"$0\" \"$@\""];
+    let env = [("ELPIS_MODEL_N_THREADS", "1"), ("ELPIS_CACHE_DIR", path.as_str()), ("ELPIS_SERVER_PROMPT_CACHE_DISK_MIB", "256")];
+    let mut s = Server::start_under(&wrapper, &env);
+    for persona in 0..3 {
+        let out = ask(&mut s, 40 + persona, "Hello.");
+        assert!(out["usage"]["completion_tokens"].as_u64().unwrap() > 0, "{out}");
+    }
+    // Whatever saves have run so far failed.
+    let caps = s.tool("get_capabilities", json!({})).ok();
+    assert_eq!(caps["prompt_cache"]["disk_entries"], 0, "{caps}");
+    let again = ask(&mut s, 40, "Hello.");
+    assert!(cached(&again) > 0, "the RAM tier still serves: {again}");
+    s.close_stdin();
+    let status = s.wait_exit(std::time::Duration::from_secs(120));
+    let stderr = s.stderr_all();
+    assert!(status.success(), "{status:?}\n{stderr}");
+    let warning = stderr.lines().find(|l| l.contains("cannot save a prompt"));
+    let warning = warning.unwrap_or_else(|| panic!("no warning for the refused save:\n{stderr}"));
+    eprintln!("{warning}");
+    let (kv, partial) = entries(&dir);
+    assert!(kv.is_empty() && partial.is_empty(), "a refused save left files: {kv:?} {partial:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Three conversations on two slots: the one that lost its slot gets its
 /// prefix back from RAM when it returns.
 #[test]

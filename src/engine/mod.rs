@@ -60,7 +60,7 @@ pub use request::{
     Completion, EngineError, FinishReason, GenerationEvent, GenerationRequest, Grammar, Interest, SamplingParams, Timings,
     TokenLogprob, TopLogprob, Usage,
 };
-pub use rpc::serve_worker;
+pub use rpc::{serve_worker, RESTARTED_ENV};
 pub use scheduler::Engine;
 
 /// Whether the caller runs inside a decode step: a task the engine's

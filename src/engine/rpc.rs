@@ -7,7 +7,10 @@
 //! here first: one that is down is a clear error at start. A worker that
 //! dies mid-session still makes llama.cpp abort (nothing can run the layers
 //! it held); the abort hook finds which worker no longer answers and says so
-//! in the log and on stderr before the process ends.
+//! in the log and on stderr before the process ends. That process is the
+//! engine half of a supervised pair (`server::bridge`): the half Psyche
+//! spawned answers what was owed with that line, and starts the engine
+//! again, which goes on without the workers still down.
 //!
 //! ggml's RPC has no authentication and no encryption: a worker is for a
 //! network you trust, and `rpc-worker` refuses a non-loopback address unless
@@ -20,6 +23,10 @@ use super::gpu::GpuLayers;
 use super::request::EngineError;
 use super::sys;
 
+/// Set by the supervisor (see `server::bridge`) in the environment of a
+/// server it restarted after losing a worker, to why it did.
+pub const RESTARTED_ENV: &str = "ELPIS_RESTARTED_AFTER";
+
 /// How long a probe waits for a worker to accept.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -29,8 +36,20 @@ pub(super) fn attach(workers: &[String], gpu_layers: GpuLayers) -> Result<(), En
     if workers.is_empty() {
         return Ok(());
     }
+    // Restarted by the supervisor after a worker was lost: go on without
+    // the workers that are still down (their layers run here).
+    let restarted = std::env::var(RESTARTED_ENV).ok().filter(|why| !why.is_empty());
+    let mut kept = Vec::new();
     for worker in workers {
-        probe(worker).map_err(EngineError::Rpc)?;
+        match (probe(worker), &restarted) {
+            (Ok(()), _) => kept.push(worker.clone()),
+            (Err(e), Some(why)) => tracing::warn!("restarted after an RPC worker was lost ({why}): going on without it: {e}"),
+            (Err(e), None) => return Err(EngineError::Rpc(e)),
+        }
+    }
+    let workers = &kept[..];
+    if workers.is_empty() {
+        return Ok(());
     }
     let names = workers.to_vec();
     sys::on_ggml_abort(Box::new(move |message| lost(&names, message)));
@@ -113,7 +132,7 @@ fn lost(workers: &[String], message: &str) {
     } else {
         format!(
             "lost the RPC worker{} at {}: it no longer accepts connections, and llama.cpp cannot go on without \
-             the layers it held; the server stops (llama.cpp: {message})",
+             the layers it held; this engine process stops (llama.cpp: {message})",
             if gone.len() > 1 { "s" } else { "" },
             gone.join(", ")
         )

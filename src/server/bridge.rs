@@ -25,8 +25,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use rmcp::model::{ClientJsonRpcMessage, JsonRpcMessage, ServerJsonRpcMessage};
-use rmcp::transport::streamable_http_client::{StreamableHttpClientTransportConfig, StreamableHttpError};
-use rmcp::transport::{StreamableHttpClientTransport, Transport};
+use rmcp::transport::Transport as _;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -34,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::server::transport::{error_value, stdio_lines, StdinWatch, StdioLines, StdoutWatch};
+use crate::server::upstream::{Target, Upstream};
 
 /// How often the remote is pinged while requests are owed.
 const PING_EVERY: Duration = Duration::from_secs(2);
@@ -41,8 +41,6 @@ const PING_EVERY: Duration = Duration::from_secs(2);
 const PING_LIMIT: Duration = Duration::from_secs(30);
 /// A request while the remote is lost tries to connect again at most this often.
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
-/// How long connecting again (initialize and its answer) may take.
-const RECONNECT_LIMIT: Duration = Duration::from_secs(10);
 /// How long closing the remote session may take at the end.
 const CLOSE_LIMIT: Duration = Duration::from_secs(5);
 /// JSON-RPC's implementation-defined server error, for a remote that is gone.
@@ -52,22 +50,26 @@ const PING_ID: &str = "elpis-bridge/ping/";
 /// The id of the bridge's own `initialize` when it connects again.
 const REINIT_ID: &str = "elpis-bridge/initialize/";
 
-type Remote = StreamableHttpClientTransport<reqwest::Client>;
+/// Serve stdio through an engine process of our own, started again when it
+/// ends unasked (see [`crate::server::upstream`]).
+pub async fn supervise(config: &Config) -> anyhow::Result<()> {
+    bridge(config, Target::Engine).await
+}
 
-/// Relay stdio to `url` until stdin closes (exit 0) or a signal comes.
-pub async fn bridge(config: &Config, url: &str) -> anyhow::Result<()> {
-    let remote = connect(config, url)?;
+/// Relay stdio to `target` until stdin closes (exit 0) or a signal comes.
+pub async fn bridge(config: &Config, target: Target) -> anyhow::Result<()> {
+    let remote = Upstream::connect(config, &target, None)?;
     let stdin_closed = CancellationToken::new();
     let reader = StdinWatch { inner: tokio::io::stdin(), eof: stdin_closed.clone(), recorder: None };
     let writer = StdoutWatch { inner: tokio::io::stdout(), broken: CancellationToken::new() };
     let (local, session) = stdio_lines(reader, writer, config.server.max_line_bytes);
-    tracing::info!(url, "relaying MCP on stdio to a remote Elpis");
+    tracing::info!("relaying MCP on stdio to {}", target.name());
     let (outbox, sendings) = mpsc::unbounded_channel();
     let (failed, failures) = mpsc::unbounded_channel();
     tokio::spawn(send_in_order(sendings, failed));
     let mut relay = Relay {
         config: config.clone(),
-        url: url.to_string(),
+        target,
         local,
         remote,
         lost: None,
@@ -81,6 +83,7 @@ pub async fn bridge(config: &Config, url: &str) -> anyhow::Result<()> {
         init: None,
         epoch: 0,
         last_attempt: None,
+        heard: false,
     };
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("cannot listen for SIGTERM")?;
     let mut tick = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
@@ -112,7 +115,17 @@ pub async fn bridge(config: &Config, url: &str) -> anyhow::Result<()> {
                     while let Ok(failure) = relay.failures.try_recv() {
                         relay.failed(failure).await;
                     }
-                    relay.lose("the remote closed the connection".into()).await
+                    let why = relay.remote.ended().await;
+                    if !relay.served() {
+                        // An engine process that never served (a bad
+                        // config, a worker down at start): its own error
+                        // said why; end as it did.
+                        if let Some(code) = relay.remote.failed_to_start().await {
+                            let _ = tokio::time::timeout(CLOSE_LIMIT, session.flushed()).await;
+                            std::process::exit(code);
+                        }
+                    }
+                    relay.lose(why).await
                 }
             },
             Some(failure) = relay.failures.recv() => relay.failed(failure).await,
@@ -131,40 +144,6 @@ pub async fn bridge(config: &Config, url: &str) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(CLOSE_LIMIT, session.flushed()).await;
     tracing::info!("bridge shut down");
     Ok(())
-}
-
-/// The HTTP client transport, with the token and the certificate to trust.
-fn connect(config: &Config, url: &str) -> anyhow::Result<Remote> {
-    let parsed = reqwest::Url::parse(url).with_context(|| format!("--remote {url:?} is not a URL: give one like https://gpu-box:8787/mcp"))?;
-    if !matches!(parsed.scheme(), "http" | "https") {
-        anyhow::bail!("--remote {url:?}: expected an http:// or https:// URL");
-    }
-    // reqwest's rustls needs a crypto provider: ring, as the server uses.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut client = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(Duration::from_secs(10));
-    let ca = config.server.remote_ca.trim();
-    if !ca.is_empty() {
-        let pem = std::fs::read(ca).with_context(|| format!("cannot read server.remote_ca {ca}"))?;
-        let cert = reqwest::Certificate::from_pem(&pem).with_context(|| format!("server.remote_ca {ca} is not a PEM certificate"))?;
-        client = client.add_root_certificate(cert);
-    }
-    let client = client.build().context("cannot set up the HTTP client")?;
-    let mut transport = StreamableHttpClientTransportConfig::with_uri(url).max_json_response_size(config.server.max_line_bytes);
-    let token = config.server.http_token.trim();
-    if !token.is_empty() {
-        if parsed.scheme() == "http" && !parsed.host_str().is_some_and(is_loopback_host) {
-            tracing::warn!("the bearer token goes to {url} in clear text: use https off this machine");
-        }
-        transport = transport.auth_header(token);
-    }
-    Ok(StreamableHttpClientTransport::with_client(client, transport))
-}
-
-fn is_loopback_host(host: &str) -> bool {
-    host == "localhost" || host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// A message on its way to the remote: what went wrong, if anything.
@@ -194,9 +173,9 @@ struct Failure {
 /// The relay's state: both ends, and whether the remote is lost.
 struct Relay {
     config: Config,
-    url: String,
+    target: Target,
     local: StdioLines,
-    remote: Remote,
+    remote: Upstream,
     /// Why the remote is lost, once it is.
     lost: Option<String>,
     /// Sends to the remote, in the order read: one task hands them to the
@@ -222,6 +201,8 @@ struct Relay {
     epoch: u64,
     /// When the last try to connect again began.
     last_attempt: Option<Instant>,
+    /// Anything came back on the first connection.
+    heard: bool,
 }
 
 impl Relay {
@@ -237,7 +218,7 @@ impl Relay {
             match self.reconnect(&message).await {
                 Ok(()) => {}
                 Err(failed) => {
-                    let why = format!("the connection to the remote Elpis at {} is lost ({why}){failed}", self.url);
+                    let why = format!("the connection to {} is lost ({why}){failed}", self.target.name());
                     self.answer(error_value(owed, REMOTE_LOST, &why)).await;
                     return;
                 }
@@ -267,9 +248,7 @@ impl Relay {
         tracing::debug!(message = %serde_json::to_string(&message).unwrap_or_default(), "to the remote");
         let sending = self.remote.send(message);
         let epoch = self.epoch;
-        let _ = self.outbox.send(Box::pin(async move {
-            sending.await.err().map(|e| Failure { id, fatal: is_fatal(&e), why: e.to_string(), epoch })
-        }));
+        let _ = self.outbox.send(Box::pin(async move { sending.await.err().map(|e| Failure { id, fatal: e.fatal, why: e.why, epoch }) }));
     }
 
     /// The remote is lost and `message` (a request) came: connect again, on
@@ -287,16 +266,18 @@ impl Relay {
             return Err(format!("; the bridge tries to connect again at the next request (at most once every {RECONNECT_EVERY:?})"));
         }
         self.last_attempt = Some(Instant::now());
-        let mut remote = connect(&self.config, &self.url).map_err(|e| format!("; connecting again failed: {e:#}"))?;
+        let mut remote = Upstream::connect(&self.config, &self.target, self.lost.as_deref())
+            .map_err(|e| format!("; connecting again failed: {e:#}"))?;
         let reopened = if is_initialize || sessionless {
             // The client's own message opens the new session.
             false
         } else {
             let init = accepted.expect("checked above");
-            match tokio::time::timeout(RECONNECT_LIMIT, handshake(&mut remote, init, self.epoch + 1)).await {
+            let limit = self.target.handshake_limit();
+            match tokio::time::timeout(limit, handshake(&mut remote, init, self.epoch + 1)).await {
                 Ok(Ok(())) => true,
                 Ok(Err(e)) => return Err(format!("; connecting again failed: {e}")),
-                Err(_) => return Err(format!("; connecting again took over {RECONNECT_LIMIT:?}")),
+                Err(_) => return Err(format!("; connecting again took over {limit:?}")),
             }
         };
         self.epoch += 1;
@@ -308,12 +289,19 @@ impl Relay {
         if is_initialize {
             self.startup = None;
         }
-        tracing::info!(url = %self.url, reconnects = self.epoch, "connected to the remote Elpis again: a new session (streams of the old one are gone)");
+        tracing::info!(reconnects = self.epoch, "connected to {} again: a new session (streams of the old one are gone)", self.target.name());
         Ok(())
+    }
+
+    /// Whether the other end ever served: it said anything, or this is a
+    /// connection made again.
+    fn served(&self) -> bool {
+        self.epoch > 0 || self.heard
     }
 
     /// A message from the remote: to stdout, unless it answers a ping of ours.
     async fn back(&mut self, message: ServerJsonRpcMessage) {
+        self.heard = true;
         let answered = match &message {
             JsonRpcMessage::Response(r) => Some(&r.id),
             JsonRpcMessage::Error(e) => e.id.as_ref(),
@@ -347,12 +335,12 @@ impl Relay {
         if failure.fatal {
             if let Some(id) = failure.id {
                 // Answered first, with its own reason; then the rest.
-                let why = format!("the remote Elpis at {} cannot be reached: {}", self.url, failure.why);
+                let why = format!("{} cannot be reached: {}", self.target.name(), failure.why);
                 self.answer(error_value(id, REMOTE_LOST, &why)).await;
             }
             self.lose(failure.why).await;
         } else if let Some(id) = failure.id {
-            let why = format!("the remote Elpis at {} refused the request: {}", self.url, failure.why);
+            let why = format!("{} refused the request: {}", self.target.name(), failure.why);
             self.answer(error_value(id, REMOTE_LOST, &why)).await;
         } else {
             tracing::warn!("a message to the remote was not delivered: {}", failure.why);
@@ -384,7 +372,7 @@ impl Relay {
         let sending = self.remote.send(ping);
         let epoch = self.epoch;
         let _ = self.outbox.send(Box::pin(async move {
-            sending.await.err().map(|e| Failure { id: Some(Value::String(id)), why: e.to_string(), fatal: true, epoch })
+            sending.await.err().map(|e| Failure { id: Some(Value::String(id)), why: e.why, fatal: true, epoch })
         }));
     }
 
@@ -393,8 +381,8 @@ impl Relay {
         if self.lost.is_some() {
             return;
         }
-        tracing::error!(url = %self.url, "the connection to the remote Elpis is lost: {why}");
-        let message = format!("the connection to the remote Elpis at {} was lost before this request was answered: {why}", self.url);
+        tracing::error!("the connection to {} is lost: {why}", self.target.name());
+        let message = self.target.loss(&why);
         self.answer_owed(&message).await;
         self.lost = Some(why);
     }
@@ -406,6 +394,15 @@ impl Relay {
             if tokio::time::timeout(CLOSE_LIMIT, self.remote.close()).await.is_err() {
                 tracing::warn!("closing the remote session took over {CLOSE_LIMIT:?}");
             }
+            // An engine process answers what it owes before it exits.
+            let answers = self.remote.answers_after_close();
+            let _ = tokio::time::timeout(answers, async {
+                while let Some(message) = self.remote.receive().await {
+                    self.back(message).await;
+                }
+            })
+            .await;
+            self.remote.reap().await;
             self.lost = Some("the bridge ended".into());
         }
         self.answer_owed(why).await;
@@ -429,12 +426,12 @@ impl Relay {
 
 /// Open a new session on `remote` with the client's `initialize` (under an
 /// id of the bridge's; its answer stays here) and `notifications/initialized`.
-async fn handshake(remote: &mut Remote, init: ClientJsonRpcMessage, attempt: u64) -> Result<(), String> {
+async fn handshake(remote: &mut Upstream, init: ClientJsonRpcMessage, attempt: u64) -> Result<(), String> {
     let mut init = serde_json::to_value(&init).map_err(|e| e.to_string())?;
     let id = format!("{REINIT_ID}{attempt}");
     init["id"] = Value::String(id.clone());
     let init: ClientJsonRpcMessage = serde_json::from_value(init).map_err(|e| e.to_string())?;
-    remote.send(init).await.map_err(|e| e.to_string())?;
+    remote.send(init).await.map_err(|e| e.why)?;
     loop {
         match remote.receive().await {
             None => return Err("the remote closed the connection".into()),
@@ -447,13 +444,5 @@ async fn handshake(remote: &mut Remote, init: ClientJsonRpcMessage, attempt: u64
     }
     let initialized: ClientJsonRpcMessage =
         serde_json::from_value(json!({"jsonrpc": "2.0", "method": "notifications/initialized"})).map_err(|e| e.to_string())?;
-    remote.send(initialized).await.map_err(|e| e.to_string())
-}
-
-/// Whether a failed send means the connection (or the session) is gone.
-fn is_fatal<E: std::error::Error + Send + Sync + 'static>(e: &StreamableHttpError<E>) -> bool {
-    !matches!(
-        e,
-        StreamableHttpError::ResponseBodyTooLarge { .. } | StreamableHttpError::Deserialize(_) | StreamableHttpError::UnexpectedContentType(_)
-    ) && !matches!(e, StreamableHttpError::HttpStatus(status) if status.status == 400 || status.status == 413)
+    remote.send(initialized).await.map_err(|e| e.why)
 }

@@ -7,7 +7,9 @@
 //! - The transports under them: [`transport`] reads and writes stdio's
 //!   JSON-RPC lines, answering every one; [`http`] carries `/mcp` and the
 //!   OpenAI routes on one listener; [`bridge`] relays stdio to a remote
-//!   Elpis; [`serve`] owns the process's lifetime.
+//!   Elpis, or to an engine process of its own when the model is split
+//!   over RPC workers (the other end: [`upstream`]); [`serve`] owns the
+//!   process's lifetime.
 //!
 //! Imports run one way: transports → faces → core.
 
@@ -18,3 +20,4 @@ pub mod mcp;
 pub mod openai;
 pub mod serve;
 pub mod transport;
+pub mod upstream;

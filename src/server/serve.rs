@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::engine::{Engine, EngineSettings};
 use crate::server::http::{self, HttpSettings};
 use crate::server::bridge;
+use crate::server::upstream::{Target, SUPERVISED_ENV};
 use crate::server::core::{Inference, Mood};
 use crate::server::mcp::ElpisServer;
 use crate::server::transport::{stdio_lines, Ledger, StdinWatch, StdoutWatch};
@@ -142,11 +143,16 @@ pub fn serve(runtime: &Rc<Runtime>, local: &Rc<LocalSet>, config: Config, listen
     };
     let settings = config.engine_settings();
     match listen {
+        // ggml aborts when an RPC worker dies mid-decode: with workers, the
+        // model lives in an engine process this one relays to and restarts.
+        Listen::Stdio if !settings.rpc_servers.is_empty() && std::env::var_os(SUPERVISED_ENV).is_none() => {
+            local.block_on(runtime, bridge::supervise(&config))
+        }
         Listen::Stdio => with_engine(runtime, local, &config.clone(), settings, move |inference| session(config, inference, sigterm)),
         // The listener is up while the model loads, answering 503.
         Listen::Http(http) => while_loading(runtime, local, &config, settings, move |loaded| http::session(loaded, http, sigterm)),
         // No model here: the remote has it.
-        Listen::Remote(url) => local.block_on(runtime, bridge::bridge(&config, &url)),
+        Listen::Remote(url) => local.block_on(runtime, bridge::bridge(&config, Target::Url(url))),
     }
 }
 

@@ -158,13 +158,33 @@ pub fn server_command() -> Command {
 impl Server {
     /// Spawn the server on the test model with `env` added, without initialising.
     pub fn spawn_raw(env: &[(&str, &str)], args: &[&str]) -> Server {
+        Server::spawn_command(server_command(), env, args)
+    }
+
+    /// Spawn the server through `wrapper` (a program and its arguments,
+    /// given the server's path and `args` last), and run the handshake.
+    pub fn start_under(wrapper: &[&str], env: &[(&str, &str)]) -> Server {
+        let plain = server_command();
+        let mut cmd = Command::new(wrapper[0]);
+        cmd.args(&wrapper[1..]).arg(plain.get_program());
+        for (k, v) in plain.get_envs() {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        let mut s = Server::spawn_command(cmd, env, &[]);
+        s.initialize();
+        s
+    }
+
+    fn spawn_command(mut cmd: Command, env: &[(&str, &str)], args: &[&str]) -> Server {
         let stderr_path = std::env::temp_dir().join(format!(
             "elpis-test-{}-{}.stderr",
             std::process::id(),
             uuid_like()
         ));
         let stderr = std::fs::File::create(&stderr_path).expect("create stderr file");
-        let mut cmd = server_command();
         cmd.args(args)
             .env("ELPIS_LOGGING_LEVEL", "info")
             .stdin(Stdio::piped())

@@ -61,6 +61,17 @@ impl From<StreamError> for RequestError {
             StreamError::Unknown(_) => ErrorKind::Invalid,
             StreamError::Limit(_) => ErrorKind::Busy,
         };
-        RequestError { kind, message: e.to_string() }
+        let mut message = e.to_string();
+        if let (StreamError::Unknown(_), Some(why)) = (&e, restarted_after()) {
+            message.push_str(&format!(
+                "; or it was started before this server restarted ({why}), which ended every stream"
+            ));
+        }
+        RequestError { kind, message }
     }
+}
+
+/// Why the supervisor restarted this server, if it did.
+fn restarted_after() -> Option<String> {
+    std::env::var(crate::engine::RESTARTED_ENV).ok().filter(|why| !why.is_empty())
 }
