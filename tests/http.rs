@@ -194,6 +194,36 @@ fn while_the_model_loads_requests_get_503_then_answers() {
     stop(server);
 }
 
+/// A bridge started together with its remote (as a launcher may start
+/// both): its first message waits while the remote answers 503 for its
+/// loading model, and the session begins once it has loaded. Whether the
+/// bridge had to wait depends on the machine's speed; the session does not.
+#[test]
+fn a_bridge_started_with_its_remote_waits_for_the_model() {
+    let server = Server::spawn_raw(&[("ELPIS_SERVER_HTTP_TOKEN", TOKEN)], &["--http", "127.0.0.1:0"]);
+    let deadline = Instant::now() + TIMEOUT;
+    let base = loop {
+        let stderr = server.stderr_all();
+        if let Some(at) = stderr.find("listening on ") {
+            break stderr[at + "listening on ".len()..].split_whitespace().next().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "the HTTP server did not say where it listens; stderr:\n{}", server.stderr());
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let url = format!("{base}/mcp");
+    let mut relay = bridge(&url, &[("ELPIS_SERVER_HTTP_TOKEN", TOKEN)]);
+    relay.initialize();
+    let tools = relay.call("tools/list", json!({}));
+    assert_eq!(tools["tools"].as_array().unwrap().len(), TOOL_NAMES.len(), "{tools}");
+    let reply = relay.tool("generate", greedy_args("Hello", 2)).ok();
+    assert!(reply["content"].is_string(), "{reply}");
+    let waited = relay.stderr_all().contains("is loading its model");
+    eprintln!("the bridge {} for the remote's model", if waited { "waited" } else { "did not need to wait" });
+    relay.close_stdin();
+    assert!(relay.wait_exit(TIMEOUT).success(), "bridge stderr:\n{}", relay.stderr());
+    stop(server);
+}
+
 #[test]
 fn exposure_without_its_protection_is_refused_at_start() {
     // Refused before the model loads: no model is needed to see it.

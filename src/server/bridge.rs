@@ -233,6 +233,9 @@ impl Relay {
             }
             return;
         }
+        if !self.opened {
+            self.target.until_ready(&self.config).await;
+        }
         self.opened = true;
         let initialized = matches!(&message, JsonRpcMessage::Notification(n) if matches!(n.notification, rmcp::model::ClientNotification::InitializedNotification(_)));
         let startup_is_initialize = matches!(&message, JsonRpcMessage::Request(r) if matches!(r.request, rmcp::model::ClientRequest::InitializeRequest(_)));
@@ -268,6 +271,7 @@ impl Relay {
         self.last_attempt = Some(Instant::now());
         let mut remote = Upstream::connect(&self.config, &self.target, self.lost.as_deref())
             .map_err(|e| format!("; connecting again failed: {e:#}"))?;
+        self.target.until_ready(&self.config).await;
         let reopened = if is_initialize || sessionless {
             // The client's own message opens the new session.
             false

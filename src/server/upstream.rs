@@ -44,6 +44,9 @@ pub const SUPERVISED_ENV: &str = "ELPIS_SUPERVISED";
 /// (it answers what it owes first), before it is killed.
 const ENGINE_END_LIMIT: Duration = Duration::from_secs(40);
 
+/// How long a bridge waits for a remote that is loading its model.
+const LOADING_LIMIT: Duration = Duration::from_secs(300);
+
 /// Where the relay sends what stdin brings.
 #[derive(Debug, Clone)]
 pub enum Target {
@@ -67,6 +70,15 @@ impl Target {
         match self {
             Target::Url(url) => format!("the connection to the remote Elpis at {url} was lost before this request was answered: {why}"),
             Target::Engine => format!("the engine process ended before this request was answered ({why}); the next request starts it again"),
+        }
+    }
+
+    /// Before the first message on a new connection: wait while a remote
+    /// is still loading its model (an engine process answers only once
+    /// loaded, so there is nothing to wait for).
+    pub async fn until_ready(&self, config: &Config) {
+        if let Target::Url(url) = self {
+            until_loaded(config, url, LOADING_LIMIT).await;
         }
     }
 
@@ -258,12 +270,45 @@ impl EngineProcess {
     }
 }
 
-/// The HTTP client transport, with the token and the certificate to trust.
-fn connect_http(config: &Config, url: &str) -> anyhow::Result<StreamableHttpClientTransport<reqwest::Client>> {
-    let parsed = reqwest::Url::parse(url).with_context(|| format!("--remote {url:?} is not a URL: give one like https://gpu-box:8787/mcp"))?;
-    if !matches!(parsed.scheme(), "http" | "https") {
-        anyhow::bail!("--remote {url:?}: expected an http:// or https:// URL");
+/// Wait while a remote Elpis answers 503 because its model is loading (at
+/// most `limit`, as often as its Retry-After says), so that a bridge started
+/// with its remote is not refused. Anything else ends the wait: the relay
+/// reports what it meets.
+pub async fn until_loaded(config: &Config, url: &str, limit: Duration) {
+    let (Ok(client), Ok(mut health)) = (http_client(config), reqwest::Url::parse(url)) else { return };
+    let path = health.path().strip_suffix("/mcp").unwrap_or("").to_string();
+    health.set_path(&format!("{path}/health"));
+    health.set_query(None);
+    let token = config.server.http_token.trim().to_string();
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut waited = false;
+    loop {
+        let mut request = client.get(health.clone());
+        if !token.is_empty() {
+            request = request.bearer_auth(&token);
+        }
+        let Ok(reply) = request.send().await else { return };
+        if reply.status().as_u16() != 503 {
+            if waited {
+                tracing::info!("the remote Elpis at {url} has loaded its model");
+            }
+            return;
+        }
+        if !waited {
+            tracing::info!("the remote Elpis at {url} is loading its model: waiting (at most {limit:?})");
+            waited = true;
+        }
+        let retry = reply.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse::<u64>().ok()).unwrap_or(1);
+        let pause = Duration::from_secs(retry.clamp(1, 10));
+        if tokio::time::Instant::now() + pause > deadline {
+            return;
+        }
+        tokio::time::sleep(pause).await;
     }
+}
+
+/// An HTTP client that trusts `server.remote_ca` and follows no redirects.
+fn http_client(config: &Config) -> anyhow::Result<reqwest::Client> {
     // reqwest's rustls needs a crypto provider: ring, as the server uses.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut client = reqwest::Client::builder()
@@ -276,7 +321,16 @@ fn connect_http(config: &Config, url: &str) -> anyhow::Result<StreamableHttpClie
         let cert = reqwest::Certificate::from_pem(&pem).with_context(|| format!("server.remote_ca {ca} is not a PEM certificate"))?;
         client = client.add_root_certificate(cert);
     }
-    let client = client.build().context("cannot set up the HTTP client")?;
+    client.build().context("cannot set up the HTTP client")
+}
+
+/// The HTTP client transport, with the token and the certificate to trust.
+fn connect_http(config: &Config, url: &str) -> anyhow::Result<StreamableHttpClientTransport<reqwest::Client>> {
+    let parsed = reqwest::Url::parse(url).with_context(|| format!("--remote {url:?} is not a URL: give one like https://gpu-box:8787/mcp"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        anyhow::bail!("--remote {url:?}: expected an http:// or https:// URL");
+    }
+    let client = http_client(config)?;
     let mut transport = StreamableHttpClientTransportConfig::with_uri(url).max_json_response_size(config.server.max_line_bytes);
     let token = config.server.http_token.trim();
     if !token.is_empty() {
