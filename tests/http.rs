@@ -20,15 +20,20 @@ const TOKEN: &str = "test-token-7c1f";
 /// `elpis-server --http 127.0.0.1:0` and the URL it says it serves.
 fn http_server(env: &[(&str, &str)]) -> (Server, String) {
     let server = Server::spawn_raw(env, &["--http", "127.0.0.1:0"]);
+    let url = url_after(&server, "serving MCP on ");
+    (server, url)
+}
+
+/// The URL a starting server names after `words` on stderr.
+fn url_after(server: &Server, words: &str) -> String {
     let deadline = Instant::now() + TIMEOUT;
     loop {
         let stderr = server.stderr_all();
-        if let Some(at) = stderr.find("serving MCP on ") {
-            let url = stderr[at + "serving MCP on ".len()..].split_whitespace().next().unwrap().to_string();
-            return (server, url);
+        if let Some(at) = stderr.find(words) {
+            return stderr[at + words.len()..].split_whitespace().next().unwrap().to_string();
         }
         assert!(Instant::now() < deadline, "the HTTP server did not say where it listens; stderr:\n{}", server.stderr());
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -155,15 +160,8 @@ async fn metrics(client: &mut Client) -> Value {
 #[test]
 fn while_the_model_loads_requests_get_503_then_answers() {
     let server = Server::spawn_raw(&[("ELPIS_SERVER_HTTP_TOKEN", TOKEN)], &["--http", "127.0.0.1:0"]);
+    let base = url_after(&server, "listening on ");
     let deadline = Instant::now() + TIMEOUT;
-    let base = loop {
-        let stderr = server.stderr_all();
-        if let Some(at) = stderr.find("listening on ") {
-            break stderr[at + "listening on ".len()..].split_whitespace().next().unwrap().to_string();
-        }
-        assert!(Instant::now() < deadline, "the HTTP server did not say where it listens; stderr:\n{}", server.stderr());
-        std::thread::sleep(Duration::from_millis(5));
-    };
     let (loading, ready) = runtime().block_on(async {
         let http = reqwest::Client::new();
         let mut loading = 0;
@@ -201,15 +199,7 @@ fn while_the_model_loads_requests_get_503_then_answers() {
 #[test]
 fn a_bridge_started_with_its_remote_waits_for_the_model() {
     let server = Server::spawn_raw(&[("ELPIS_SERVER_HTTP_TOKEN", TOKEN)], &["--http", "127.0.0.1:0"]);
-    let deadline = Instant::now() + TIMEOUT;
-    let base = loop {
-        let stderr = server.stderr_all();
-        if let Some(at) = stderr.find("listening on ") {
-            break stderr[at + "listening on ".len()..].split_whitespace().next().unwrap().to_string();
-        }
-        assert!(Instant::now() < deadline, "the HTTP server did not say where it listens; stderr:\n{}", server.stderr());
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let base = url_after(&server, "listening on ");
     let url = format!("{base}/mcp");
     let mut relay = bridge(&url, &[("ELPIS_SERVER_HTTP_TOKEN", TOKEN)]);
     relay.initialize();
