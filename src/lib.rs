@@ -20,8 +20,10 @@
 //!   tool use, `streams`, the live `mood`, `metrics`), two thin faces over
 //!   it (`mcp`: tools and resources, with `mcp::wire`'s schemas; `openai`:
 //!   OpenAI's HTTP API), and the transports under them (`transport`:
-//!   stdio's JSON-RPC lines, every one answered; `http`; `bridge`), with
-//!   `serve` owning the process's lifetime.
+//!   stdio's JSON-RPC lines, every one answered; `http`; `bridge`, relaying
+//!   stdio to an `upstream`: a remote Elpis, or the supervised engine
+//!   process of a model split over RPC workers), with `serve` owning the
+//!   process's lifetime.
 //! - [`engine`]: the one owner of llama.cpp, split by what each part owns:
 //!   the `!Send` [`engine::Engine`] and its loop (`scheduler`), loading
 //!   (`model`), requests becoming jobs (`admission`), a job and its sampler
