@@ -231,14 +231,19 @@ fn three_conversations_on_two_slots_come_back_from_ram() {
 #[test]
 fn a_quantized_kv_cache_serves() {
     let dir = cache_dir("q8");
-    for kind in ["q8_0", "q4_0"] {
+    let mut sizes = Vec::new();
+    for kind in ["f16", "q8_0", "q4_0"] {
         let mut s = server(&dir, &[("ELPIS_MODEL_KV_CACHE_TYPE", kind)]);
         let caps = s.tool("get_capabilities", json!({})).ok();
         assert_eq!(caps["kv_cache_type"], kind, "{caps}");
+        sizes.push(caps["kv_bytes"].as_u64().unwrap());
         let out = s.tool("generate", greedy_args("Name a colour.", 8)).ok();
         assert!(out["usage"]["completion_tokens"].as_u64().unwrap() >= 1, "{out}");
         s.shutdown();
     }
+    // The reported size follows the type: q8_0 about half of f16, q4_0 about a quarter.
+    assert!(sizes[0] > sizes[1] && sizes[1] > sizes[2] && sizes[2] > 0, "kv_bytes f16, q8_0, q4_0: {sizes:?}");
+    assert!((sizes[1] as f64 / sizes[0] as f64 - 34.0 / 64.0).abs() < 0.01, "{sizes:?}");
     let bad = std::process::Command::new(env!("CARGO_BIN_EXE_elpis-server"))
         .env("ELPIS_MODEL_PATH", model_path())
         .env("ELPIS_MODEL_KV_CACHE_TYPE", "q3")

@@ -257,6 +257,11 @@ fn fit(
 fn kv_width(backend: &LlamaBackend, model_path: &Path) -> Option<u64> {
     let params = LlamaModelParams::default().with_vocab_only(true);
     let model = llama_cpp_2::model::LlamaModel::load_from_file(backend, model_path, &params).ok()?;
+    kv_width_of(&model)
+}
+
+/// As [`kv_width`], for a model already loaded.
+pub(super) fn kv_width_of(model: &llama_cpp_2::model::LlamaModel) -> Option<u64> {
     let arch = model.meta_val_str("general.architecture").ok()?;
     let meta = |key: &str| model.meta_val_str(&format!("{arch}.{key}")).ok().and_then(|v| v.trim().parse::<u64>().ok());
     let heads = meta("attention.head_count")?;

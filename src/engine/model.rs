@@ -126,6 +126,9 @@ pub struct ModelInfo {
     pub max_step_ms: u32,
     pub sliding_window_full: bool,
     pub kv_cache_type: KvType,
+    /// The KV cache's size (keys and values for every cell of every slot),
+    /// from the model's shape; 0 where its shape cannot be read.
+    pub kv_bytes: u64,
     /// Speculative decoding (prompt lookup; off on a cut sliding-window
     /// cache, which cannot drop rejected cells).
     pub speculative: Speculation,
@@ -283,6 +286,10 @@ pub(super) fn load(settings: &EngineSettings, between: Option<Box<dyn FnMut()>>)
         max_step_ms: settings.max_step_ms,
         sliding_window_full: settings.swa_full,
         kv_cache_type: settings.kv_cache_type,
+        // Keys and values, every layer, every cell of every slot.
+        kv_bytes: super::gpu::kv_width_of(model).map_or(0, |width| {
+            (2.0 * f64::from(model.n_layer()) * f64::from(ctx.n_ctx()) * width as f64 * settings.kv_cache_type.bytes_per_element()) as u64
+        }),
         speculative: if sliding_window > 0 && !settings.swa_full { Speculation::Off } else { settings.speculative },
     };
     tracing::info!(?info, "model loaded");

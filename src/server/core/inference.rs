@@ -414,6 +414,7 @@ impl Inference {
         // (In two parts: one json! of all of it is past the macro's recursion limit.)
         let more = json!({
             "kv_cache_type": info.kv_cache_type,
+            "kv_bytes": info.kv_bytes,
             "prompt_cache": load.prompt_cache,
             "speculative": {
                 "enabled": info.speculative != Speculation::Off,
