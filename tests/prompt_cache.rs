@@ -228,6 +228,31 @@ fn three_conversations_on_two_slots_come_back_from_ram() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The RAM tier gives way to the rest of the process: the server reports
+/// its ceiling (model + KV + the tier's cap + 64 MiB), the tier never holds
+/// more than its cap, and the process stays near the ceiling (or the tier
+/// has given up everything).
+#[test]
+fn the_ram_tier_keeps_the_process_under_its_ceiling() {
+    let dir = cache_dir("ceiling");
+    let mut s = server(&dir, &[("ELPIS_SERVER_PROMPT_CACHE_DISK_MIB", "0"), ("ELPIS_SERVER_PROMPT_CACHE_RAM_MIB", "160")]);
+    for persona in 0..8 {
+        ask(&mut s, 60 + persona, "Hello.");
+    }
+    let caps = s.tool("get_capabilities", json!({})).ok();
+    let cache = &caps["prompt_cache"];
+    let fixed = caps["model_size_bytes"].as_u64().unwrap() + caps["kv_bytes"].as_u64().unwrap();
+    assert_eq!(cache["ram_cap_mib"], 160, "{cache}");
+    assert_eq!(cache["ceiling_mib"].as_u64().unwrap(), (fixed + (160 << 20) + (64 << 20)) >> 20, "{caps}");
+    assert!(cache["ram_mib"].as_f64().unwrap() <= 160.0, "{cache}");
+    let rss_mib = s.rss_kib() >> 10;
+    let ceiling = cache["ceiling_mib"].as_u64().unwrap();
+    eprintln!("RSS {rss_mib} MiB, ceiling {ceiling} MiB, the RAM tier {cache}");
+    assert!(rss_mib <= ceiling + 64 || cache["ram_entries"] == 0, "RSS {rss_mib} MiB over the ceiling {ceiling} MiB with entries kept: {cache}");
+    s.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_quantized_kv_cache_serves() {
     let dir = cache_dir("q8");

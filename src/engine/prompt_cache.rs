@@ -95,6 +95,11 @@ pub(super) enum Found {
 pub struct CacheReport {
     pub ram_entries: usize,
     pub ram_mib: f64,
+    /// `server.prompt_cache_ram_mib`.
+    pub ram_cap_mib: usize,
+    /// The RSS the RAM tier keeps the process under (model + KV + its cap +
+    /// 64 MiB), giving way to what else the process holds.
+    pub ceiling_mib: Option<u64>,
     pub disk_entries: usize,
     pub disk_mib: f64,
     /// Why the disk tier is off, when it is.
@@ -115,7 +120,16 @@ pub(super) struct PromptCache {
     base: Fingerprint,
     saves: std::collections::VecDeque<Save>,
     tick: u64,
+    /// The process's memory ceiling: the model, its KV cache, the RAM tier's
+    /// budget and [`SLACK`]. The RAM tier gives way to whatever else the
+    /// process holds (compute buffers, repacked weights, the heap), so the
+    /// server's RSS stays under it. None: no ceiling (RSS unreadable).
+    ceiling: Option<u64>,
 }
+
+/// What the process may hold beyond the model, its KV cache and the RAM
+/// tier's entries, before the RAM tier gives way.
+const SLACK: u64 = 64 << 20;
 
 impl PromptCache {
     /// `ctx`: the context's pointer (None: no cache at all); budgets in MiB.
@@ -132,7 +146,30 @@ impl PromptCache {
             base,
             saves: Default::default(),
             tick: 0,
+            ceiling: None,
         }
+    }
+
+    /// Keep the process's RSS within `fixed` (the model and its KV cache)
+    /// + the RAM tier's budget + [`SLACK`].
+    pub fn within(mut self, fixed: u64) -> PromptCache {
+        if rss_bytes().is_some() {
+            self.ceiling = Some(fixed + self.ram_budget as u64 + SLACK);
+        }
+        self
+    }
+
+    /// How many bytes the RAM tier may hold now: its budget, less whatever
+    /// the rest of the process holds past the ceiling.
+    fn ram_room(&self) -> usize {
+        let (Some(ceiling), Some(rss)) = (self.ceiling, rss_bytes()) else { return self.ram_budget };
+        let held = self.ram_bytes() as u64;
+        let rest = rss.saturating_sub(held);
+        (ceiling.saturating_sub(rest) as usize).min(self.ram_budget)
+    }
+
+    fn ram_bytes(&self) -> usize {
+        self.ram.iter().map(|e| e.state.len()).sum()
     }
 
     fn enabled(&self) -> bool {
@@ -210,9 +247,16 @@ impl PromptCache {
         self.ram.retain(|e| !tokens.starts_with(&e.tokens));
         self.tick += 1;
         self.ram.push(RamEntry { tokens: tokens.to_vec(), state: Arc::new(state), last_used: self.tick });
-        while self.ram.iter().map(|e| e.state.len()).sum::<usize>() > self.ram_budget {
+        let room = self.ram_room();
+        let mut dropped = false;
+        while self.ram_bytes() > room {
             let Some(oldest) = (0..self.ram.len()).min_by_key(|&i| self.ram[i].last_used) else { break };
             self.ram.swap_remove(oldest);
+            dropped = true;
+        }
+        if dropped {
+            // Freed entries go back to the system, not to glibc's arenas.
+            sys::release_free_heap();
         }
     }
 
@@ -359,12 +403,22 @@ impl PromptCache {
     pub fn report(&self) -> CacheReport {
         CacheReport {
             ram_entries: self.ram.len(),
-            ram_mib: self.ram.iter().map(|e| e.state.len()).sum::<usize>() as f64 / (1 << 20) as f64,
+            ram_mib: self.ram_bytes() as f64 / (1 << 20) as f64,
+            ram_cap_mib: self.ram_budget >> 20,
+            ceiling_mib: self.ceiling.map(|c| c >> 20),
             disk_entries: self.disk.len(),
             disk_mib: self.disk.iter().map(|e| e.bytes).sum::<u64>() as f64 / (1 << 20) as f64,
             disk_off: self.disk_off.clone(),
         }
     }
+}
+
+/// The process's resident memory (Linux: /proc/self/status), in bytes.
+fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.trim_start_matches("VmRSS:").trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib << 10)
 }
 
 /// How many leading tokens two lists share.

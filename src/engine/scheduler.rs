@@ -147,7 +147,8 @@ impl Engine {
                 },
                 settings.prompt_cache_ram_mib,
                 settings.prompt_cache_disk_mib,
-            ),
+            )
+            .within(loaded.info.model_size_bytes + loaded.info.kv_bytes),
             worked_since_save: false,
             steering,
             steering_source: None,
