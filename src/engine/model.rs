@@ -250,7 +250,11 @@ pub(super) fn load(settings: &EngineSettings, between: Option<Box<dyn FnMut()>>)
     // The model lives as long as the process: leaking it lets the context
     // borrow it for 'static.
     let model: &'static LlamaModel = Box::leak(Box::new(model));
-    let ctx = model.new_context(backend, ctx_params()).map_err(|_| EngineError::Context(n_ctx))?;
+    let mut ctx = model.new_context(backend, ctx_params()).map_err(|_| EngineError::Context(n_ctx))?;
+    // Zeroing the KV buffer makes it resident now: the memory the server
+    // holds is known from the start (the prompt cache's ceiling counts all
+    // of it), rather than growing as cells are first written.
+    ctx.clear_kv_cache();
     let n_ctx_seq = (ctx.n_ctx() / parallel) as usize;
 
     let architecture = model.meta_val_str("general.architecture").unwrap_or_default();
