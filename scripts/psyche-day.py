@@ -165,7 +165,9 @@ class Day:
             async with ClientSession(read, write) as session:
                 await session.initialize()
                 caps = text_json(await session.call_tool("get_capabilities", {}))
-                pid = (children() or [None])[0]
+                pid = (children(os.path.basename(self.binary)) or [None])[0]
+                if pid is None:
+                    self.error("cannot find the server's process to sample its RSS")
                 next_sample = time.monotonic()
                 while time.monotonic() < until:
                     if time.monotonic() >= next_sample and pid:
