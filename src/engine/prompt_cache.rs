@@ -130,6 +130,9 @@ pub(super) struct PromptCache {
 /// What the process may hold beyond the model, its KV cache and the RAM
 /// tier's entries, before the RAM tier gives way.
 const SLACK: u64 = 64 << 20;
+/// Left under the ceiling for what is allocated between two of the cache's
+/// checks (a request's buffers); its own buffers make room before they exist.
+const HEADROOM: u64 = 16 << 20;
 
 impl PromptCache {
     /// `ctx`: the context's pointer (None: no cache at all); budgets in MiB.
@@ -159,13 +162,28 @@ impl PromptCache {
         self
     }
 
-    /// How many bytes the RAM tier may hold now: its budget, less whatever
-    /// the rest of the process holds past the ceiling.
-    fn ram_room(&self) -> usize {
-        let (Some(ceiling), Some(rss)) = (self.ceiling, rss_bytes()) else { return self.ram_budget };
-        let held = self.ram_bytes() as u64;
-        let rest = rss.saturating_sub(held);
-        (ceiling.saturating_sub(rest) as usize).min(self.ram_budget)
+    /// Make room for `extra` bytes about to be allocated: least recently used
+    /// RAM entries go until the tier and `extra` fit its budget and the
+    /// ceiling less [`HEADROOM`]. False when `extra` cannot fit even then.
+    fn make_room(&mut self, extra: usize) -> bool {
+        let room = match (self.ceiling, rss_bytes()) {
+            (Some(ceiling), Some(rss)) => {
+                let rest = rss.saturating_sub(self.ram_bytes() as u64);
+                (ceiling.saturating_sub(HEADROOM + rest) as usize).min(self.ram_budget)
+            }
+            _ => self.ram_budget,
+        };
+        let mut dropped = false;
+        while self.ram_bytes() + extra > room && !self.ram.is_empty() {
+            let oldest = (0..self.ram.len()).min_by_key(|&i| self.ram[i].last_used).unwrap_or(0);
+            self.ram.swap_remove(oldest);
+            dropped = true;
+        }
+        if dropped {
+            // Freed entries go back to the system, not to glibc's arenas.
+            sys::release_free_heap();
+        }
+        extra <= room
     }
 
     fn ram_bytes(&self) -> usize {
@@ -236,28 +254,19 @@ impl PromptCache {
         if tokens.len() < MIN_KEEP || self.ram_budget == 0 || self.ram.iter().any(|e| e.tokens.starts_with(tokens)) {
             return;
         }
-        let state = match sys::seq_state(ctx, seq) {
-            Ok(state) => state,
+        // An entry this one extends is superseded by it.
+        self.ram.retain(|e| !tokens.starts_with(&e.tokens));
+        // Room first, then the copy; an entry that cannot fit is not kept.
+        let state = match sys::seq_state(ctx, seq, &mut |size| self.make_room(size)) {
+            Ok(Some(state)) => state,
+            Ok(None) => return,
             Err(e) => {
                 tracing::warn!("cannot keep a prompt's cells: {e}");
                 return;
             }
         };
-        // An entry this one extends is superseded by it.
-        self.ram.retain(|e| !tokens.starts_with(&e.tokens));
         self.tick += 1;
         self.ram.push(RamEntry { tokens: tokens.to_vec(), state: Arc::new(state), last_used: self.tick });
-        let room = self.ram_room();
-        let mut dropped = false;
-        while self.ram_bytes() > room {
-            let Some(oldest) = (0..self.ram.len()).min_by_key(|&i| self.ram[i].last_used) else { break };
-            self.ram.swap_remove(oldest);
-            dropped = true;
-        }
-        if dropped {
-            // Freed entries go back to the system, not to glibc's arenas.
-            sys::release_free_heap();
-        }
     }
 
     /// Load a kept prefix into the empty sequence `seq`; the tokens it covers.
@@ -273,6 +282,9 @@ impl PromptCache {
                 Ok(entry.tokens.clone())
             }
             Found::Disk(i) => {
+                // The file is read whole: the RAM tier gives way first.
+                let bytes = self.disk.get(i).ok_or("no such entry")?.bytes;
+                self.make_room(bytes as usize);
                 let entry = self.disk.get_mut(i).ok_or("no such entry")?;
                 let payload = match read_payload(&entry.path, entry.tokens.len(), between) {
                     Ok(payload) => payload,
@@ -295,15 +307,20 @@ impl PromptCache {
     /// Queue the cells of sequence `seq` (covering `tokens`) for the disk,
     /// unless an entry there already covers them.
     pub fn save(&mut self, seq: i32, tokens: &[LlamaToken]) {
-        let (Some(ctx), Some((dir, _))) = (self.ctx, &self.dir) else { return };
+        let (Some(ctx), Some(dir)) = (self.ctx, self.dir.as_ref().map(|(dir, _)| dir.clone())) else { return };
         let covered = |t: &[LlamaToken]| t.starts_with(tokens);
         if tokens.len() < MIN_KEEP || self.disk.iter().any(|e| covered(&e.tokens)) || self.saves.iter().any(|s| covered(&s.tokens)) {
             return;
         }
         let state = match self.ram.iter().find(|e| e.tokens == tokens) {
             Some(e) => Arc::clone(&e.state),
-            None => match sys::seq_state(ctx, seq) {
-                Ok(state) => Arc::new(state),
+            // A copy held until it is written: the RAM tier gives way first.
+            None => match sys::seq_state(ctx, seq, &mut |size| {
+                self.make_room(size);
+                true
+            }) {
+                Ok(Some(state)) => Arc::new(state),
+                Ok(None) => return,
                 Err(e) => {
                     tracing::warn!("cannot save a prompt's cells: {e}");
                     return;

@@ -6,14 +6,12 @@
 //! types and checked against its safe API before any use; and ggml's RPC
 //! backend (workers on other hosts) with the abort hook that names a lost one.
 
-/// Hand the heap's free pages back to the operating system.
-///
-/// glibc keeps memory that was freed (below its mmap threshold, which rises
-/// after every large free) in its arenas, so the megabytes of temporaries
-/// that sampling and grammar checking over a 262k-token vocabulary use
-/// would stay in the process's RSS after the tool that needed them ended.
-/// `malloc_trim(0)` returns every whole free page. Other allocators keep
-/// their own policy: elsewhere this does nothing.
+/// Hand the heap's free pages back to the operating system. glibc keeps
+/// memory that was freed (below its mmap threshold, which rises after every
+/// large free) in its arenas: the megabytes of temporaries of sampling over
+/// a 262k-token vocabulary, or a dropped prompt-cache entry, would stay in
+/// the RSS. `malloc_trim(0)` returns every whole free page. Other
+/// allocators keep their own policy: elsewhere this does nothing.
 pub fn release_free_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -164,16 +162,14 @@ pub fn set_control_vector(
     }
 }
 
-/// Hidden states read during a decode: each layer's output (`l_out-N`) at
-/// the batch's last token.
+/// Hidden states read during a decode: each layer's output (`l_out-N`) at the batch's last token.
 struct Capture {
     n_embd: usize,
     /// Indexed by layer; empty until the layer's output was seen.
     layers: Vec<Vec<f32>>,
 }
 
-/// llama.cpp's eval callback: asked whether to observe each graph node, then
-/// handed the observed ones after they are computed.
+/// llama.cpp's eval callback: asked whether to observe each graph node, then handed those observed.
 extern "C" fn capture_layer(t: *mut ffi::ggml_tensor, ask: bool, user_data: *mut c_void) -> bool {
     // SAFETY: llama.cpp passes a valid tensor for the node being scheduled,
     // and `user_data` is the `Capture` that `CaptureContext::decode` set up
@@ -350,11 +346,15 @@ pub fn decode_between_nodes<T>(ctx: NonNull<ffi::llama_context>, work: &mut dyn 
 // offers it as an opaque value or through unsafe calls.
 // ---------------------------------------------------------------------------
 
-/// The KV state of sequence `seq` (its cells: positions and keys/values).
-pub fn seq_state(ctx: NonNull<ffi::llama_context>, seq: i32) -> Result<Vec<u8>, String> {
+/// The KV state of sequence `seq` (its cells: positions and keys/values);
+/// None when `room`, told its size before any byte is allocated, declines.
+pub fn seq_state(ctx: NonNull<ffi::llama_context>, seq: i32, room: &mut dyn FnMut(usize) -> bool) -> Result<Option<Vec<u8>>, String> {
     // SAFETY: `ctx` is the engine's live context (checked by `context_ptr`),
     // used on its thread between decodes; the size call only reads it.
     let size = unsafe { ffi::llama_state_seq_get_size(ctx.as_ptr(), seq) };
+    if !room(size) {
+        return Ok(None);
+    }
     let mut bytes = vec![0u8; size];
     // SAFETY: as above; llama.cpp writes at most `size` bytes into `bytes`,
     // which has exactly that length.
@@ -362,7 +362,7 @@ pub fn seq_state(ctx: NonNull<ffi::llama_context>, seq: i32) -> Result<Vec<u8>, 
     if written != size {
         return Err(format!("llama.cpp wrote {written} bytes of a {size}-byte sequence state"));
     }
-    Ok(bytes)
+    Ok(Some(bytes))
 }
 
 /// Load `bytes` (a state from [`seq_state`] of this same model, context
