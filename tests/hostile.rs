@@ -4,51 +4,20 @@
 //! (ELPIS_FUZZ_CASES raises it; scripts/fuzz.sh runs a long one).
 
 mod common;
+#[path = "common/arbitrary.rs"]
+mod arbitrary;
 
 use std::sync::Mutex;
 use std::time::Duration;
 
+use arbitrary::{json_value, seeded};
 use common::*;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+use proptest::test_runner::{Config, TestRunner};
 use serde_json::{json, Value};
 
 fn cases() -> u32 {
     std::env::var("ELPIS_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(300)
-}
-
-/// The same cases on every run (CI must not pass or fail by luck);
-/// ELPIS_FUZZ_SEED picks another set (scripts/fuzz.sh varies it).
-fn rng() -> TestRng {
-    let seed: u64 = std::env::var("ELPIS_FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(20261127);
-    let mut bytes = [0u8; 32];
-    bytes[..8].copy_from_slice(&seed.to_le_bytes());
-    TestRng::from_seed(RngAlgorithm::ChaCha, &bytes)
-}
-
-/// Arbitrary JSON, biased toward the awkward: huge and negative numbers,
-/// deep nesting, odd strings.
-fn json_value() -> impl Strategy<Value = Value> {
-    let leaf = prop_oneof![
-        Just(Value::Null),
-        any::<bool>().prop_map(Value::from),
-        any::<i64>().prop_map(Value::from),
-        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
-        Just(json!(1e308)),
-        Just(json!(-1)),
-        Just(json!(u64::MAX)),
-        "\\PC{0,20}".prop_map(Value::from),
-        Just(json!("NaN")),
-        Just(json!("Infinity")),
-        Just(json!("\u{0}\u{feff}\u{202e}")),
-    ];
-    leaf.prop_recursive(3, 24, 4, |inner| {
-        prop_oneof![
-            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
-            proptest::collection::btree_map("[a-z_]{1,12}", inner, 0..4)
-                .prop_map(|m| Value::Object(m.into_iter().collect())),
-        ]
-    })
 }
 
 /// The real tools, plus names no tool has.
@@ -95,7 +64,7 @@ fn input() -> impl Strategy<Value = Input> {
 #[test]
 fn random_lines_and_arguments_never_break_the_server() {
     let server = Mutex::new(Server::start(&[("ELPIS_MODEL_N_THREADS", "1"), ("ELPIS_MODEL_MAX_TOKENS", "8"), ("ELPIS_LOGGING_LEVEL", "warn")]));
-    let mut runner = TestRunner::new_with_rng(Config { cases: cases(), failure_persistence: None, ..Config::default() }, rng());
+    let mut runner = TestRunner::new_with_rng(Config { cases: cases(), failure_persistence: None, ..Config::default() }, seeded(20261127));
     let requests = std::cell::Cell::new(0u64);
     let outcome = runner.run(&input(), |case| {
         let mut s = server.lock().unwrap();
@@ -169,7 +138,7 @@ fn schema() -> impl Strategy<Value = Value> {
 #[test]
 fn random_schemas_never_break_the_server() {
     let server = Mutex::new(Server::start(&[("ELPIS_MODEL_N_THREADS", "1"), ("ELPIS_LOGGING_LEVEL", "warn")]));
-    let mut runner = TestRunner::new_with_rng(Config { cases: cases(), failure_persistence: None, ..Config::default() }, rng());
+    let mut runner = TestRunner::new_with_rng(Config { cases: cases(), failure_persistence: None, ..Config::default() }, seeded(20261127));
     let refused = std::cell::Cell::new(0u32);
     let outcome = runner.run(&schema(), |schema| {
         let mut s = server.lock().unwrap();

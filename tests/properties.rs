@@ -14,22 +14,22 @@
 //! prompt-cache loader and the line classifier in their modules.
 
 mod common;
+#[path = "common/arbitrary.rs"]
+mod arbitrary;
 
 use elpis::config::Config;
 use elpis::prompt::{self, ChatFormat, Message, NativeToolFormat, Renderer, TemplateTexts};
 use elpis::server::core::{controls, FunctionCallArgs, GenerateArgs, UpdateEmotionArgs};
 use elpis::server::mcp::wire::{parse_args, StreamArgs};
 use elpis::server::openai::bodies;
+use arbitrary::{awkward_text, json_value, seeded};
 use proptest::prelude::*;
-use proptest::test_runner::{Config as Cases, RngAlgorithm, TestRng, TestRunner};
+use proptest::test_runner::{Config as Cases, TestRunner};
 use serde_json::{json, Map, Value};
 
 fn runner() -> TestRunner {
     let cases = std::env::var("ELPIS_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
-    let seed: u64 = std::env::var("ELPIS_FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(20261203);
-    let mut bytes = [0u8; 32];
-    bytes[..8].copy_from_slice(&seed.to_le_bytes());
-    TestRunner::new_with_rng(Cases { cases, failure_persistence: None, ..Cases::default() }, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes))
+    TestRunner::new_with_rng(Cases { cases, failure_persistence: None, ..Cases::default() }, seeded(20261203))
 }
 
 /// Run `test` on `strategy`'s cases; a failure panics with the case.
@@ -37,39 +37,6 @@ fn check<S: Strategy>(strategy: S, test: impl Fn(S::Value) -> Result<(), TestCas
     if let Err(e) = runner().run(&strategy, test) {
         panic!("{e}");
     }
-}
-
-/// Strings that parsers trip on: markup of every format, template syntax,
-/// sentinels, control and bidi characters, and plain noise.
-fn awkward_text() -> impl Strategy<Value = String> {
-    let pieces = prop_oneof![
-        Just("<|im_start|>"), Just("<|im_end|>"), Just("<tool_call>"), Just("</tool_call>"), Just("<|python_tag|>"),
-        Just("[TOOL_CALLS]"), Just("<|eot_id|>"), Just("<start_of_turn>"), Just("[INST]"), Just("{{"), Just("}}"),
-        Just("{%"), Just("%}"), Just("{\"name\": "), Just("\"arguments\": {"), Just("\"parameters\": "), Just("["),
-        Just("]"), Just("{"), Just("}"), Just("\""), Just("\\"), Just("\u{fdd0}"), Just("\u{fdef}"), Just("\u{0}"),
-        Just("\u{202e}"), Just("\n"), Just("null"), Just("1e999"),
-    ];
-    proptest::collection::vec(prop_oneof![pieces.prop_map(String::from), "\\PC{0,12}"], 0..12).prop_map(|v| v.concat())
-}
-
-/// Arbitrary JSON, biased toward the awkward.
-fn json_value() -> impl Strategy<Value = Value> {
-    let leaf = prop_oneof![
-        Just(Value::Null),
-        any::<bool>().prop_map(Value::from),
-        any::<i64>().prop_map(Value::from),
-        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
-        Just(json!(u64::MAX)),
-        Just(json!(-1)),
-        Just(json!(0)),
-        awkward_text().prop_map(Value::from),
-    ];
-    leaf.prop_recursive(3, 24, 4, |inner| {
-        prop_oneof![
-            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
-            proptest::collection::btree_map("[a-z_]{1,12}", inner, 0..4).prop_map(|m| Value::Object(m.into_iter().collect())),
-        ]
-    })
 }
 
 /// A map over `keys` (the real field names) with random values, sometimes
