@@ -283,8 +283,7 @@ impl PromptCache {
             }
             Found::Disk(i) => {
                 // The file is read whole: the RAM tier gives way first.
-                let bytes = self.disk.get(i).ok_or("no such entry")?.bytes;
-                self.make_room(bytes as usize);
+                self.make_room(self.disk.get(i).map_or(0, |e| e.bytes as usize));
                 let entry = self.disk.get_mut(i).ok_or("no such entry")?;
                 let payload = match read_payload(&entry.path, entry.tokens.len(), between) {
                     Ok(payload) => payload,
