@@ -29,10 +29,10 @@ cargo test --release -- --test-threads="${ELPIS_TEST_THREADS:-2}"
 # jinja2, the reference engine chat templates are written for; the official
 # openai SDK and Prometheus' own parser, for the OpenAI front door.
 venv="${ELPIS_CACHE_DIR:-$HOME/.cache/elpis}/mcp-venv"
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import mcp, jinja2, openai, prometheus_client" 2>/dev/null; then
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import mcp, jinja2, openai, prometheus_client, gguf" 2>/dev/null; then
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check "mcp==2.3.0" "jinja2==3.1.6" \
-        "openai==2.8.1" "prometheus-client==0.23.1"
+        "openai==2.8.1" "prometheus-client==0.23.1" "gguf==0.19.0"
 fi
 "$venv/bin/python" scripts/psyche-client-check.py target/release/elpis-server
 # The same client over streamable HTTP, and through the stdio bridge
@@ -46,6 +46,13 @@ fi
 
 # Every test model with a chat template renders byte-equal to jinja2.
 "$venv/bin/python" scripts/template-check.py target/release/elpis-server "$ELPIS_QWEN_PATH" "$ELPIS_SMOLLM2_PATH"
+
+# The script a lent NVIDIA machine runs (scripts/gpu-check.sh), here on the
+# CPU build with a tiny random-weight model: the model writer, the
+# capabilities, the replayed sessions and the bench, end to end.
+"$venv/bin/python" scripts/gpu-model.py vocab "$ELPIS_QWEN_PATH" target/vocab.gguf
+PATH="$venv/bin:$PATH" OUT=target/gpu-check GPU_CHECK_BINARY=target/release/elpis-server GPU_CHECK_SHAPE=tiny \
+    GPU_CHECK_VOCAB=target/vocab.gguf bash scripts/gpu-check.sh >&2
 
 # The official MCP Inspector's CLI, pinned, in a cached npm prefix: lists and
 # calls every tool and resource.

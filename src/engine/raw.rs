@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_batch::LlamaBatch;
-use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use serde::Serialize;
@@ -36,17 +35,21 @@ pub fn raw_speed(
     decode_tokens: usize,
 ) -> Result<RawSpeed, EngineError> {
     let backend = super::model::backend()?;
-    let model = LlamaModel::load_from_file(backend, &settings.model_path, &LlamaModelParams::default())
-        .map_err(|_| EngineError::ModelLoad(settings.model_path.clone()))?;
     let threads = super::model::threads(settings.n_threads) as i32;
-    let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(settings.context_length))
-        .with_n_batch(chunk.max(1) as u32)
-        .with_n_ubatch(chunk.max(1) as u32)
-        .with_swa_full(settings.swa_full)
-        .with_n_threads(threads)
-        .with_n_threads_batch(threads);
-    let mut ctx = model.new_context(&backend, params).map_err(|_| EngineError::Context(settings.context_length))?;
+    let params = || {
+        LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(settings.context_length))
+            .with_n_batch(chunk.max(1) as u32)
+            .with_n_ubatch(chunk.max(1) as u32)
+            .with_swa_full(settings.swa_full)
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads)
+    };
+    // The layers where the server puts them (on a GPU: as many as it offloads).
+    let offload = super::gpu::plan(settings.gpu_layers, &settings.model_path, &params, settings.kv_cache_type.bytes_per_element(), backend)?;
+    let model = LlamaModel::load_from_file(backend, &settings.model_path, &offload.params)
+        .map_err(|_| EngineError::ModelLoad(settings.model_path.clone()))?;
+    let mut ctx = model.new_context(&backend, params()).map_err(|_| EngineError::Context(settings.context_length))?;
     let tokens = model.vocab().tokenize(prompt.as_bytes(), true, true);
     let mut batch = LlamaBatch::new(chunk.max(1), 1);
     let started = Instant::now();
