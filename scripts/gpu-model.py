@@ -33,25 +33,38 @@ SHAPES = {
 SPREAD = 0.02
 
 
-def keep_vocab(model_path, vocab_path):
-    """Write a GGUF with `model_path`'s tokenizer (and chat template), no tensors."""
-    reader = gguf.GGUFReader(model_path)
-    writer = gguf.GGUFWriter(vocab_path, arch="vocab")
-    kept = 0
-    for field in reader.fields.values():
+def copy_tokenizer(path, writer):
+    """Copy the `tokenizer.*` fields (vocabulary, merges, special tokens, chat
+    template) of the GGUF at `path` into `writer`; the vocabulary's size."""
+    n_vocab = 0
+    for field in gguf.GGUFReader(path).fields.values():
         if not field.name.startswith("tokenizer."):
             continue
         main = field.types[0]
+        value = field.contents()
         if main == V.ARRAY:
-            writer.add_key_value(field.name, field.contents(), V.ARRAY, sub_type=field.types[-1])
+            writer.add_key_value(field.name, value, V.ARRAY, sub_type=field.types[-1])
+            if field.name == "tokenizer.ggml.tokens":
+                n_vocab = len(value)
         else:
-            writer.add_key_value(field.name, field.contents(), main)
-        kept += 1
+            writer.add_key_value(field.name, value, main)
+    assert n_vocab, f"{path} has no tokenizer.ggml.tokens"
+    return n_vocab
+
+
+def finish(writer):
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    print(f"gpu-model: {kept} tokenizer fields of {model_path} in {vocab_path}", file=sys.stderr)
+
+
+def keep_vocab(model_path, vocab_path):
+    """Write a GGUF with `model_path`'s tokenizer (and chat template), no tensors."""
+    writer = gguf.GGUFWriter(vocab_path, arch="vocab")
+    n_vocab = copy_tokenizer(model_path, writer)
+    finish(writer)
+    print(f"gpu-model: the tokenizer of {model_path} ({n_vocab} tokens) in {vocab_path}", file=sys.stderr)
 
 
 def q8_0_blocks(rng, n):
@@ -91,21 +104,8 @@ def build(vocab_path, out_path, shape, seed):
     arch, embd, layers, ff, heads, kv_heads, rope, eps, ctx, bias = SHAPES[shape]
     head = embd // heads
     rng = np.random.default_rng(seed)
-    reader = gguf.GGUFReader(vocab_path)
     writer = gguf.GGUFWriter(out_path, arch=arch)
-    n_vocab = 0
-    for field in reader.fields.values():
-        if not field.name.startswith("tokenizer."):
-            continue
-        main = field.types[0]
-        if main == V.ARRAY:
-            value = field.contents()
-            writer.add_key_value(field.name, value, V.ARRAY, sub_type=field.types[-1])
-            if field.name == "tokenizer.ggml.tokens":
-                n_vocab = len(value)
-        else:
-            writer.add_key_value(field.name, field.contents(), main)
-    assert n_vocab, f"{vocab_path} has no tokenizer.ggml.tokens"
+    n_vocab = copy_tokenizer(vocab_path, writer)
     writer.add_name(f"random {shape} (elpis scripts/gpu-model.py, seed {seed})")
     writer.add_context_length(ctx)
     writer.add_embedding_length(embd)
@@ -141,10 +141,7 @@ def build(vocab_path, out_path, shape, seed):
         weight(f"blk.{i}.ffn_down.weight", embd, ff)
     writer.add_tensor("output_norm.weight", ones(embd))
     weight("output.weight", n_vocab, embd)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     print(f"gpu-model: {out_path}: random {shape} ({arch}, {layers} layers, {embd} wide, vocab {n_vocab})", file=sys.stderr)
 
 
