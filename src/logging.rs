@@ -19,6 +19,15 @@ use file_rotate::{ContentLimit, FileRotate};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::{Layered, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
+
+/// A line said on stderr whatever the logs do (where a launcher learns a
+/// port, why the process ends), prefixed `elpis-server: `, in one write:
+/// stderr is unbuffered and `eprintln!` writes a line in pieces, so a
+/// reader of the file could see half of it.
+pub fn say(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("elpis-server: {line}\n").as_bytes());
+}
 use tokio::sync::mpsc;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 

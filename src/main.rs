@@ -10,7 +10,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One clear line on stderr, even when logs go to a file.
-            eprintln!("elpis-server: {e:#}");
+            elpis::logging::say(&format!("{e:#}"));
             ExitCode::FAILURE
         }
     }

@@ -29,12 +29,10 @@ fn url_after(server: &Server, words: &str) -> String {
     let deadline = Instant::now() + TIMEOUT;
     loop {
         let stderr = server.stderr_all();
-        // Only a whole line: the server's stderr is unbuffered, so a read
-        // may land between the pieces of one line.
-        if let Some(line) = stderr[stderr.find(words).unwrap_or(stderr.len())..].split_inclusive('\n').next() {
-            if let Some(url) = line.strip_suffix('\n').and_then(|l| l[words.len()..].split_whitespace().next()) {
-                return url.to_string();
-            }
+        // Only from a line that has ended: a read may land while it is written.
+        let after = stderr.find(words).map(|at| &stderr[at + words.len()..]);
+        if let Some((line, _)) = after.and_then(|rest| rest.split_once('\n')) {
+            return line.split_whitespace().next().unwrap().to_string();
         }
         assert!(Instant::now() < deadline, "the HTTP server did not say where it listens; stderr:\n{}", server.stderr());
         std::thread::sleep(Duration::from_millis(5));

@@ -183,7 +183,7 @@ pub async fn session(loaded: oneshot::Receiver<Arc<Inference>>, settings: HttpSe
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&gate), self::gate));
     // Always said on stderr (never stdout), logs or not: with port 0 it is
     // how a launcher learns the port, and the second line says it is ready.
-    say(format!("listening on {scheme}://{local} (503 until the model has loaded)"));
+    crate::logging::say(&format!("listening on {scheme}://{local} (503 until the model has loaded)"));
     let shutdown = {
         let stop = stop.clone();
         async move {
@@ -210,18 +210,11 @@ pub async fn session(loaded: oneshot::Receiver<Arc<Inference>>, settings: HttpSe
     };
     let _ = routes.set(self::routes(&inference, &settings, &gate, origins, stop.child_token()));
     tracing::info!("serving MCP on {scheme}://{local}/mcp and the OpenAI API on {scheme}://{local}/v1");
-    say(format!("serving MCP on {scheme}://{local}/mcp (OpenAI API: {scheme}://{local}/v1)"));
+    crate::logging::say(&format!("serving MCP on {scheme}://{local}/mcp (OpenAI API: {scheme}://{local}/v1)"));
     let served = serving.await;
     inference.cancel_all();
     tracing::info!("shut down");
     served
-}
-
-/// One line on stderr in one write: stderr is unbuffered, so `eprintln!`
-/// writes a line in pieces, and a launcher reading a file could see half a URL.
-fn say(line: String) {
-    use std::io::Write;
-    let _ = std::io::stderr().write_all(format!("elpis-server: {line}\n").as_bytes());
 }
 
 /// What every request past the token check gets while the model loads:
