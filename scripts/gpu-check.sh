@@ -60,11 +60,8 @@ print(":".join(dict.fromkeys(found)))
 EOF
 )"
 export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-if ldd "$binary" | grep -q "not found"; then
-    log "the binary's libraries are not all here:"
-    ldd "$binary" | grep "not found" >&2
-    exit 1
-fi
+missing="$(ldd "$binary" | grep "not found" || true)"
+[ -z "$missing" ] || { log "the binary's libraries are not all here:"; echo "$missing" >&2; exit 1; }
 command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv | tee "$out/nvidia-smi.csv"
 
 model="$work/$shape.gguf"
@@ -108,7 +105,7 @@ import json, sys
 reports = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 for r in reports:
     print(f"{r['session']:32} quick calls p99 {r['quick_p99_ms']:7.1f} ms  {r['duration_s']:6.1f} s  rules broken {len(r['violations'])}")
-print(f"{sum(not r.get('violations') for r in reports)} of {len(reports)} sessions kept every rule")
+print(f"{sum(not r['violations'] for r in reports)} of {len(reports)} sessions kept every rule")
 EOF
 log "replayed by $((SECONDS - started)) s"
 
