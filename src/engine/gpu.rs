@@ -162,10 +162,14 @@ pub(super) fn plan(
         let largest = gpus.iter().map(|d| d.total_bytes).max().unwrap_or(0);
         if let Some(width) = kv_width(backend, model_path) {
             let layer_keys = n_ctx * width as f64 * kv_bytes_per_element;
-            if layer_keys > largest as f64 {
+            // A device must also take the layer as one tensor (Vulkan's
+            // storage-buffer range), or ggml's scheduler aborts.
+            let one_buffer = gpus.iter().any(|d| super::sys::device_holds(&d.name, layer_keys as u64) != Some(false));
+            if layer_keys > largest as f64 || !one_buffer {
                 let why = format!(
-                    "one layer's KV cache keys for {n_ctx} tokens take {} MiB, more than the largest device holds ({})",
+                    "one layer's KV cache keys for {n_ctx} tokens take {} MiB, more than {} ({})",
                     (layer_keys as u64) >> 20,
+                    if layer_keys > largest as f64 { "the largest device holds" } else { "a device takes in one buffer" },
                     describe(&gpus)
                 );
                 if layers == GpuLayers::Auto {

@@ -6,25 +6,18 @@
 //! types and checked against its safe API before any use; and ggml's RPC
 //! backend (workers on other hosts) with the abort hook that names a lost one.
 
-/// Hand the heap's free pages back to the operating system. glibc keeps
-/// memory that was freed (below its mmap threshold, which rises after every
-/// large free) in its arenas: the megabytes of temporaries of sampling over
-/// a 262k-token vocabulary, or a dropped prompt-cache entry, would stay in
-/// the RSS. `malloc_trim(0)` returns every whole free page. Other
-/// allocators keep their own policy: elsewhere this does nothing.
+/// Hand the heap's free pages back to the operating system: glibc keeps
+/// freed memory (sampling's temporaries, a dropped prompt-cache entry) in
+/// its arenas, in the RSS. Other allocators keep their own policy.
 pub fn release_free_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        extern "C" {
-            fn malloc_trim(pad: usize) -> i32;
-        }
+        extern "C" { fn malloc_trim(pad: usize) -> i32; }
         // SAFETY: malloc_trim takes a plain integer and only walks glibc's
         // own arenas under their locks; it is documented as safe to call at
         // any time from any thread, invalidates no live allocation, and
         // reads no memory of ours.
-        unsafe {
-            malloc_trim(0);
-        }
+        unsafe { malloc_trim(0) };
     }
 }
 
@@ -139,27 +132,14 @@ impl RawPtrs {
 /// Set a control vector on the context: `data` holds `n_embd` floats per
 /// layer from layer 1 on (llama.cpp's layout), applied to layers
 /// `il_start..=il_end`. `None` clears it.
-pub fn set_control_vector(
-    ctx: NonNull<ffi::llama_context>,
-    data: Option<&[f32]>,
-    n_embd: i32,
-    il_start: i32,
-    il_end: i32,
-) -> Result<(), String> {
-    let (ptr, len) = match data {
-        Some(d) => (d.as_ptr(), d.len()),
-        None => (std::ptr::null(), 0),
-    };
+pub fn set_control_vector(ctx: NonNull<ffi::llama_context>, data: Option<&[f32]>, n_embd: i32, il_start: i32, il_end: i32) -> Result<(), String> {
+    let (ptr, len) = data.map_or((std::ptr::null(), 0), |d| (d.as_ptr(), d.len()));
     // SAFETY: `ctx` was checked by `context_ptr` and lives as long as the
     // engine, which calls this on its own thread between decodes. llama.cpp
     // copies `len` floats out of `ptr` (a live slice, or null to clear)
     // before returning and keeps no reference to it.
     let rc = unsafe { ffi::llama_set_adapter_cvec(ctx.as_ptr(), ptr, len, n_embd, il_start, il_end) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(format!("llama_set_adapter_cvec failed ({rc})"))
-    }
+    (rc == 0).then_some(()).ok_or_else(|| format!("llama_set_adapter_cvec failed ({rc})"))
 }
 
 /// Hidden states read during a decode: each layer's output (`l_out-N`) at the batch's last token.
@@ -239,9 +219,7 @@ impl CaptureContext {
         if tokens.is_empty() || tokens.len() > self.n_ctx {
             return Err(format!("a capture text must be 1 to {} tokens, not {}", self.n_ctx, tokens.len()));
         }
-        for layer in &mut self.capture.layers {
-            layer.clear();
-        }
+        self.capture.layers.iter_mut().for_each(Vec::clear);
         let mut ids: Vec<ffi::llama_token> = tokens.iter().map(|t| t.0).collect();
         // SAFETY: the context is ours and alive; clearing its memory and
         // decoding a batch that borrows `ids` (alive across the call) are
@@ -373,11 +351,38 @@ pub fn set_seq_state(ctx: NonNull<ffi::llama_context>, seq: i32, bytes: &[u8]) -
     // validates the layout it finds (layers, cell counts, types) and
     // returns 0 on a mismatch instead of loading it.
     let read = unsafe { ffi::llama_state_seq_set_data(ctx.as_ptr(), bytes.as_ptr(), bytes.len(), seq) };
-    if read == bytes.len() {
-        Ok(())
-    } else {
-        Err(format!("llama.cpp took {read} of {} bytes of the saved state", bytes.len()))
+    (read == bytes.len()).then_some(()).ok_or_else(|| format!("llama.cpp took {read} of {} bytes of the saved state", bytes.len()))
+}
+
+/// Whether the ggml device named `name` can hold one tensor of `bytes`
+/// bytes where ggml's scheduler will run it (None: no such device). ggml
+/// aborts when a tensor allocated on a device sits where that device cannot
+/// run it: Vulkan refuses tensors past its storage-buffer range (128 MiB on
+/// lavapipe), so a layer's KV cache past it must never be asked for.
+pub fn device_holds(name: &str, bytes: u64) -> Option<bool> {
+    let params = ffi::ggml_init_params { mem_size: 0, mem_buffer: std::ptr::null_mut(), no_alloc: true };
+    // SAFETY: ggml's device registry is static and its handles and names
+    // live for the process. The context holds only tensor metadata
+    // (no_alloc; sized from ggml's own overhead), a 1-D I8 tensor of any
+    // length is valid, `supports_op` reads the tensor's shape and op
+    // (NONE), and the context is freed before returning.
+    unsafe {
+        for i in 0..ffi::ggml_backend_dev_count() {
+            let dev = ffi::ggml_backend_dev_get(i);
+            if dev.is_null() || CStr::from_ptr(ffi::ggml_backend_dev_name(dev)).to_bytes() != name.as_bytes() {
+                continue;
+            }
+            let ctx = ffi::ggml_init(ffi::ggml_init_params { mem_size: ffi::ggml_tensor_overhead(), ..params });
+            if ctx.is_null() {
+                return None;
+            }
+            let t = ffi::ggml_new_tensor_1d(ctx, ffi::GGML_TYPE_I8, bytes.min(i64::MAX as u64) as i64);
+            let holds = !t.is_null() && ffi::ggml_backend_dev_supports_op(dev, t);
+            ffi::ggml_free(ctx);
+            return Some(holds);
+        }
     }
+    None
 }
 
 // ---------------------------------------------------------------------------
@@ -451,9 +456,7 @@ pub fn add_rpc_server(endpoint: &str) -> Result<Vec<RpcDevice>, String> {
 /// forever (ggml's RPC server loop; one client at a time). ggml prints its
 /// banner with printf: stdout is pointed at stderr first, so it stays clean.
 pub fn serve_rpc(endpoint: &str, threads: usize) -> Result<(), String> {
-    extern "C" {
-        fn dup2(oldfd: i32, newfd: i32) -> i32;
-    }
+    extern "C" { fn dup2(oldfd: i32, newfd: i32) -> i32; }
     let c_endpoint = CString::new(endpoint).map_err(|_| format!("{endpoint:?} has a NUL byte"))?;
     // SAFETY: dup2 takes two plain descriptors; 2 and 1 are the process's
     // stderr and stdout, open for its life. Pointing 1 at 2's file touches no
@@ -473,9 +476,7 @@ pub fn serve_rpc(endpoint: &str, threads: usize) -> Result<(), String> {
         // when setvbuf may be called. A null buffer lets libc allocate.
         // Each ggml line (its banner, "Accepted client connection") then
         // reaches the log as it is printed.
-        unsafe {
-            setvbuf(stdout, std::ptr::null_mut(), LINE_BUFFERED, 0);
-        }
+        unsafe { setvbuf(stdout, std::ptr::null_mut(), LINE_BUFFERED, 0) };
     }
     // SAFETY: a parameterless lookup in ggml's static registry; the device
     // it returns (or null) is ggml-owned for the process's life.
@@ -496,12 +497,8 @@ pub fn serve_rpc(endpoint: &str, threads: usize) -> Result<(), String> {
 static ON_ABORT: std::sync::OnceLock<Box<dyn Fn(&str) + Send + Sync>> = std::sync::OnceLock::new();
 
 unsafe extern "C" fn ggml_aborting(message: *const c_char) {
-    let message = if message.is_null() {
-        String::new()
-    } else {
-        // SAFETY: ggml passes its NUL-terminated message buffer, alive for the call.
-        unsafe { CStr::from_ptr(message) }.to_string_lossy().into_owned()
-    };
+    // SAFETY: ggml passes its NUL-terminated message buffer (or null), alive for the call.
+    let message = if message.is_null() { String::new() } else { unsafe { CStr::from_ptr(message) }.to_string_lossy().into_owned() };
     if let Some(hook) = ON_ABORT.get() {
         hook(&message);
     }
@@ -513,8 +510,6 @@ pub fn on_ggml_abort(hook: Box<dyn Fn(&str) + Send + Sync>) {
     if ON_ABORT.set(hook).is_ok() {
         // SAFETY: `ggml_aborting` has the signature ggml expects and only
         // reads the message it is given; the hook it calls is 'static.
-        unsafe {
-            ffi::ggml_set_abort_callback(Some(ggml_aborting));
-        }
+        unsafe { ffi::ggml_set_abort_callback(Some(ggml_aborting)) };
     }
 }
