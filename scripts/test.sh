@@ -71,14 +71,20 @@ python3 scripts/inspector-check.py "$inspector/node_modules/.bin/mcp-inspector" 
 
 # The GPU path on a real device backend: the Vulkan build set up from the
 # registries and built, every layer offloaded to Mesa's lavapipe (a Vulkan
-# device on the CPU): the layers and device reported, the errors for counts
-# that do not fit (tests/gpu.rs; its decoding tests run by hand, since
-# lavapipe 22.3 crashes at random inside its own queue thread).
+# device on the CPU; Mesa 25's, scripts/lavapipe.sh): the layers and device
+# reported, the errors for counts that do not fit, Psyche's idle sessions,
+# streams with quick calls and a cancel, a function call, steering,
+# speculation and a prompt cache restored (tests/gpu.rs).
 # ELPIS_GPU_TESTS=off skips it (it builds llama.cpp a second time, with
-# ggml-vulkan's shaders: about 13 minutes here).
+# ggml-vulkan's shaders: about 13 minutes here; lavapipe compiles its
+# shaders as each is first used, about 8 minutes of the tests on a fresh
+# machine, 2 once its disk cache holds them).
 if [ "${ELPIS_GPU_TESTS:-vulkan}" = vulkan ]; then
     bash scripts/setup.sh --gpu vulkan
-    cargo test --release --features vulkan --test gpu -- --test-threads=1
+    lavapipe="$(bash scripts/lavapipe.sh)"
+    # GALLIVM_PERF=nopt: lavapipe compiles shaders unoptimised, about a
+    # fifth less time in all on a fresh machine (a few tokens run on them).
+    (eval "$lavapipe" && GALLIVM_PERF=nopt cargo test --release --features vulkan --test gpu -- --test-threads=1)
     # The default (CPU) binary back in place for whoever runs it next.
     cargo build --release --bin elpis-server
 fi

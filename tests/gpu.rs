@@ -7,10 +7,10 @@
 //!
 //! lavapipe is slow (SmolLM2 reads a few tokens a second there), so replies
 //! are a few tokens long. `scripts/test.sh` builds the Vulkan feature and
-//! runs the tests here that do not decode (the layers and devices reported,
-//! the errors for counts that do not fit); those that decode crash now and
-//! then inside lavapipe itself and run by hand with `--ignored` (see
-//! below). On a CPU build this file compiles to nothing.
+//! runs these on lavapipe from Mesa 25 (`scripts/lavapipe.sh`: Debian 12's
+//! Mesa 22.3 crashes now and then inside its own queue thread, a double
+//! free there while the engine waits on a fence). On a CPU build this file
+//! compiles to nothing.
 
 #![cfg(feature = "vulkan")]
 
@@ -78,17 +78,7 @@ fn temp_dir(name: &str) -> PathBuf {
 /// with quick calls and a cancel, a function call, speculative decoding,
 /// and a prompt cache saved there and restored by the next server.
 /// (Steering has its own test.)
-///
-/// Run by hand (`cargo test --release --features vulkan --test gpu --
-/// --ignored --test-threads=1`), not by the suite: Debian 12's lavapipe
-/// (Mesa 22.3) crashes now and then inside its own queue thread (a double
-/// free or a segfault there, while the engine waits on a fence), in about
-/// half the runs once control vectors are on the device and now and then
-/// without; the ggml-vulkan switches that turn off fusion, multi-add,
-/// descriptor reuse or async transfers do not help. The suite must not
-/// depend on a driver's race; what it runs on lavapipe is below.
 #[test]
-#[ignore = "lavapipe 22.3 crashes at random in its own queue thread: run by hand with --ignored"]
 fn the_device_path_serves_everything_psyche_uses() {
     let cache = temp_dir("cache");
     let cache_s = cache.display().to_string();
@@ -122,8 +112,9 @@ fn the_device_path_serves_everything_psyche_uses() {
         let messages = json!([{"role": "system", "content": system}, {"role": "user", "content": text}]);
         s.tool("generate", json!({"messages": messages, "max_tokens": 1, "temperature": 0})).ok()
     };
+    // Cold: at most the template's opening is shared with earlier requests.
     let cold = ask(&mut s, "Hello.");
-    assert_eq!(cold["usage"]["cached_tokens"], 0, "{cold}");
+    assert!(cold["usage"]["cached_tokens"].as_u64().unwrap() < cold["usage"]["prompt_tokens"].as_u64().unwrap() / 2, "{cold}");
     s.shutdown();
 
     // The saved prompt, read from disk into the device's KV cache.
@@ -187,11 +178,14 @@ fn a_function_call(s: &mut Server) {
     assert!(args["city"].is_string(), "{out}");
 }
 
-/// Control vectors on the device move a greedy reply (by hand, as above:
-/// with them lavapipe crashes in about half the runs).
+/// Control vectors on the device move the model's next-token distribution.
+/// A four-token greedy reply may read the same under both moods (its words
+/// a near-tie apart, which the device's rounding can tip), so what is
+/// compared is the first token's log-probability: opposite moods move it
+/// by 0.3 here, on the CPU and on lavapipe alike, while the device's
+/// rounding moves it by 0.02 and no mood change at all by nothing.
 #[test]
-#[ignore = "lavapipe 22.3 crashes at random in its own queue thread: run by hand with --ignored"]
-fn steering_on_the_device_moves_a_greedy_reply() {
+fn steering_on_the_device_moves_the_reply() {
     // The vectors are the model's, whatever runs it: computed on the CPU.
     let model = instruct_model_path("smollm2");
     let vectors = temp_dir("vectors");
@@ -212,13 +206,15 @@ fn steering_on_the_device_moves_a_greedy_reply() {
     for _ in 0..3 {
         s.tool("update_emotion", json!({"event_type": "frustration", "intensity": 2.0})).ok();
     }
-    let low = greedy(&mut s, prompt, 4)["content"].as_str().unwrap().to_string();
+    let low = greedy(&mut s, prompt, 2);
     s.tool("reset_emotion", json!({})).ok();
     for _ in 0..3 {
         s.tool("update_emotion", json!({"event_type": "insight", "intensity": 2.0})).ok();
     }
-    let high = greedy(&mut s, prompt, 4)["content"].as_str().unwrap().to_string();
-    assert_ne!(low, high, "the mood did not change the greedy reply on the device");
+    let high = greedy(&mut s, prompt, 2);
+    let (a, b) = (top_two(&low)[0].clone(), top_two(&high)[0].clone());
+    eprintln!("first token: {a:?} under frustration, {b:?} under insight");
+    assert!(a.0 != b.0 || (a.1 - b.1).abs() > 0.1, "the mood did not move the reply on the device: {low}\n{high}");
     s.shutdown();
     let _ = std::fs::remove_dir_all(&vectors);
 }
@@ -249,15 +245,25 @@ fn a_count_that_cannot_fit_is_a_clear_error_and_all_is_every_layer() {
     assert_eq!((g["offloaded_layers"].as_u64(), g["total_layers"].as_u64()), (Some(31), Some(31)), "{g}");
     assert_eq!((caps["gpu_layers"].as_u64(), caps["gpu_offload_supported"].as_bool()), (Some(31), Some(true)), "{caps}");
     all.shutdown();
-    // A KV cache beyond the device's memory with a fixed count: a clear
-    // error at start naming the sizes and the layers that would fit; and
-    // one whose single layer no device holds. Never an abort.
+    // Counts from what the device reports (lavapipe reports 2 GiB in Mesa
+    // 22.3, the host's memory in Mesa 25): a KV cache twice the device's
+    // free memory with a fixed count, a clear error at start naming the
+    // sizes and the layers that would fit; and one whose single layer's keys
+    // are twice what the device holds (or the most the settings allow). Never
+    // an abort (llama.cpp's own fit aborts on a layer that no device buffer
+    // takes: Vulkan's storage-buffer range is 128 MiB on lavapipe).
+    let device = &g["devices"][0];
+    let (free, total) = (device["free_bytes"].as_f64().unwrap(), device["total_bytes"].as_f64().unwrap());
+    let per_token = caps["kv_bytes"].as_f64().unwrap() / (1024.0 * 2.0);
+    let one_layer_keys = per_token / (2.0 * 30.0);
     let model = instruct_model_path("smollm2");
-    for (context, parallel, expected) in [("131072", "2", "layers would fit"), ("131072", "64", "no layers would fit")] {
+    for (tokens, expected) in [(2.0 * free / per_token, "layers would fit"), (2.0 * total / one_layer_keys, "no layers would fit")] {
+        let (context, parallel) = count_of((tokens as u64).min(1 << 26));
+        eprintln!("{context} tokens x {parallel}: expecting {expected:?}");
         let mut env = gpu_env(&model, "31");
         env.retain(|(k, _)| k != "ELPIS_MODEL_CONTEXT_LENGTH" && k != "ELPIS_MODEL_PARALLEL");
-        env.push(("ELPIS_MODEL_CONTEXT_LENGTH".into(), context.into()));
-        env.push(("ELPIS_MODEL_PARALLEL".into(), parallel.into()));
+        env.push(("ELPIS_MODEL_CONTEXT_LENGTH".into(), context.to_string()));
+        env.push(("ELPIS_MODEL_PARALLEL".into(), parallel.to_string()));
         let out = common::server_command().envs(env).args(["chat", "hi"]).stdin(std::process::Stdio::null()).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.code().is_some_and(|c| c != 0), "not a clean failure (an abort?): {:?}\n{stderr}", out.status);
@@ -266,8 +272,14 @@ fn a_count_that_cannot_fit_is_a_clear_error_and_all_is_every_layer() {
     }
 }
 
+/// A context length and slot count the settings accept (at most 1,048,576
+/// tokens a slot, 64 slots) holding at least `tokens` tokens.
+fn count_of(tokens: u64) -> (u64, u64) {
+    let parallel = tokens.div_ceil(1 << 20).clamp(2, 64);
+    (tokens.div_ceil(parallel).clamp(256, 1 << 20), parallel)
+}
+
 #[test]
-#[ignore = "lavapipe 22.3 crashes at random in its own queue thread: run by hand with --ignored"]
 fn the_idle_thinking_sessions_replay_on_the_device() {
     // Psyche's idle life (thoughts, interrupts, streams, mood polls), with
     // prompts and replies cut short for lavapipe's speed: the rules of
