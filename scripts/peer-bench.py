@@ -271,13 +271,15 @@ def speculation(elpis_bin, model, threads, runs):
         for run in range(runs):
             for kind, prompts in (("grounded", GROUNDED), ("free", FREE)):
                 for text in prompts:
-                    tps = {}
+                    tps, usage = {}, {}
                     for spec in ([False, True] if run % 2 == 0 else [True, False]):
                         out = server.call("generate", {"messages": [{"role": "user", "content": text}], "max_tokens": 300,
                                                        "temperature": 0, "emotional_modulation": False, "speculative": spec})
-                        tps[spec] = out["timings"]["reply_tokens_per_s"]
+                        tps[spec], usage[spec] = out["timings"]["reply_tokens_per_s"], out["usage"]
                     ratios[kind].append(tps[True] / tps[False])
-                    print(f"speculation {kind}: off {tps[False]:.1f} on {tps[True]:.1f} tok/s", file=sys.stderr)
+                    u = usage[True]
+                    print(f"speculation {kind}: off {tps[False]:.1f} on {tps[True]:.1f} tok/s; {u['completion_tokens']} tokens, "
+                          f"{u['accepted_tokens']} of {u['draft_tokens']} drafts accepted", file=sys.stderr)
     finally:
         server.close()
     print(f"\nSpeculation on / off, Elpis, {os.path.basename(model)}, medians of {runs} runs of each prompt")
