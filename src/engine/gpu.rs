@@ -164,12 +164,16 @@ pub(super) fn plan(
             let layer_keys = n_ctx * width as f64 * kv_bytes_per_element;
             // A device must also take the layer as one tensor (Vulkan's
             // storage-buffer range), or ggml's scheduler aborts.
-            let one_buffer = gpus.iter().any(|d| super::sys::device_holds(&d.name, layer_keys as u64) != Some(false));
-            if layer_keys > largest as f64 || !one_buffer {
+            let beyond = if layer_keys > largest as f64 {
+                Some("the largest device holds")
+            } else {
+                let one_buffer = gpus.iter().any(|d| super::sys::device_holds(&d.name, layer_keys as u64) != Some(false));
+                (!one_buffer).then_some("a device takes in one buffer")
+            };
+            if let Some(beyond) = beyond {
                 let why = format!(
-                    "one layer's KV cache keys for {n_ctx} tokens take {} MiB, more than {} ({})",
+                    "one layer's KV cache keys for {n_ctx} tokens take {} MiB, more than {beyond} ({})",
                     (layer_keys as u64) >> 20,
-                    if layer_keys > largest as f64 { "the largest device holds" } else { "a device takes in one buffer" },
                     describe(&gpus)
                 );
                 if layers == GpuLayers::Auto {

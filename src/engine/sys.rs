@@ -360,29 +360,24 @@ pub fn set_seq_state(ctx: NonNull<ffi::llama_context>, seq: i32, bytes: &[u8]) -
 /// run it: Vulkan refuses tensors past its storage-buffer range (128 MiB on
 /// lavapipe), so a layer's KV cache past it must never be asked for.
 pub fn device_holds(name: &str, bytes: u64) -> Option<bool> {
-    let params = ffi::ggml_init_params { mem_size: 0, mem_buffer: std::ptr::null_mut(), no_alloc: true };
-    // SAFETY: ggml's device registry is static and its handles and names
-    // live for the process. The context holds only tensor metadata
+    let name = CString::new(name).ok()?;
+    // SAFETY: ggml's device registry is static; the handle it returns (or
+    // null) lives for the process. The context holds only tensor metadata
     // (no_alloc; sized from ggml's own overhead), a 1-D I8 tensor of any
     // length is valid, `supports_op` reads the tensor's shape and op
     // (NONE), and the context is freed before returning.
     unsafe {
-        for i in 0..ffi::ggml_backend_dev_count() {
-            let dev = ffi::ggml_backend_dev_get(i);
-            if dev.is_null() || CStr::from_ptr(ffi::ggml_backend_dev_name(dev)).to_bytes() != name.as_bytes() {
-                continue;
-            }
-            let ctx = ffi::ggml_init(ffi::ggml_init_params { mem_size: ffi::ggml_tensor_overhead(), ..params });
-            if ctx.is_null() {
-                return None;
-            }
-            let t = ffi::ggml_new_tensor_1d(ctx, ffi::GGML_TYPE_I8, bytes.min(i64::MAX as u64) as i64);
-            let holds = !t.is_null() && ffi::ggml_backend_dev_supports_op(dev, t);
-            ffi::ggml_free(ctx);
-            return Some(holds);
+        let dev = ffi::ggml_backend_dev_by_name(name.as_ptr());
+        let params = ffi::ggml_init_params { mem_size: ffi::ggml_tensor_overhead(), mem_buffer: std::ptr::null_mut(), no_alloc: true };
+        let ctx = if dev.is_null() { std::ptr::null_mut() } else { ffi::ggml_init(params) };
+        if ctx.is_null() {
+            return None;
         }
+        let t = ffi::ggml_new_tensor_1d(ctx, ffi::GGML_TYPE_I8, bytes.min(i64::MAX as u64) as i64);
+        let holds = !t.is_null() && ffi::ggml_backend_dev_supports_op(dev, t);
+        ffi::ggml_free(ctx);
+        Some(holds)
     }
-    None
 }
 
 // ---------------------------------------------------------------------------
