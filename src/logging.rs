@@ -19,15 +19,6 @@ use file_rotate::{ContentLimit, FileRotate};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::{Layered, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
-
-/// A line said on stderr whatever the logs do (where a launcher learns a
-/// port, why the process ends), prefixed `elpis-server: `, in one write:
-/// stderr is unbuffered and `eprintln!` writes a line in pieces, so a
-/// reader of the file could see half of it.
-pub fn say(line: &str) {
-    use std::io::Write;
-    let _ = std::io::stderr().write_all(format!("elpis-server: {line}\n").as_bytes());
-}
 use tokio::sync::mpsc;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
@@ -41,6 +32,15 @@ const ROTATED_FILES: usize = 5;
 /// Events queued for the MCP client at most (beyond, they are dropped:
 /// a client that does not read must not grow memory).
 const CLIENT_LOG_QUEUE: usize = 256;
+
+/// A line said on stderr whatever the logs do (where a launcher learns a
+/// port, why the process ends), prefixed `elpis-server: `, in one write:
+/// stderr is unbuffered and `eprintln!` writes a line in pieces, so a
+/// reader of the file could see half of it.
+pub fn say(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("elpis-server: {line}\n").as_bytes());
+}
 
 type Subscriber = Layered<EnvFilter, Registry>;
 
