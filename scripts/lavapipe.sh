@@ -36,11 +36,12 @@ if [ ! -f "$dir/lvp.json" ]; then
     (cd "$tmp/deb" && apt-get "${opts[@]}" download -qq mesa-vulkan-drivers/bookworm-backports \
         libdrm2/bookworm-backports libdrm-amdgpu1/bookworm-backports >&2)
     for deb in "$tmp"/deb/*.deb; do dpkg -x "$deb" "$tmp/x"; done
-    [ -f "$tmp/x/usr/lib/x86_64-linux-gnu/libvulkan_lvp.so" ] || { log "the package holds no libvulkan_lvp.so"; exit 1; }
-    missing="$(LD_LIBRARY_PATH="$tmp/x/usr/lib/x86_64-linux-gnu" ldd "$tmp/x/usr/lib/x86_64-linux-gnu/libvulkan_lvp.so" | grep 'not found' || true)"
+    unpacked="$tmp/x/usr/lib/x86_64-linux-gnu"
+    [ -f "$unpacked/libvulkan_lvp.so" ] || { log "the package holds no libvulkan_lvp.so"; exit 1; }
+    missing="$(LD_LIBRARY_PATH="$unpacked" ldd "$unpacked/libvulkan_lvp.so" | grep 'not found' || true)"
     [ -z "$missing" ] || { log "libvulkan_lvp.so needs libraries this system lacks: $missing"; exit 1; }
     rm -rf "$dir" && mkdir -p "$lib"
-    cp -a "$tmp"/x/usr/lib/x86_64-linux-gnu/libvulkan_lvp.so "$tmp"/x/usr/lib/x86_64-linux-gnu/libdrm*.so* "$lib/"
+    cp -a "$unpacked"/libvulkan_lvp.so "$unpacked"/libdrm*.so* "$lib/"
     # The package's own manifest, with the library's path made absolute.
     sed "s|\"library_path\": *\"[^\"]*\"|\"library_path\": \"$lib/libvulkan_lvp.so\"|" \
         "$tmp"/x/usr/share/vulkan/icd.d/lvp_icd*.json >"$dir/lvp.json.partial"
