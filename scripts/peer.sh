@@ -27,8 +27,24 @@ if [ ! -d "$cache/src" ]; then
     tmp="$(mktemp -d)"
     trap 'rm -rf "$tmp"' EXIT
     log "downloading llama-cpp-python==$version's source release from PyPI"
-    python3 -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: \
-        -d "$tmp" "llama-cpp-python==$version" >&2
+    # The file itself, found in PyPI's index and checked against the hash
+    # the index gives: `pip download --no-binary` would first build the
+    # package's build tools (cmake, ninja) from source to read its metadata.
+    python3 - "$version" "$tmp" <<'PY' >&2
+import hashlib, json, sys, urllib.request
+version, into = sys.argv[1], sys.argv[2]
+name = f"llama_cpp_python-{version}.tar.gz"
+index = urllib.request.Request("https://pypi.org/simple/llama-cpp-python/",
+                               headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+files = json.load(urllib.request.urlopen(index, timeout=60))["files"]
+entry = next((f for f in files if f["filename"] == name), None)
+if entry is None:
+    sys.exit(f"peer: PyPI has no {name}")
+data = urllib.request.urlopen(entry["url"], timeout=600).read()
+if hashlib.sha256(data).hexdigest() != entry["hashes"]["sha256"]:
+    sys.exit(f"peer: {name} does not match the sha256 PyPI gives")
+open(f"{into}/{name}", "wb").write(data)
+PY
     tar -xzf "$tmp"/llama_cpp_python-"$version".tar.gz -C "$tmp"
     mv "$tmp/llama_cpp_python-$version/vendor/llama.cpp" "$cache/src"
 fi
