@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::prompt::{ChatFormat, NativeToolFormat, Renderer, TemplateTexts};
 
 use super::gpu::{GpuInfo, GpuLayers};
-use super::planner::{MAX_BATCH, MAX_UBATCH};
+use super::planner::{self, DEVICE_CHUNK, MAX_BATCH};
 use super::request::EngineError;
 use super::speculative::Speculation;
 use super::steering::SteeringSettings;
@@ -235,8 +235,12 @@ pub(super) fn load(settings: &EngineSettings, between: Option<Box<dyn FnMut()>>)
     let threads = threads(settings.n_threads);
     let parallel = settings.parallel.max(1);
     let n_ctx = settings.context_length.saturating_mul(parallel);
-    let ctx_params = || context_params(settings, n_ctx, parallel, threads);
-    let offload = super::gpu::plan(settings.gpu_layers, &settings.model_path, &ctx_params, settings.kv_cache_type.bytes_per_element(), backend)?;
+    let ctx_params = |chunk| context_params(settings, n_ctx, parallel, threads, chunk);
+    let bytes = settings.kv_cache_type.bytes_per_element();
+    let offload = super::gpu::plan(settings.gpu_layers, &settings.model_path, &|| ctx_params(DEVICE_CHUNK), bytes, backend)?;
+    // Every layer on the CPU: requests are answered inside a step, and its
+    // prompt chunk is wide (the scheduler's planner agrees).
+    let chunk = planner::chunk(offload.n_gpu_layers == 0 && settings.rpc_servers.is_empty());
     let mut params = offload.params;
     if let Some(mut between) = between {
         let taken = *std::pin::Pin::into_inner(params);
@@ -250,7 +254,7 @@ pub(super) fn load(settings: &EngineSettings, between: Option<Box<dyn FnMut()>>)
     // The model lives as long as the process: leaking it lets the context
     // borrow it for 'static.
     let model: &'static LlamaModel = Box::leak(Box::new(model));
-    let mut ctx = model.new_context(backend, ctx_params()).map_err(|_| EngineError::Context(n_ctx))?;
+    let mut ctx = model.new_context(backend, ctx_params(chunk)).map_err(|_| EngineError::Context(n_ctx))?;
     // Zeroing the KV buffer makes it resident now: the memory the server
     // holds is known from the start (the prompt cache's ceiling counts all
     // of it), rather than growing as cells are first written.
@@ -300,12 +304,13 @@ pub(super) fn load(settings: &EngineSettings, between: Option<Box<dyn FnMut()>>)
     Ok(Loaded { model, ctx, renderer, info, n_ctx_seq, swa_limited: sliding_window > 0 && !settings.swa_full })
 }
 
-/// The context's parameters: one KV sequence per slot in one unified cache.
-fn context_params(settings: &EngineSettings, n_ctx: u32, parallel: u32, threads: u32) -> LlamaContextParams {
+/// The context's parameters: one KV sequence per slot in one unified cache,
+/// prompts read `chunk` rows at a time.
+fn context_params(settings: &EngineSettings, n_ctx: u32, parallel: u32, threads: u32, chunk: usize) -> LlamaContextParams {
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(n_ctx))
         .with_n_batch(MAX_BATCH as u32)
-        .with_n_ubatch(MAX_UBATCH as u32)
+        .with_n_ubatch(chunk as u32)
         .with_n_seq_max(parallel)
         .with_kv_unified(true)
         .with_swa_full(settings.swa_full)

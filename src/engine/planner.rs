@@ -20,7 +20,7 @@
 //!   CPU) the chunk is large, where each row costs its share it is as small
 //!   as efficiency allows. A step never waits on another request's end;
 //! - **prompts alone** (nobody reads a token of this step): the whole chunk
-//!   ([`MAX_CHUNK`]), however slow steps are now (on a loaded machine every
+//!   ([`chunk`]), however slow steps are now (on a loaded machine every
 //!   step is slower, and smaller chunks would read far less per
 //!   millisecond). Requests are answered in the middle of such a step
 //!   (between its graph nodes), so a long step costs nobody an answer.
@@ -30,13 +30,31 @@
 //!   kept near `max_step_ms` (or near a decode step, where that alone is
 //!   longer), so the streams' tokens and the answers keep their pace.
 
-/// Most prompt rows one step may decode (llama.cpp computes them at once:
-/// the context's micro-batch).
-pub(super) const MAX_CHUNK: usize = 128;
+/// Most prompt rows one step may decode where requests are answered
+/// between its graph nodes (every layer on the CPU): llama.cpp computes
+/// them at once (the context's micro-batch), and a wide one reads a prompt
+/// faster, most of all on a busy machine, where each of a step's graph
+/// nodes waits for both threads (llama-bench here, Qwen2.5-0.5B, 2 threads,
+/// pp512: 142 / 144 / 145 tok/s at 128 / 256 / 512 rows when quiet; 34 /
+/// 45 / 57 tok/s beside two busy processes). llama.cpp's own default.
+pub(super) const MAX_CHUNK: usize = 512;
+/// The same where nothing is answered during a step (layers on a GPU or RPC
+/// workers): a step is a wait for every client, and slow devices
+/// (lavapipe) take seconds over a wide one.
+pub(super) const DEVICE_CHUNK: usize = 128;
 /// Rows one batch may hold: a chunk plus the generating slots' tokens and
 /// their drafts.
 pub(super) const MAX_BATCH: usize = MAX_CHUNK + 64;
-pub(super) const MAX_UBATCH: usize = MAX_CHUNK;
+
+/// The widest prompt chunk of a step (the context's micro-batch):
+/// `interleaved`, requests are answered inside steps.
+pub(super) fn chunk(interleaved: bool) -> usize {
+    if interleaved {
+        MAX_CHUNK
+    } else {
+        DEVICE_CHUNK
+    }
+}
 /// A prompt chunk read beside decoding rows (or on a loaded machine) reads
 /// at least this share of the best prompt rate the cost curve allows.
 pub(super) const CHUNK_EFFICIENCY: f64 = 0.8;
@@ -181,7 +199,7 @@ impl StepPlanner {
     /// `mode`, with `waiting` prompt rows left to read (of the jobs the step
     /// may feed).
     pub fn prompt_rows(&self, mode: Mode, generating: usize, waiting: usize) -> usize {
-        let room = (MAX_BATCH - generating.min(MAX_BATCH)).min(MAX_CHUNK);
+        let room = (MAX_BATCH - generating.min(MAX_BATCH)).min(chunk(self.interleaved));
         if room == 0 || waiting == 0 {
             return 0;
         }
@@ -329,7 +347,7 @@ mod tests {
         // Without answers inside a step (a device) too: one step's wait.
         let mut p = planner(&QWEN, 100);
         p.interleaved = false;
-        assert_eq!(p.prompt_rows(Mode::Throughput, 0, 1000), MAX_CHUNK);
+        assert_eq!(p.prompt_rows(Mode::Throughput, 0, 1000), DEVICE_CHUNK);
         // Nothing learned yet: the full chunk (one step tells).
         let p = StepPlanner::new(50, true);
         assert_eq!((p.prompt_rows(Mode::Cadence, 1, 1000), p.prompt_rows(Mode::Throughput, 0, 1000)), (MAX_CHUNK, MAX_CHUNK));

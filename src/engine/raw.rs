@@ -1,7 +1,7 @@
 //! The floor for the benchmark: a minimal llama-cpp-2 loop (no MCP, no
 //! scheduler, no yields) on the same model and thread count. Prompt speed is
-//! one batch per chunk of the same size the server may use; decode speed is
-//! one token per `decode`, greedy.
+//! one batch per chunk of the widest size the server uses there; decode
+//! speed is one token per `decode`, greedy.
 
 use std::num::NonZeroU32;
 use std::time::Instant;
@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::prompt::{segments, Message, Renderer};
 
+use super::planner::{self, DEVICE_CHUNK};
 use super::{EngineError, EngineSettings};
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -24,19 +25,13 @@ pub struct RawSpeed {
     pub decode_tokens_per_s: f64,
 }
 
-/// Read `prompt` (chunks of `chunk` tokens); then, from an empty cache,
-/// read `short` (rendered with the model's own template, as the server
-/// would) and decode `decode_tokens` after it.
-pub fn raw_speed(
-    settings: &EngineSettings,
-    prompt: &str,
-    short: &[Message],
-    chunk: usize,
-    decode_tokens: usize,
-) -> Result<RawSpeed, EngineError> {
+/// Read `prompt` (in the server's widest chunks); then, from an empty
+/// cache, read `short` (rendered with the model's own template, as the
+/// server would) and decode `decode_tokens` after it.
+pub fn raw_speed(settings: &EngineSettings, prompt: &str, short: &[Message], decode_tokens: usize) -> Result<RawSpeed, EngineError> {
     let backend = super::model::backend()?;
     let threads = super::model::threads(settings.n_threads) as i32;
-    let params = || {
+    let params = |chunk: usize| {
         LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(settings.context_length))
             .with_n_batch(chunk.max(1) as u32)
@@ -46,10 +41,12 @@ pub fn raw_speed(
             .with_n_threads_batch(threads)
     };
     // The layers where the server puts them (on a GPU: as many as it offloads).
-    let offload = super::gpu::plan(settings.gpu_layers, &settings.model_path, &params, settings.kv_cache_type.bytes_per_element(), backend)?;
+    let bytes = settings.kv_cache_type.bytes_per_element();
+    let offload = super::gpu::plan(settings.gpu_layers, &settings.model_path, &|| params(DEVICE_CHUNK), bytes, backend)?;
+    let chunk = planner::chunk(offload.n_gpu_layers == 0 && settings.rpc_servers.is_empty());
     let model = LlamaModel::load_from_file(backend, &settings.model_path, &offload.params)
         .map_err(|_| EngineError::ModelLoad(settings.model_path.clone()))?;
-    let mut ctx = model.new_context(&backend, params()).map_err(|_| EngineError::Context(settings.context_length))?;
+    let mut ctx = model.new_context(&backend, params(chunk)).map_err(|_| EngineError::Context(settings.context_length))?;
     let tokens = model.vocab().tokenize(prompt.as_bytes(), true, true);
     let mut batch = LlamaBatch::new(chunk.max(1), 1);
     let started = Instant::now();

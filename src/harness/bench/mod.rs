@@ -155,7 +155,7 @@ pub async fn bench(config: &Config, options: &BenchOptions) -> anyhow::Result<Be
     for run in 0..options.runs.max(1) {
         eprintln!("bench: run {} of {}", run + 1, options.runs.max(1));
         let short = [Message::new("system", "You are a storyteller."), Message::new("user", "Write a long story about a lighthouse keeper.")];
-        let raw = raw_speed(&settings, &long_prompt(run as u64 + 1000), &short, 128, 128)?;
+        let raw = raw_speed(&settings, &long_prompt(run as u64 + 1000), &short, 128)?;
         let (mut r, i) = bench_server(&binary, &env, raw, run as u64, &config.model_path()).await?;
         if vectors {
             (r.steering_off_tps, r.steering_on_tps) = steering_speed(config)?;
