@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::prompt::{ChatFormat, NativeToolFormat, Renderer, TemplateTexts};
 
 use super::gpu::{GpuInfo, GpuLayers};
-use super::planner::{self, DEVICE_CHUNK, MAX_BATCH};
+use super::planner::{self, CHUNK, MAX_BATCH};
 use super::request::EngineError;
 use super::speculative::Speculation;
 use super::steering::SteeringSettings;
@@ -237,7 +237,7 @@ pub(super) fn load(settings: &EngineSettings, between: Option<Box<dyn FnMut()>>)
     let n_ctx = settings.context_length.saturating_mul(parallel);
     let ctx_params = |chunk| context_params(settings, n_ctx, parallel, threads, chunk);
     let bytes = settings.kv_cache_type.bytes_per_element();
-    let offload = super::gpu::plan(settings.gpu_layers, &settings.model_path, &|| ctx_params(DEVICE_CHUNK), bytes, backend)?;
+    let offload = super::gpu::plan(settings.gpu_layers, &settings.model_path, &|| ctx_params(CHUNK), bytes, backend)?;
     // Every layer on the CPU: requests are answered inside a step, and its
     // prompt chunk is wide (the scheduler's planner agrees).
     let chunk = planner::chunk(offload.n_gpu_layers == 0 && settings.rpc_servers.is_empty());

@@ -38,10 +38,14 @@
 /// pp512: 142 / 144 / 145 tok/s at 128 / 256 / 512 rows when quiet; 34 /
 /// 45 / 57 tok/s beside two busy processes). llama.cpp's own default.
 pub(super) const MAX_CHUNK: usize = 512;
-/// The same where nothing is answered during a step (layers on a GPU or RPC
-/// workers): a step is a wait for every client, and slow devices
-/// (lavapipe) take seconds over a wide one.
-pub(super) const DEVICE_CHUNK: usize = 128;
+/// Most prompt rows of a step beside tokens somebody reads (the cost of a
+/// row depends on the context it attends to, which the learned curve does
+/// not see: a curve learned from wide steps over a long prompt once chose
+/// 512-row chunks there, and a stream read beside it stalled for seconds),
+/// and of any step where nothing is answered during it (layers on a GPU or
+/// RPC workers: a step is a wait for every client, and slow devices such as
+/// lavapipe take seconds over a wide one).
+pub(super) const CHUNK: usize = 128;
 /// Rows one batch may hold: a chunk plus the generating slots' tokens and
 /// their drafts.
 pub(super) const MAX_BATCH: usize = MAX_CHUNK + 64;
@@ -52,7 +56,7 @@ pub(super) fn chunk(interleaved: bool) -> usize {
     if interleaved {
         MAX_CHUNK
     } else {
-        DEVICE_CHUNK
+        CHUNK
     }
 }
 /// A prompt chunk read beside decoding rows (or on a loaded machine) reads
@@ -204,7 +208,7 @@ impl StepPlanner {
             return 0;
         }
         let rows = match mode {
-            Mode::Cadence if self.interleaved => self.efficient_chunk(generating, room),
+            Mode::Cadence if self.interleaved => self.efficient_chunk(generating, room.min(CHUNK)),
             // On a device nothing is answered inside a step: the efficient
             // chunk, shrunk to keep the step near max_step_ms (or near a
             // decode step, where that alone is longer).
@@ -347,10 +351,16 @@ mod tests {
         // Without answers inside a step (a device) too: one step's wait.
         let mut p = planner(&QWEN, 100);
         p.interleaved = false;
-        assert_eq!(p.prompt_rows(Mode::Throughput, 0, 1000), DEVICE_CHUNK);
+        assert_eq!(p.prompt_rows(Mode::Throughput, 0, 1000), CHUNK);
+        // Beside a decode, never wider than CHUNK, even where wide steps
+        // learned over a short context price rows cheaply (a bench run's
+        // curve): those steps take seconds over a long prompt.
+        let wide = planner(&[(1, 37.0), (13, 160.0), (302, 2000.0), (512, 5400.0)], 50);
+        assert_eq!(wide.prompt_rows(Mode::Throughput, 0, 2000), MAX_CHUNK);
+        assert!(wide.prompt_rows(Mode::Cadence, 1, 2000) <= CHUNK);
         // Nothing learned yet: the full chunk (one step tells).
         let p = StepPlanner::new(50, true);
-        assert_eq!((p.prompt_rows(Mode::Cadence, 1, 1000), p.prompt_rows(Mode::Throughput, 0, 1000)), (MAX_CHUNK, MAX_CHUNK));
+        assert_eq!((p.prompt_rows(Mode::Cadence, 1, 1000), p.prompt_rows(Mode::Throughput, 0, 1000)), (CHUNK, MAX_CHUNK));
     }
 
     #[test]

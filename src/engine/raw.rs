@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::prompt::{segments, Message, Renderer};
 
-use super::planner::{self, DEVICE_CHUNK};
+use super::planner::{self, CHUNK};
 use super::{EngineError, EngineSettings};
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -42,7 +42,7 @@ pub fn raw_speed(settings: &EngineSettings, prompt: &str, short: &[Message], dec
     };
     // The layers where the server puts them (on a GPU: as many as it offloads).
     let bytes = settings.kv_cache_type.bytes_per_element();
-    let offload = super::gpu::plan(settings.gpu_layers, &settings.model_path, &|| params(DEVICE_CHUNK), bytes, backend)?;
+    let offload = super::gpu::plan(settings.gpu_layers, &settings.model_path, &|| params(CHUNK), bytes, backend)?;
     let chunk = planner::chunk(offload.n_gpu_layers == 0 && settings.rpc_servers.is_empty());
     let model = LlamaModel::load_from_file(backend, &settings.model_path, &offload.params)
         .map_err(|_| EngineError::ModelLoad(settings.model_path.clone()))?;
