@@ -286,6 +286,14 @@ fn describe(devices: &[&GpuDevice]) -> String {
         .join("; ")
 }
 
+/// Every layer stays on the CPU, the one backend that calls the abort
+/// callback (requests are answered inside a step): no layer asked for, or
+/// no device to take one, and no RPC workers. The same as
+/// [`GpuInfo::offloaded_layers`] being 0 without workers.
+pub(super) fn all_on_cpu(n_gpu_layers: i32, rpc_servers: &[String]) -> bool {
+    rpc_servers.is_empty() && (n_gpu_layers == 0 || devices().is_empty())
+}
+
 /// What `get_capabilities` says after loading: the devices now (their free
 /// memory after the model), and the layers on them.
 pub(super) fn info(n_gpu_layers: i32, n_layer: u32) -> GpuInfo {

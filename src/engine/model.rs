@@ -222,6 +222,8 @@ pub(super) struct Loaded {
     /// The model uses sliding-window attention and its caches are not
     /// full-size: then a cached prefix cannot be partially kept.
     pub swa_limited: bool,
+    /// Every layer on the CPU ([`super::gpu::all_on_cpu`]).
+    pub all_on_cpu: bool,
 }
 
 /// Load the model and create its context (one KV sequence per slot).
@@ -240,7 +242,8 @@ pub(super) fn load(settings: &EngineSettings, between: Option<Box<dyn FnMut()>>)
     let offload = super::gpu::plan(settings.gpu_layers, &settings.model_path, &|| ctx_params(CHUNK), bytes, backend)?;
     // Every layer on the CPU: requests are answered inside a step, and its
     // prompt chunk is wide (the scheduler's planner agrees).
-    let chunk = planner::chunk(offload.n_gpu_layers == 0 && settings.rpc_servers.is_empty());
+    let all_on_cpu = super::gpu::all_on_cpu(offload.n_gpu_layers, &settings.rpc_servers);
+    let chunk = planner::chunk(all_on_cpu);
     let mut params = offload.params;
     if let Some(mut between) = between {
         let taken = *std::pin::Pin::into_inner(params);
@@ -301,7 +304,7 @@ pub(super) fn load(settings: &EngineSettings, between: Option<Box<dyn FnMut()>>)
         speculative: if sliding_window > 0 && !settings.swa_full { Speculation::Off } else { settings.speculative },
     };
     tracing::info!(?info, "model loaded");
-    Ok(Loaded { model, ctx, renderer, info, n_ctx_seq, swa_limited: sliding_window > 0 && !settings.swa_full })
+    Ok(Loaded { model, ctx, renderer, info, n_ctx_seq, swa_limited: sliding_window > 0 && !settings.swa_full, all_on_cpu })
 }
 
 /// The context's parameters: one KV sequence per slot in one unified cache,

@@ -43,7 +43,7 @@ pub fn raw_speed(settings: &EngineSettings, prompt: &str, short: &[Message], dec
     // The layers where the server puts them (on a GPU: as many as it offloads).
     let bytes = settings.kv_cache_type.bytes_per_element();
     let offload = super::gpu::plan(settings.gpu_layers, &settings.model_path, &|| params(CHUNK), bytes, backend)?;
-    let chunk = planner::chunk(offload.n_gpu_layers == 0 && settings.rpc_servers.is_empty());
+    let chunk = planner::chunk(super::gpu::all_on_cpu(offload.n_gpu_layers, &settings.rpc_servers));
     let model = LlamaModel::load_from_file(backend, &settings.model_path, &offload.params)
         .map_err(|_| EngineError::ModelLoad(settings.model_path.clone()))?;
     let mut ctx = model.new_context(&backend, params(chunk)).map_err(|_| EngineError::Context(settings.context_length))?;

@@ -113,9 +113,6 @@ impl Engine {
         let (tx, rx) = mpsc::unbounded_channel();
         let waiting = Arc::new(AtomicUsize::new(0));
         let parallel = loaded.info.slots;
-        // Every layer on the CPU backend, the only one that calls the abort
-        // callback: requests are answered between a step's graph nodes.
-        let interleaved = loaded.info.gpu.offloaded_layers == 0 && settings.rpc_servers.is_empty();
         let engine = Engine {
             owner: std::thread::current().id(),
             model: loaded.model,
@@ -129,7 +126,7 @@ impl Engine {
                 loaded.info.speculative != Speculation::Off,
             ),
             slots: SlotTable::new(parallel, Arc::clone(&waiting), loaded.swa_limited),
-            step: DecodeStep::new(parallel, StepPlanner::new(settings.max_step_ms, ptrs.is_ok() && interleaved), loaded.info.speculative),
+            step: DecodeStep::new(parallel, StepPlanner::new(settings.max_step_ms, ptrs.is_ok() && loaded.all_on_cpu), loaded.info.speculative),
             n_ctx_seq: loaded.n_ctx_seq,
             commands: rx,
             worked_since_trim: false,
