@@ -19,7 +19,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{instruct_model_path, poll_stream, top_two, user, Server, NEAR_TIE};
+use common::{agree_or_near_tie, instruct_model_path, poll_stream, top_two, user, Server};
 use serde_json::{json, Value};
 
 /// What every server here runs with: SmolLM2 (the smallest test model),
@@ -50,19 +50,6 @@ fn greedy(server: &mut Server, text: &str, max_tokens: u32) -> Value {
     server
         .tool("generate", json!({"messages": user(text), "max_tokens": max_tokens, "temperature": 0, "logprobs": true, "top_logprobs": 2}))
         .ok()
-}
-
-/// Two greedy replies agree token for token, but where the first reply's
-/// two best tokens were a near-tie (from there on they may part).
-fn agree_or_near_tie(a: &Value, b: &Value) {
-    let (x, y) = (top_two(a), top_two(b));
-    if let Some(at) = x.iter().zip(&y).position(|(p, q)| p.0 != q.0) {
-        let gap = x[at].1 - x[at].2;
-        eprintln!("the replies part at token {at} ({:?} vs {:?}), top two {gap:.3} apart", x[at].0, y[at].0);
-        assert!(gap < NEAR_TIE, "the replies part at token {at} where the model was sure: {a}\n{b}");
-    } else {
-        assert_eq!(a["content"], b["content"]);
-    }
 }
 
 fn temp_dir(name: &str) -> PathBuf {

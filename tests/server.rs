@@ -82,6 +82,36 @@ fn capabilities_describe_the_model() {
     s.shutdown();
 }
 
+/// Q5_0 matrices held as Q8_0 (`model.wide_weights`, on by default where
+/// every layer is on the CPU) are the same weights: greedy replies agree
+/// with the file's own types token for token, or part only at a near-tie
+/// (the two kernels add in different orders).
+#[test]
+fn wide_weights_answer_as_the_file_does() {
+    let ask = |s: &mut Server, text: &str| {
+        s.tool("generate", json!({"messages": user(text), "max_tokens": 24, "temperature": 0, "logprobs": true, "top_logprobs": 2})).ok()
+    };
+    let prompts = ["The capital of France is", "def fibonacci(n):"];
+    let mut wide = Server::start(&[]);
+    let matrices = wide.tool("get_capabilities", json!({})).ok()["wide_weights"].as_u64().unwrap();
+    let widened: Vec<Value> = prompts.iter().map(|p| ask(&mut wide, p)).collect();
+    wide.shutdown();
+    let mut plain = Server::start(&[("ELPIS_MODEL_WIDE_WEIGHTS", "false")]);
+    assert_eq!(plain.tool("get_capabilities", json!({})).ok()["wide_weights"], 0, "off: the file's own types");
+    let own: Vec<Value> = prompts.iter().map(|p| ask(&mut plain, p)).collect();
+    plain.shutdown();
+    if matrices == 0 {
+        // The copy needs disk (and memory) to spare; without it the file is
+        // loaded as it is, which the server logs.
+        eprintln!("no room for the widened copy on this machine: both servers read the file's own types");
+    } else {
+        assert_eq!(matrices, 81, "Gemma 3 270M Q4_K_M: its Q5_0 matrices, not the token embeddings");
+    }
+    for (a, b) in own.iter().zip(&widened) {
+        agree_or_near_tie(a, b);
+    }
+}
+
 #[test]
 fn emotion_tools_and_resources() {
     let mut s = Server::start(&[]);

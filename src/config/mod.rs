@@ -194,6 +194,10 @@ pub struct ModelConfig {
     /// `auto` (speculative decoding from the text where it pays), `off`, or
     /// `always` (draft whenever a draft is found: for tests and measurements).
     pub speculative: String,
+    /// Q5_0 weights held as Q8_0 where every layer is on the CPU: the same
+    /// values, faster kernels, more memory (a copy of the model file in the
+    /// cache folder, made once).
+    pub wide_weights: bool,
     /// Backend of the predecessor; only `llama-cpp` is served.
     pub backend: String,
     /// The predecessor's steering keys (its transformers backend read them
@@ -227,6 +231,7 @@ impl Default for ModelConfig {
             swa_full: true,
             overflow: Overflow::Error,
             speculative: "auto".into(),
+            wide_weights: true,
             kv_cache_type: "f16".into(),
             rpc_servers: Vec::new(),
             backend: "llama-cpp".into(),
@@ -481,6 +486,7 @@ impl Config {
             prompt_cache_disk_mib: self.server.prompt_cache_disk_mib,
             kv_cache_type: KvType::parse(&m.kv_cache_type).unwrap_or(KvType::F16),
             rpc_servers: m.rpc_servers.clone(),
+            wide_weights: m.wide_weights,
         }
     }
 

@@ -17,6 +17,8 @@
 //! - `job`, `sampler`: one generation, and its sampler chain and grammar;
 //! - `slots`: the KV sequences and the queue (assignment, parking, trimming);
 //!   `prompt_cache`: prompt prefixes kept in RAM and on disk beyond them;
+//! - `widen`: Q5_0 weights held as Q8_0 (the same values; faster CPU
+//!   kernels), in a copy of the model file made once;
 //! - `step`, `planner`: one batch built and decoded, and how much it
 //!   carries; `speculative`: drafts from the text, and when they pay;
 //! - `steering`, `vectors`, `sys`: emotion steering with control vectors,
@@ -49,6 +51,7 @@ mod step;
 mod sys;
 mod text;
 mod vectors;
+mod widen;
 
 pub use gpu::{GpuDevice, GpuInfo, GpuLayers};
 pub use handle::{EngineHandle, EngineLoad, Generation, SlotReport, SteeringSource};

@@ -48,6 +48,9 @@ pub struct EngineSettings {
     pub kv_cache_type: KvType,
     /// ggml RPC workers (`host:port`) that take `gpu_layers` layers.
     pub rpc_servers: Vec<String>,
+    /// Q5_0 matrices loaded as Q8_0 where every layer is on the CPU
+    /// (`model.wide_weights`; see `widen`).
+    pub wide_weights: bool,
 }
 
 /// How the KV cache stores keys and values.
@@ -122,6 +125,8 @@ pub struct ModelInfo {
     pub gpu: GpuInfo,
     /// The CPU features ggml was built with and uses here (AVX2, AVX512...).
     pub cpu_features: Vec<String>,
+    /// Q5_0 matrices held as Q8_0 (0: the file's own types).
+    pub wide_weights: usize,
     pub slots: u32,
     pub max_step_ms: u32,
     pub sliding_window_full: bool,
@@ -230,7 +235,7 @@ pub(super) struct Loaded {
 /// `between` runs, on this thread, at each step of reading the weights
 /// (llama.cpp's progress callback), so that a listener can answer while
 /// the model loads.
-pub(super) fn load(settings: &EngineSettings, between: Option<Box<dyn FnMut()>>) -> Result<Loaded, EngineError> {
+pub(super) fn load(settings: &EngineSettings, mut between: Option<Box<dyn FnMut()>>) -> Result<Loaded, EngineError> {
     check_model_file(&settings.model_path)?;
     let backend = backend()?;
     super::rpc::attach(&settings.rpc_servers, settings.gpu_layers)?;
@@ -244,6 +249,11 @@ pub(super) fn load(settings: &EngineSettings, between: Option<Box<dyn FnMut()>>)
     // prompt chunk is wide (the scheduler's planner agrees).
     let all_on_cpu = super::gpu::all_on_cpu(offload.n_gpu_layers, &settings.rpc_servers);
     let chunk = planner::chunk(all_on_cpu);
+    let (path, wide_weights) = weights_file(settings, all_on_cpu, &mut || {
+        if let Some(between) = between.as_mut() {
+            between();
+        }
+    });
     let mut params = offload.params;
     if let Some(mut between) = between {
         let taken = *std::pin::Pin::into_inner(params);
@@ -252,8 +262,18 @@ pub(super) fn load(settings: &EngineSettings, between: Option<Box<dyn FnMut()>>)
             true
         }));
     }
-    let model = LlamaModel::load_from_file(backend, &settings.model_path, &params)
-        .map_err(|_| EngineError::ModelLoad(settings.model_path.clone()))?;
+    let loaded = LlamaModel::load_from_file(backend, &path, &params);
+    let (model, wide_weights) = match loaded {
+        Ok(model) => (model, wide_weights),
+        // A widened copy llama.cpp refuses (damaged on disk): it goes, and
+        // the model file is read as it is.
+        Err(e) if wide_weights > 0 => {
+            tracing::warn!("wide weights: {} did not load ({e}); removed, the model is loaded as it is", path.display());
+            let _ = std::fs::remove_file(&path);
+            (LlamaModel::load_from_file(backend, &settings.model_path, &params).map_err(|_| EngineError::ModelLoad(settings.model_path.clone()))?, 0)
+        }
+        Err(_) => return Err(EngineError::ModelLoad(settings.model_path.clone())),
+    };
     // The model lives as long as the process: leaking it lets the context
     // borrow it for 'static.
     let model: &'static LlamaModel = Box::leak(Box::new(model));
@@ -293,6 +313,7 @@ pub(super) fn load(settings: &EngineSettings, between: Option<Box<dyn FnMut()>>)
         gpu_offload_supported: backend.supports_gpu_offload() && !gpu.devices.is_empty(),
         gpu,
         cpu_features: cpu_features(&super::sys::system_info()),
+        wide_weights,
         slots: parallel,
         max_step_ms: settings.max_step_ms,
         sliding_window_full: settings.swa_full,
@@ -305,6 +326,18 @@ pub(super) fn load(settings: &EngineSettings, between: Option<Box<dyn FnMut()>>)
     };
     tracing::info!(?info, "model loaded");
     Ok(Loaded { model, ctx, renderer, info, n_ctx_seq, swa_limited: sliding_window > 0 && !settings.swa_full, all_on_cpu })
+}
+
+/// The file the weights are read from, and how many of its matrices were
+/// widened: where every layer is on the CPU (a device has fast kernels for
+/// Q5_0, and would hold the wider copy in its smaller memory), the copy
+/// with Q5_0 matrices as Q8_0 (`widen`); else the model file.
+pub(super) fn weights_file(settings: &EngineSettings, all_on_cpu: bool, between: &mut dyn FnMut()) -> (PathBuf, usize) {
+    if settings.wide_weights && all_on_cpu {
+        super::widen::prepare(&settings.model_path, &settings.cache_dir, between)
+    } else {
+        (settings.model_path.clone(), 0)
+    }
 }
 
 /// The context's parameters: one KV sequence per slot in one unified cache,

@@ -1,7 +1,8 @@
 //! The floor for the benchmark: a minimal llama-cpp-2 loop (no MCP, no
-//! scheduler, no yields) on the same model and thread count. Prompt speed is
-//! one batch per chunk of the widest size the server uses there; decode
-//! speed is one token per `decode`, greedy.
+//! scheduler, no yields) on the same model, its weights held as the server
+//! holds them, and thread count. Prompt speed is one batch per chunk of the
+//! widest size the server uses there; decode speed is one token per
+//! `decode`, greedy.
 
 use std::num::NonZeroU32;
 use std::time::Instant;
@@ -43,8 +44,10 @@ pub fn raw_speed(settings: &EngineSettings, prompt: &str, short: &[Message], dec
     // The layers where the server puts them (on a GPU: as many as it offloads).
     let bytes = settings.kv_cache_type.bytes_per_element();
     let offload = super::gpu::plan(settings.gpu_layers, &settings.model_path, &|| params(CHUNK), bytes, backend)?;
-    let chunk = planner::chunk(super::gpu::all_on_cpu(offload.n_gpu_layers, &settings.rpc_servers));
-    let model = LlamaModel::load_from_file(backend, &settings.model_path, &offload.params)
+    let all_on_cpu = super::gpu::all_on_cpu(offload.n_gpu_layers, &settings.rpc_servers);
+    let chunk = planner::chunk(all_on_cpu);
+    let (path, _) = super::model::weights_file(settings, all_on_cpu, &mut || {});
+    let model = LlamaModel::load_from_file(backend, &path, &offload.params)
         .map_err(|_| EngineError::ModelLoad(settings.model_path.clone()))?;
     let mut ctx = model.new_context(&backend, params(chunk)).map_err(|_| EngineError::Context(settings.context_length))?;
     let tokens = model.vocab().tokenize(prompt.as_bytes(), true, true);

@@ -395,6 +395,7 @@ impl Inference {
             "gpu_offload_supported": info.gpu_offload_supported,
             "gpu": info.gpu,
             "cpu_features": info.cpu_features,
+            "wide_weights": info.wide_weights,
             "slots": info.slots,
             "max_step_ms": info.max_step_ms,
             "streaming": true,
