@@ -54,6 +54,32 @@ fn a_quick_call_is_answered_inside_a_long_step() {
     s.shutdown();
 }
 
+/// `get_capabilities` reports the engine's load, which only the engine's
+/// thread may read; inside a long step it is answered with the load the
+/// last turn left instead of at the step's end (a client held for seconds
+/// stops reading its streams, which then lose their rows in the steps).
+#[test]
+fn capabilities_are_answered_inside_a_long_step() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut s = two_threads();
+    let long = s.request_tool("generate", json!({"messages": long_prompt(), "max_tokens": 2, "temperature": 0}));
+    let mut calls = 0;
+    while !s.has_response(&long) {
+        let caps = s.tool("get_capabilities", json!({})).ok();
+        assert!(caps["active_generations"].as_u64().unwrap() <= 1, "{caps}");
+        calls += 1;
+    }
+    assert!(!parse_tool_response(&s.wait(&long)).is_error);
+    let m = metrics(&mut s);
+    let inside = m["loads_from_last_turn"].as_u64().unwrap();
+    eprintln!("{calls} get_capabilities during the prompt; {inside} answered inside a step");
+    assert!(inside >= 1, "every get_capabilities waited for a step to end: {m}");
+    // Between steps the load is the engine's own, at once.
+    let idle = s.tool("get_capabilities", json!({})).ok();
+    assert_eq!(idle["active_generations"], 0, "{idle}");
+    s.shutdown();
+}
+
 /// Every kind of call, sent while a long prompt is read, runs in a task the
 /// engine's thread polls from inside the step; none may reach the context
 /// from there (`Engine::assert_owner_thread` asserts it on every context

@@ -1,10 +1,12 @@
 //! [`EngineHandle`]: the `Send` side of the engine. It queues work on the
 //! engine's channel ([`Command`]) and hands back a [`Generation`]: a channel
 //! of events plus a cancellation token. All the locking between the server's
-//! tasks and the engine is here (an atomic counter and the channel).
+//! tasks and the engine is here (an atomic counter, the channel, and the
+//! load the engine's last turn left).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -55,6 +57,9 @@ pub struct EngineLoad {
     pub prompt_cache: CacheReport,
     /// Reply tokens the engine sampled since start.
     pub tokens_generated: u64,
+    /// Read from what the engine's last turn left (it was inside a step).
+    #[serde(skip)]
+    pub from_last_turn: bool,
 }
 
 /// One slot, as the engine accounts for it and as llama.cpp's memory sees it.
@@ -77,11 +82,22 @@ pub struct EngineHandle {
     /// Generations sent that have not had a slot yet (nor failed or been
     /// cancelled): raised here, lowered by the engine.
     waiting: Arc<AtomicUsize>,
+    /// The load at the end of the engine's last turn (None before one).
+    last_load: Arc<Mutex<Option<EngineLoad>>>,
 }
 
+/// How long [`EngineHandle::load`] waits for the engine before it takes
+/// the load its last turn left (Psyche polls a stream every 50 ms).
+const LOAD_PATIENCE: Duration = Duration::from_millis(50);
+
 impl EngineHandle {
-    pub(super) fn new(commands: mpsc::UnboundedSender<Command>, info: Arc<ModelInfo>, waiting: Arc<AtomicUsize>) -> Self {
-        EngineHandle { commands, info, waiting }
+    pub(super) fn new(
+        commands: mpsc::UnboundedSender<Command>,
+        info: Arc<ModelInfo>,
+        waiting: Arc<AtomicUsize>,
+        last_load: Arc<Mutex<Option<EngineLoad>>>,
+    ) -> Self {
+        EngineHandle { commands, info, waiting, last_load }
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -107,10 +123,24 @@ impl EngineHandle {
     }
 
     /// Busy slots, queue length and cached cells.
+    ///
+    /// Between steps the engine answers at once. Inside a long one (a
+    /// prompt chunk can take seconds) the answer is the load the last turn
+    /// left: a client waiting on it would stop reading its streams, which
+    /// then count as unattended and get no rows in the next steps.
     pub async fn load(&self) -> Result<EngineLoad, EngineError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.commands.send(Command::Load(tx)).map_err(|_| EngineError::Stopped)?;
-        rx.await.map_err(|_| EngineError::Stopped)
+        let mut rx = std::pin::pin!(rx);
+        tokio::select! {
+            fresh = &mut rx => return fresh.map_err(|_| EngineError::Stopped),
+            () = tokio::time::sleep(LOAD_PATIENCE) => {}
+        }
+        let last = self.last_load.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match last {
+            Some(load) => Ok(EngineLoad { from_last_turn: true, ..load }),
+            None => rx.await.map_err(|_| EngineError::Stopped),
+        }
     }
 
     /// Stop every generation, queued or running: each ends as `cancelled`.

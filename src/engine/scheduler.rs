@@ -16,7 +16,7 @@
 use std::cell::Cell;
 use std::marker::PhantomData;
 use std::sync::atomic::AtomicUsize;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
@@ -94,6 +94,9 @@ pub struct Engine {
     /// Reply tokens sampled since start, whoever waited for them (a
     /// generation whose client left included, up to the step that saw it).
     tokens_generated: u64,
+    /// The load as the last turn left it, for a handle that cannot wait
+    /// for the step under way (see `EngineHandle::load`).
+    last_load: Arc<Mutex<Option<EngineLoad>>>,
     /// Raw pointers are neither Send nor Sync: this makes `Engine` `!Send`.
     _not_send: PhantomData<*const ()>,
 }
@@ -153,11 +156,13 @@ impl Engine {
             background_ms: 0.0,
             closing: false,
             tokens_generated: 0,
+            last_load: Arc::new(Mutex::new(None)),
             _not_send: PhantomData,
         };
         let mut engine = engine;
         engine.cache_knows_the_model();
-        Ok((engine, EngineHandle::new(tx, Arc::new(loaded.info), waiting)))
+        let handle = EngineHandle::new(tx, Arc::new(loaded.info), waiting, engine.last_load.clone());
+        Ok((engine, handle))
     }
 
     /// The thread invariant: llama.cpp is only ever entered from the thread
@@ -274,6 +279,8 @@ impl Engine {
         // The share is over recent time, not the whole life.
         self.foreground_ms *= 0.995;
         self.background_ms *= 0.995;
+        let load = self.load_report();
+        *self.last_load.lock().unwrap_or_else(|p| p.into_inner()) = Some(load);
     }
 
     /// Background work is left: identifying the model, computing its
@@ -337,7 +344,8 @@ impl Engine {
         if let (true, Some((done, all))) = (self.steering.wants_identity(), self.identity.progress()) {
             steering.reason = Some(format!("identifying the model file (sha256, {done} of {all} MiB)"));
         }
-        EngineLoad { active, queued, cached_tokens, slots, steering, prompt_cache: self.cache.report(), tokens_generated: self.tokens_generated }
+        let (prompt_cache, tokens_generated) = (self.cache.report(), self.tokens_generated);
+        EngineLoad { active, queued, cached_tokens, slots, steering, prompt_cache, tokens_generated, from_last_turn: false }
     }
 
     /// The measurements' access to this engine (it is not serving: the

@@ -359,6 +359,7 @@ impl Inference {
     pub async fn metrics(&self) -> Value {
         let (totals, uptime_s) = self.metrics.snapshot();
         let load = self.engine.load().await.unwrap_or_default();
+        self.metrics.load_read(load.from_last_turn);
         let cells: usize = load.slots.iter().map(|s| s.tokens).sum();
         let mut out = json!(totals);
         out["uptime_s"] = json!(uptime_s);
@@ -374,6 +375,7 @@ impl Inference {
     pub async fn capabilities(&self) -> Value {
         let info = self.engine.info();
         let load = self.engine.load().await.unwrap_or_default();
+        self.metrics.load_read(load.from_last_turn);
         let mut out = json!({
             "context_length": info.context_length,
             "max_tokens": self.defaults.max_tokens,

@@ -34,6 +34,9 @@ pub struct Totals {
     /// between steps.
     pub quick_calls: u64,
     pub quick_calls_inside_steps: u64,
+    /// Engine loads (capabilities, metrics) answered inside a step with
+    /// what the engine's last turn left, rather than at the step's end.
+    pub loads_from_last_turn: u64,
 }
 
 pub struct Metrics {
@@ -67,6 +70,11 @@ impl Metrics {
             t.quick_calls += 1;
             t.quick_calls_inside_steps += u64::from(inside);
         });
+    }
+
+    /// An engine load was read; `from_last_turn`: inside a step.
+    pub fn load_read(&self, from_last_turn: bool) {
+        self.with(|t| t.loads_from_last_turn += u64::from(from_last_turn));
     }
 
     pub fn failed(&self) {
