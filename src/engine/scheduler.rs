@@ -253,6 +253,8 @@ impl Engine {
         let now = Instant::now();
         self.slots.reap_cancelled(&mut self.ctx);
         self.slots.assign(now, &mut self.ctx, &mut self.cache, answer_requests);
+        // What a load read during this turn's work sees: the jobs as it starts.
+        self.publish_load();
         let idle = self.slots.is_idle();
         if idle && std::mem::take(&mut self.worked_since_save) {
             // Idle after work: what the slots hold goes to the disk tier.
@@ -279,6 +281,12 @@ impl Engine {
         // The share is over recent time, not the whole life.
         self.foreground_ms *= 0.995;
         self.background_ms *= 0.995;
+        // ... and inside the next turn's work, as this one left it.
+        self.publish_load();
+    }
+
+    /// Leave the load for reads that cannot wait for a step's end.
+    fn publish_load(&self) {
         let load = self.load_report();
         *self.last_load.lock().unwrap_or_else(|p| p.into_inner()) = Some(load);
     }
