@@ -112,6 +112,36 @@ fn wide_weights_answer_as_the_file_does() {
     }
 }
 
+/// Compute threads held one to a CPU: with `on`, two threads are each held
+/// on their own CPU of those the server may use (one CPU twice where there
+/// is one) and `get_capabilities` names them; with `off`, none is held.
+#[cfg(target_os = "linux")]
+#[test]
+fn compute_threads_are_held_one_to_a_cpu() {
+    // The server inherits this process's CPUs.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let allowed = cpu_list(status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim());
+    let threads = [("ELPIS_MODEL_N_THREADS", "2")];
+    let mut on = Server::start(&[threads[0], ("ELPIS_MODEL_PIN_THREADS", "on")]);
+    let expected = vec![allowed[0], allowed[1 % allowed.len()]];
+    let caps = on.tool("get_capabilities", json!({})).ok();
+    assert_eq!(caps["pinned_cpus"], json!(expected), "{caps}");
+    // ggml makes and holds its threads at the first step.
+    on.tool("generate", greedy_args("Hello", 4)).ok();
+    let lists: Vec<Vec<usize>> = on.thread_cpu_lists().iter().map(|l| cpu_list(l)).collect();
+    for cpu in &expected {
+        assert!(lists.contains(&vec![*cpu]), "no thread held on CPU {cpu} alone: {lists:?}");
+    }
+    on.shutdown();
+    let mut off = Server::start(&[threads[0], ("ELPIS_MODEL_PIN_THREADS", "off")]);
+    assert_eq!(off.tool("get_capabilities", json!({})).ok()["pinned_cpus"], json!([]));
+    off.tool("generate", greedy_args("Hello", 4)).ok();
+    for list in off.thread_cpu_lists() {
+        assert_eq!(cpu_list(&list), allowed, "off: every thread may run on every CPU");
+    }
+    off.shutdown();
+}
+
 #[test]
 fn emotion_tools_and_resources() {
     let mut s = Server::start(&[]);

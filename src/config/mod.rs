@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::emotion::EmotionParams;
-use crate::engine::{EngineSettings, GpuLayers, KvType, Speculation, SteeringSettings};
+use crate::engine::{EngineSettings, GpuLayers, KvType, PinThreads, Speculation, SteeringSettings};
 use crate::prompt::ChatFormat;
 
 use env::apply_env;
@@ -198,6 +198,10 @@ pub struct ModelConfig {
     /// values, faster kernels, more memory (a copy of the model file in the
     /// cache folder, made once).
     pub wide_weights: bool,
+    /// `auto` (hold the compute threads one to a CPU where they are as many
+    /// as the CPUs the process may use and every layer is on the CPU), `on`
+    /// or `off`.
+    pub pin_threads: String,
     /// Backend of the predecessor; only `llama-cpp` is served.
     pub backend: String,
     /// The predecessor's steering keys (its transformers backend read them
@@ -232,6 +236,7 @@ impl Default for ModelConfig {
             overflow: Overflow::Error,
             speculative: "auto".into(),
             wide_weights: true,
+            pin_threads: "auto".into(),
             kv_cache_type: "f16".into(),
             rpc_servers: Vec::new(),
             backend: "llama-cpp".into(),
@@ -372,6 +377,10 @@ impl Config {
         if !["auto", "off", "always"].contains(&m.speculative.as_str()) {
             return bad(format!("model.speculative = {:?} is unknown: expected \"auto\", \"off\" or \"always\"", m.speculative));
         }
+        m.pin_threads = m.pin_threads.trim().to_ascii_lowercase();
+        if PinThreads::parse(&m.pin_threads).is_none() {
+            return bad(format!("model.pin_threads = {:?} is unknown: expected \"auto\", \"on\" or \"off\"", m.pin_threads));
+        }
         if KvType::parse(&m.kv_cache_type).is_none() {
             return bad(format!("model.kv_cache_type = {:?} is unknown: expected \"f16\", \"q8_0\" or \"q4_0\"", m.kv_cache_type));
         }
@@ -487,6 +496,7 @@ impl Config {
             kv_cache_type: KvType::parse(&m.kv_cache_type).unwrap_or(KvType::F16),
             rpc_servers: m.rpc_servers.clone(),
             wide_weights: m.wide_weights,
+            pin_threads: PinThreads::parse(&m.pin_threads).unwrap_or_default(),
         }
     }
 

@@ -19,6 +19,7 @@
 //!   `prompt_cache`: prompt prefixes kept in RAM and on disk beyond them;
 //! - `widen`: Q5_0 weights held as Q8_0 (the same values; faster CPU
 //!   kernels), in a copy of the model file made once;
+//!   `affinity`: compute threads held one to a CPU;
 //! - `step`, `planner`: one batch built and decoded, and how much it
 //!   carries; `speculative`: drafts from the text, and when they pay;
 //! - `steering`, `vectors`, `sys`: emotion steering with control vectors,
@@ -31,6 +32,7 @@
 //!   the `Send` handle.
 
 mod admission;
+mod affinity;
 mod gpu;
 mod handle;
 mod identity;
@@ -53,6 +55,7 @@ mod text;
 mod vectors;
 mod widen;
 
+pub use affinity::PinThreads;
 pub use gpu::{GpuDevice, GpuInfo, GpuLayers};
 pub use handle::{EngineHandle, EngineLoad, Generation, SlotReport, SteeringSource};
 pub use model::{route_llama_logs, EngineSettings, KvType, ModelInfo};

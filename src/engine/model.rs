@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::prompt::{ChatFormat, NativeToolFormat, Renderer, TemplateTexts};
 
+use super::affinity::PinThreads;
 use super::gpu::{GpuInfo, GpuLayers};
 use super::planner::{self, CHUNK, MAX_BATCH};
 use super::request::EngineError;
@@ -51,6 +52,8 @@ pub struct EngineSettings {
     /// Q5_0 matrices loaded as Q8_0 where every layer is on the CPU
     /// (`model.wide_weights`; see `widen`).
     pub wide_weights: bool,
+    /// Compute threads held one to a CPU (`model.pin_threads`; see `affinity`).
+    pub pin_threads: PinThreads,
 }
 
 /// How the KV cache stores keys and values.
@@ -127,6 +130,9 @@ pub struct ModelInfo {
     pub cpu_features: Vec<String>,
     /// Q5_0 matrices held as Q8_0 (0: the file's own types).
     pub wide_weights: usize,
+    /// The CPU each compute thread is held on, in thread order (empty: not
+    /// held; see `affinity`).
+    pub pinned_cpus: Vec<usize>,
     pub slots: u32,
     pub max_step_ms: u32,
     pub sliding_window_full: bool,
@@ -282,6 +288,7 @@ pub(super) fn load(settings: &EngineSettings, mut between: Option<Box<dyn FnMut(
     // holds is known from the start (the prompt cache's ceiling counts all
     // of it), rather than growing as cells are first written.
     ctx.clear_kv_cache();
+    let pinned_cpus = pin_threads(settings.pin_threads, model, &ctx, threads, all_on_cpu);
     let n_ctx_seq = (ctx.n_ctx() / parallel) as usize;
 
     let architecture = model.meta_val_str("general.architecture").unwrap_or_default();
@@ -314,6 +321,7 @@ pub(super) fn load(settings: &EngineSettings, mut between: Option<Box<dyn FnMut(
         gpu,
         cpu_features: cpu_features(&super::sys::system_info()),
         wide_weights,
+        pinned_cpus,
         slots: parallel,
         max_step_ms: settings.max_step_ms,
         sliding_window_full: settings.swa_full,
@@ -337,6 +345,23 @@ pub(super) fn weights_file(settings: &EngineSettings, all_on_cpu: bool, between:
         super::widen::prepare(&settings.model_path, &settings.cache_dir, between)
     } else {
         (settings.model_path.clone(), 0)
+    }
+}
+
+/// Hold the context's compute threads one to a CPU where `mode` says so
+/// (see `affinity`); the CPUs they are held on, or none.
+pub(super) fn pin_threads(mode: PinThreads, model: &LlamaModel, ctx: &LlamaContext, threads: u32, all_on_cpu: bool) -> Vec<usize> {
+    let cpus = super::affinity::plan(mode, threads as usize, &super::affinity::allowed_cpus(), all_on_cpu);
+    if cpus.is_empty() {
+        return cpus;
+    }
+    let pinned = super::sys::RawPtrs::recover(model, ctx).and_then(|ptrs| super::sys::pin_compute_threads(ptrs.ctx, cpus.len(), &cpus));
+    match pinned {
+        Ok(()) => cpus,
+        Err(e) => {
+            tracing::warn!("compute threads not held to CPUs: {e}");
+            Vec::new()
+        }
     }
 }
 

@@ -50,6 +50,8 @@ pub fn raw_speed(settings: &EngineSettings, prompt: &str, short: &[Message], dec
     let model = LlamaModel::load_from_file(backend, &path, &offload.params)
         .map_err(|_| EngineError::ModelLoad(settings.model_path.clone()))?;
     let mut ctx = model.new_context(&backend, params(chunk)).map_err(|_| EngineError::Context(settings.context_length))?;
+    // Threads held to CPUs as the server holds them.
+    super::model::pin_threads(settings.pin_threads, &model, &ctx, threads as u32, all_on_cpu);
     let tokens = model.vocab().tokenize(prompt.as_bytes(), true, true);
     let mut batch = LlamaBatch::new(chunk.max(1), 1);
     let started = Instant::now();

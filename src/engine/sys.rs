@@ -3,8 +3,8 @@
 //! calls llama-cpp-2 does not wrap (control vectors, the eval callback, a
 //! context that has one, and the callback ggml's CPU backend makes between
 //! graph nodes), reached through raw pointers recovered from llama-cpp-2's
-//! types and checked against its safe API before any use; and ggml's RPC
-//! backend (workers on other hosts) with the abort hook that names a lost one.
+//! types and checked against its safe API before any use; ggml's thread pool;
+//! and ggml's RPC backend (workers on other hosts) with its abort hook.
 
 /// Hand the heap's free pages back to the operating system: glibc keeps
 /// freed memory (sampling's temporaries, a dropped prompt-cache entry) in
@@ -51,10 +51,7 @@ use llama_cpp_sys_2 as ffi;
 /// here, not in llama.cpp), then the pointer's answers against the safe API's.
 pub fn model_ptr(model: &LlamaModel) -> Result<NonNull<ffi::llama_model>, String> {
     if std::mem::size_of::<LlamaModel>() != std::mem::size_of::<*mut ffi::llama_model>() {
-        return Err(format!(
-            "llama-cpp-2's LlamaModel is {} bytes, not one pointer: its layout changed",
-            std::mem::size_of::<LlamaModel>()
-        ));
+        return Err(format!("llama-cpp-2's LlamaModel is {} bytes, not one pointer: its layout changed", std::mem::size_of::<LlamaModel>()));
     }
     // SAFETY: the size check above proves the struct is exactly one pointer
     // wide, and llama-cpp-2 declares it (and its `Ptr`) `repr(transparent)`
@@ -66,11 +63,8 @@ pub fn model_ptr(model: &LlamaModel) -> Result<NonNull<ffi::llama_model>, String
     // `model`; these getters only read its hyperparameters.
     let (n_embd, n_layer) = unsafe { (ffi::llama_model_n_embd(ptr.as_ptr()), ffi::llama_model_n_layer(ptr.as_ptr())) };
     if n_embd != model.n_embd() || n_layer as u32 != model.n_layer() {
-        return Err(format!(
-            "the recovered model pointer answers n_embd {n_embd}, n_layer {n_layer}; the model says {}, {}",
-            model.n_embd(),
-            model.n_layer()
-        ));
+        let (embd, layer) = (model.n_embd(), model.n_layer());
+        return Err(format!("the recovered model pointer answers n_embd {n_embd}, n_layer {n_layer}; the model says {embd}, {layer}"));
     }
     Ok(ptr)
 }
@@ -106,10 +100,8 @@ pub fn context_ptr(ctx: &LlamaContext, model: NonNull<ffi::llama_model>) -> Resu
     // field; the two getters only read fields of the context it points to.
     let (n_ctx, owner) = unsafe { (ffi::llama_n_ctx(ptr.as_ptr()), ffi::llama_get_model(ptr.as_ptr())) };
     if n_ctx != ctx.n_ctx() || owner != model.as_ptr().cast_const() {
-        return Err(format!(
-            "the recovered context pointer answers n_ctx {n_ctx}, the context says {}; or its model differs",
-            ctx.n_ctx()
-        ));
+        let says = ctx.n_ctx();
+        return Err(format!("the recovered context pointer answers n_ctx {n_ctx}, the context says {says}; or its model differs"));
     }
     Ok(ptr)
 }
@@ -275,9 +267,7 @@ extern "C" fn between_nodes(data: *mut c_void) -> bool {
     false
 }
 
-std::thread_local! {
-    static DECODING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
+std::thread_local!(static DECODING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
 
 /// Whether this thread is inside a decode (its tasks run between graph
 /// nodes): nothing may touch a context then.
@@ -317,6 +307,38 @@ pub fn decode_between_nodes<T>(ctx: NonNull<ffi::llama_context>, work: &mut dyn 
         std::panic::resume_unwind(panic);
     }
     out
+}
+
+// ---------------------------------------------------------------------------
+// Compute threads held one to a CPU (see `affinity`): ggml's thread pool, found
+// through the CPU backend's registry (backends may load at run time), never freed.
+// ---------------------------------------------------------------------------
+
+/// Give `ctx` a pool of `threads` threads, each held on the next of `cpus`.
+pub fn pin_compute_threads(ctx: NonNull<ffi::llama_context>, threads: usize, cpus: &[usize]) -> Result<(), String> {
+    type NewPool = unsafe extern "C" fn(*mut ffi::ggml_threadpool_params) -> *mut ffi::ggml_threadpool;
+    // SAFETY: the first call returns a plain struct of ggml's defaults; the
+    // lookups read ggml's static registry (null where absent) by a C literal.
+    let (mut params, address) = unsafe {
+        let dev = ffi::ggml_backend_dev_by_type(ffi::GGML_BACKEND_DEVICE_TYPE_CPU);
+        let reg = if dev.is_null() { std::ptr::null_mut() } else { ffi::ggml_backend_dev_backend_reg(dev) };
+        let address = if reg.is_null() { std::ptr::null_mut() } else { ffi::ggml_backend_reg_get_proc_address(reg, c"ggml_threadpool_new".as_ptr()) };
+        (ffi::ggml_threadpool_params_default(threads as i32), address)
+    };
+    let address = NonNull::new(address).ok_or("the CPU backend offers no ggml_threadpool_new")?;
+    for &cpu in cpus {
+        *params.cpumask.get_mut(cpu).ok_or_else(|| format!("CPU {cpu} is beyond ggml's thread mask"))? = true;
+    }
+    params.strict_cpu = true;
+    // SAFETY: the CPU backend answers that name with `ggml_threadpool_new`,
+    // whose signature `NewPool` is; it reads `params` (live, initialised)
+    // during the call only.
+    let pool = NonNull::new(unsafe { std::mem::transmute::<*mut c_void, NewPool>(address.as_ptr())(&mut params) }).ok_or("ggml_threadpool_new failed")?;
+    // SAFETY: `ctx` is the engine's live context (checked by `context_ptr`);
+    // `pool` is never freed, so the pointer the context keeps stays valid.
+    // One pool serves one-row and batch steps (both use `threads`).
+    unsafe { ffi::llama_attach_threadpool(ctx.as_ptr(), pool.as_ptr(), pool.as_ptr()) };
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------
@@ -390,13 +412,7 @@ use std::ffi::{c_char, CString};
 
 extern "C" {
     fn ggml_backend_rpc_add_server(endpoint: *const c_char) -> ffi::ggml_backend_reg_t;
-    fn ggml_backend_rpc_start_server(
-        endpoint: *const c_char,
-        cache_dir: *const c_char,
-        n_threads: usize,
-        n_devices: usize,
-        devices: *mut ffi::ggml_backend_dev_t,
-    );
+    fn ggml_backend_rpc_start_server(endpoint: *const c_char, cache_dir: *const c_char, n_threads: usize, n_devices: usize, devices: *mut ffi::ggml_backend_dev_t);
 }
 
 /// A device an RPC worker offers, as ggml names it.
@@ -430,18 +446,12 @@ pub fn add_rpc_server(endpoint: &str) -> Result<Vec<RpcDevice>, String> {
         let mut devices = Vec::with_capacity(count);
         for i in 0..count {
             let dev = ffi::ggml_backend_reg_dev_get(reg, i);
-            if dev.is_null() {
-                continue;
-            }
+            if dev.is_null() { continue; }
             let text = |p: *const c_char| if p.is_null() { String::new() } else { CStr::from_ptr(p).to_string_lossy().into_owned() };
             let (mut free_bytes, mut total_bytes) = (0usize, 0usize);
             ffi::ggml_backend_dev_memory(dev, &mut free_bytes, &mut total_bytes);
-            devices.push(RpcDevice {
-                name: text(ffi::ggml_backend_dev_name(dev)),
-                description: text(ffi::ggml_backend_dev_description(dev)),
-                free_bytes,
-                total_bytes,
-            });
+            let (name, description) = (text(ffi::ggml_backend_dev_name(dev)), text(ffi::ggml_backend_dev_description(dev)));
+            devices.push(RpcDevice { name, description, free_bytes, total_bytes });
         }
         Ok(devices)
     }

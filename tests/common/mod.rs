@@ -356,6 +356,16 @@ impl Server {
         status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
     }
 
+    /// The CPUs each of the server's threads may run on now (Linux's
+    /// `Cpus_allowed_list`, as `0-3,6`), one entry per thread.
+    pub fn thread_cpu_lists(&self) -> Vec<String> {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.child.id())).expect("the server's threads");
+        tasks
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
+            .filter_map(|status| status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).map(|v| v.trim().to_string()))
+            .collect()
+    }
+
     /// Everything the server wrote to stderr so far.
     pub fn stderr_all(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
@@ -458,6 +468,16 @@ pub fn agree_or_near_tie(a: &Value, b: &Value) {
     } else {
         assert_eq!(a["content"], b["content"]);
     }
+}
+
+/// The CPUs a `Cpus_allowed_list` names (`0-3,6` is 0, 1, 2, 3, 6).
+pub fn cpu_list(list: &str) -> Vec<usize> {
+    let mut cpus = Vec::new();
+    for part in list.split(',').filter(|p| !p.is_empty()) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        cpus.extend(a.trim().parse::<usize>().unwrap()..=b.trim().parse::<usize>().unwrap());
+    }
+    cpus
 }
 
 /// p50 and p99 of durations in milliseconds.
