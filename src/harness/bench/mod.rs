@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 use crate::harness::client::{percentiles, tool_result_object, McpClient};
 use crate::config::Config;
 use crate::emotion::SteeringCoefficients;
-use crate::engine::{raw_speed, Engine, RawSpeed};
+use crate::engine::{raw_speed, Engine, EngineSettings, PinThreads, RawSpeed};
 use crate::prompt::Message;
 
 const TIMEOUT: Duration = Duration::from_secs(300);
@@ -142,7 +142,7 @@ fn messages(system: &str, user: &str) -> Value {
 }
 
 pub async fn bench(config: &Config, options: &BenchOptions) -> anyhow::Result<BenchReport> {
-    let settings = config.engine_settings();
+    let settings = in_process(config.engine_settings());
     let binary = std::env::current_exe()?;
     eprintln!("bench: model {}", config.model_path().display());
     let vectors = prepare_vectors(config)?;
@@ -186,11 +186,20 @@ pub async fn bench(config: &Config, options: &BenchOptions) -> anyhow::Result<Be
     Ok(report)
 }
 
+/// Settings for an engine in the bench's own process: its threads are left
+/// where the kernel puts them (`model.pin_threads = off`), since the servers
+/// this process starts would inherit a held thread's one CPU and measure
+/// with one thread.
+fn in_process(mut settings: EngineSettings) -> EngineSettings {
+    settings.pin_threads = PinThreads::Off;
+    settings
+}
+
 /// Make sure the model has its vectors (computing them now, once, when
 /// missing): the steering rows and the first stream need them. False when
 /// steering is unavailable.
 fn prepare_vectors(config: &Config) -> anyhow::Result<bool> {
-    let (mut engine, _handle) = Engine::load(&config.measurement_settings(), None)?;
+    let (mut engine, _handle) = Engine::load(&in_process(config.measurement_settings()), None)?;
     let mut probe = engine.probe();
     probe.settle_steering();
     if probe.steering_report().enabled {
@@ -210,7 +219,7 @@ fn prepare_vectors(config: &Config) -> anyhow::Result<bool> {
 /// greedy, one sequence, best of three interleaved runs of 128 tokens, on an
 /// engine of this process; zeros when the model has no vectors.
 pub fn steering_speed(config: &Config) -> anyhow::Result<(f64, f64)> {
-    let (mut engine, _handle) = Engine::load(&config.measurement_settings(), None)?;
+    let (mut engine, _handle) = Engine::load(&in_process(config.measurement_settings()), None)?;
     let mut engine = engine.probe();
     engine.settle_steering();
     if !engine.steering_report().enabled {
