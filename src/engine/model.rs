@@ -355,7 +355,7 @@ pub(super) fn pin_threads(mode: PinThreads, model: &LlamaModel, ctx: &LlamaConte
     if cpus.is_empty() {
         return cpus;
     }
-    let pinned = super::sys::RawPtrs::recover(model, ctx).and_then(|ptrs| super::sys::pin_compute_threads(ptrs.ctx, cpus.len(), &cpus));
+    let pinned = super::sys::RawPtrs::recover(model, ctx).and_then(|ptrs| super::sys::pin_compute_threads(ptrs.ctx, &cpus));
     match pinned {
         Ok(()) => cpus,
         Err(e) => {

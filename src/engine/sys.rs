@@ -314,8 +314,8 @@ pub fn decode_between_nodes<T>(ctx: NonNull<ffi::llama_context>, work: &mut dyn 
 // through the CPU backend's registry (backends may load at run time), never freed.
 // ---------------------------------------------------------------------------
 
-/// Give `ctx` a pool of `threads` threads, each held on the next of `cpus`.
-pub fn pin_compute_threads(ctx: NonNull<ffi::llama_context>, threads: usize, cpus: &[usize]) -> Result<(), String> {
+/// Give `ctx` a pool of one thread per entry of `cpus`, thread i held on `cpus[i]`.
+pub fn pin_compute_threads(ctx: NonNull<ffi::llama_context>, cpus: &[usize]) -> Result<(), String> {
     type NewPool = unsafe extern "C" fn(*mut ffi::ggml_threadpool_params) -> *mut ffi::ggml_threadpool;
     // SAFETY: the first call returns a plain struct of ggml's defaults; the
     // lookups read ggml's static registry (null where absent) by a C literal.
@@ -323,7 +323,7 @@ pub fn pin_compute_threads(ctx: NonNull<ffi::llama_context>, threads: usize, cpu
         let dev = ffi::ggml_backend_dev_by_type(ffi::GGML_BACKEND_DEVICE_TYPE_CPU);
         let reg = if dev.is_null() { std::ptr::null_mut() } else { ffi::ggml_backend_dev_backend_reg(dev) };
         let address = if reg.is_null() { std::ptr::null_mut() } else { ffi::ggml_backend_reg_get_proc_address(reg, c"ggml_threadpool_new".as_ptr()) };
-        (ffi::ggml_threadpool_params_default(threads as i32), address)
+        (ffi::ggml_threadpool_params_default(cpus.len() as i32), address)
     };
     let address = NonNull::new(address).ok_or("the CPU backend offers no ggml_threadpool_new")?;
     for &cpu in cpus {
@@ -336,7 +336,7 @@ pub fn pin_compute_threads(ctx: NonNull<ffi::llama_context>, threads: usize, cpu
     let pool = NonNull::new(unsafe { std::mem::transmute::<*mut c_void, NewPool>(address.as_ptr())(&mut params) }).ok_or("ggml_threadpool_new failed")?;
     // SAFETY: `ctx` is the engine's live context (checked by `context_ptr`);
     // `pool` is never freed, so the pointer the context keeps stays valid.
-    // One pool serves one-row and batch steps (both use `threads`).
+    // One pool serves one-row and batch steps (both use as many threads).
     unsafe { ffi::llama_attach_threadpool(ctx.as_ptr(), pool.as_ptr(), pool.as_ptr()) };
     Ok(())
 }
