@@ -145,16 +145,26 @@ impl StepPlanner {
     /// logits (decoding with drafts); None before any decode step.
     pub fn predict_logits(&self, rows: usize) -> Option<f64> {
         let rows = rows.clamp(1, MAX_BATCH);
-        let widest = (1..=rows).rev().find_map(|r| self.logit_cost[r].map(|c| (r, c)));
-        let beyond = widest.is_some_and(|(r, _)| r < rows) && (rows + 1..=MAX_BATCH).all(|r| self.logit_cost[r].is_none());
-        // Wider than any step with logits seen: scaled from the widest one
-        // by the prompt curve's shape, where prompt steps that wide were
-        // seen (the slope of two narrow steps says little: here 2 rows cost
-        // 2.27x one, 4 rows only 2.34x), else a prior per row.
-        if let (true, Some((r0, c0))) = (beyond, widest) {
-            if (rows..=MAX_BATCH).any(|r| self.cost[r].is_some()) {
-                if let (Some(a), Some(b)) = (self.predict(r0), self.predict(rows)) {
-                    return Some(c0 * (b / a).max(1.0));
+        let widest = (1..=rows).rev().find(|&r| self.logit_cost[r].is_some());
+        let beyond = widest.is_some_and(|r| r < rows) && (rows + 1..=MAX_BATCH).all(|r| self.logit_cost[r].is_none());
+        // Wider than any step with logits seen: scaled by the prompt curve's
+        // shape, where prompt steps that wide were seen (the slope of two
+        // narrow steps says little: here 2 rows cost 2.27x one, 4 rows only
+        // 2.34x), from the seen count that scales cheapest, else a prior per
+        // row. Cheapest, since the CPU's kernels take columns in fours and
+        // read the weights once per pass: a step of 4k + 1 rows costs a
+        // pass more than one of 4k (here 5 rows 3.3x one, 4 rows 2.45x, 16
+        // rows 5.9x), so scaling from a dear count would hide what wide
+        // steps cost; an unseen count that turns out dear is learned at
+        // its first step. Not from one row: a one-row step runs other
+        // kernels (a matrix-vector product).
+        if beyond && (rows..=MAX_BATCH).any(|r| self.cost[r].is_some()) {
+            if let Some(b) = self.predict(rows) {
+                let scaled = (2..rows)
+                    .filter_map(|r0| Some(self.logit_cost[r0]? * (b / self.predict(r0)?).max(1.0)))
+                    .min_by(f64::total_cmp);
+                if scaled.is_some() {
+                    return scaled;
                 }
             }
         }
@@ -292,6 +302,19 @@ mod tests {
         }
         let wide = p.predict_logits(13).unwrap();
         assert!(wide < 84.0 * 13.0 / 2.0 && wide > 84.0, "{wide}");
+        // A dear count seen (5 rows: ggml's kernels take a second pass over
+        // the weights for the fifth column) does not hide what wider steps
+        // cost: they scale from the cheapest. Measured on this project's
+        // machine, Qwen2.5-0.5B with its weights widened, 2 threads: 16
+        // rows with logits 133.9 ms.
+        let mut p = StepPlanner::new(50, true);
+        for (rows, ms) in [(1, 22.8), (4, 55.9), (5, 75.3)] {
+            p.observe(rows, ms, true);
+        }
+        p.observe(129, 519.0, false);
+        let wide = p.predict_logits(16).unwrap();
+        assert!((wide - 133.9).abs() < 0.1 * 133.9, "{wide}");
+        assert_eq!(p.predict_logits(5), Some(75.3), "a count seen is what it cost");
     }
 
     /// Decode steps on this project's machine (Qwen2.5-0.5B, 2 threads),

@@ -208,11 +208,13 @@ impl DecodeStep {
         let room = n_ctx_seq.saturating_sub(slot.cached.len() + 2);
         let max = MAX_DRAFT.min(left).min(room);
         // Only the window drafts are looked up in, not the whole context.
-        let window = &slot.cached[slot.cached.len().saturating_sub(LOOKBACK - 1)..];
+        let start = slot.cached.len().saturating_sub(LOOKBACK - 1);
+        let window = &slot.cached[start..];
         let mut history = Vec::with_capacity(window.len() + 1);
         history.extend_from_slice(window);
         history.push(pending);
-        let Some(mut draft) = lookup(&history, &job.prediction, max) else { return (None, None) };
+        let input = job.prompt_len.saturating_sub(start);
+        let Some(mut draft) = lookup(&history, input, &job.prediction, max) else { return (None, None) };
         draft.streak = job.copying >= STREAK;
         let proposed = Some(Draft { tokens: draft.tokens[..1].to_vec(), ..draft.clone() });
         let planner = &self.planner;
