@@ -48,7 +48,7 @@ fn start(extra: &[(&str, &str)], layers: &str) -> Server {
 
 fn greedy(server: &mut Server, text: &str, max_tokens: u32) -> Value {
     server
-        .tool("generate", json!({"messages": user(text), "max_tokens": max_tokens, "temperature": 0, "logprobs": true, "top_logprobs": 2}))
+        .tool("generate", json!({"messages": user(text), "max_tokens": max_tokens, "temperature": 0, "repeat_penalty": 1.0, "logprobs": true, "top_logprobs": 2}))
         .ok()
 }
 
@@ -210,7 +210,7 @@ fn speculative_decoding_writes_the_reply_without_drafts(s: &mut Server) {
     let text = "alpha beta gamma delta epsilon zeta eta theta";
     let messages = user(&format!("Repeat exactly: {text}"));
     let args = |speculative: bool| {
-        json!({"messages": messages, "max_tokens": 8, "temperature": 0, "speculative": speculative,
+        json!({"messages": messages, "max_tokens": 8, "temperature": 0, "repeat_penalty": 1.0, "speculative": speculative,
                "logprobs": true, "top_logprobs": 2, "prediction": {"type": "content", "content": text}})
     };
     let plain = s.tool("generate", args(false)).ok();

@@ -84,6 +84,8 @@ fn replies(server: &mut Server) -> Vec<Value> {
             let mut args = greedy_args(p, 24);
             args["logprobs"] = json!(true);
             args["top_logprobs"] = json!(2);
+            // The pick is the argmax of what is compared (see NEAR_TIE).
+            args["repeat_penalty"] = json!(1.0);
             server.tool("generate", args).ok()
         })
         .collect()

@@ -441,6 +441,11 @@ pub fn poll_stream(server: &mut Server, stream_id: &str, interval: Duration) -> 
 
 /// Top-two log-probabilities closer than this are a near-tie: batched
 /// arithmetic, or another backend's kernels, may round the pick either way.
+/// Replies compared this way are asked with `repeat_penalty` 1.0: the
+/// log-probabilities reported are the model's, before penalties, and a
+/// penalty can bring two tokens 2.4 apart there to a tie at the pick (Gemma
+/// on "def fibonacci(n):", where the local reply and one through an RPC
+/// worker, which drafted, parted at `" =="` against `" %"`).
 pub const NEAR_TIE: f64 = 0.5;
 
 /// A reply's tokens (asked with `logprobs` and `top_logprobs` >= 2), each
