@@ -19,7 +19,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{agree_or_near_tie, instruct_model_path, poll_stream, top_two, user, Server};
+use common::{agree_or_near_tie, compared_args, instruct_model_path, poll_stream, top_two, user, Server};
 use serde_json::{json, Value};
 
 /// What every server here runs with: SmolLM2 (the smallest test model),
@@ -48,7 +48,7 @@ fn start(extra: &[(&str, &str)], layers: &str) -> Server {
 
 fn greedy(server: &mut Server, text: &str, max_tokens: u32) -> Value {
     server
-        .tool("generate", json!({"messages": user(text), "max_tokens": max_tokens, "temperature": 0, "repeat_penalty": 1.0, "logprobs": true, "top_logprobs": 2}))
+        .tool("generate", compared_args(user(text), max_tokens))
         .ok()
 }
 
@@ -210,8 +210,10 @@ fn speculative_decoding_writes_the_reply_without_drafts(s: &mut Server) {
     let text = "alpha beta gamma delta epsilon zeta eta theta";
     let messages = user(&format!("Repeat exactly: {text}"));
     let args = |speculative: bool| {
-        json!({"messages": messages, "max_tokens": 8, "temperature": 0, "repeat_penalty": 1.0, "speculative": speculative,
-               "logprobs": true, "top_logprobs": 2, "prediction": {"type": "content", "content": text}})
+        let mut a = compared_args(messages.clone(), 8);
+        a["speculative"] = json!(speculative);
+        a["prediction"] = json!({"type": "content", "content": text});
+        a
     };
     let plain = s.tool("generate", args(false)).ok();
     let drafted = s.tool("generate", args(true)).ok();

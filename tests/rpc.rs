@@ -81,12 +81,7 @@ fn replies(server: &mut Server) -> Vec<Value> {
     PROMPTS
         .iter()
         .map(|p| {
-            let mut args = greedy_args(p, 24);
-            args["logprobs"] = json!(true);
-            args["top_logprobs"] = json!(2);
-            // The pick is the argmax of what is compared (see NEAR_TIE).
-            args["repeat_penalty"] = json!(1.0);
-            server.tool("generate", args).ok()
+            server.tool("generate", compared_args(user(p), 24)).ok()
         })
         .collect()
 }

@@ -89,7 +89,7 @@ fn capabilities_describe_the_model() {
 #[test]
 fn wide_weights_answer_as_the_file_does() {
     let ask = |s: &mut Server, text: &str| {
-        s.tool("generate", json!({"messages": user(text), "max_tokens": 24, "temperature": 0, "repeat_penalty": 1.0, "logprobs": true, "top_logprobs": 2})).ok()
+        s.tool("generate", compared_args(user(text), 24)).ok()
     };
     let prompts = ["The capital of France is", "def fibonacci(n):"];
     let mut wide = Server::start(&[]);

@@ -52,8 +52,8 @@ fn drafts_hold_or_fail_and_the_reply_is_the_one_without_them() {
     let mut s = server(&[]);
     let text = snippet();
     let args = |speculative: bool, prediction: Option<String>| {
-        let mut a = json!({"messages": copy(&text), "max_tokens": 200, "temperature": 0, "repeat_penalty": 1.0, "speculative": speculative,
-            "logprobs": true, "top_logprobs": 2});
+        let mut a = compared_args(copy(&text), 200);
+        a["speculative"] = json!(speculative);
         if let Some(p) = prediction {
             a["prediction"] = json!({"type": "content", "content": p});
         }

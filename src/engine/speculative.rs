@@ -206,6 +206,15 @@ mod tests {
         ids.iter().map(|&i| LlamaToken(i)).collect()
     }
 
+    /// Milliseconds of a step of `rows` rows on a measured curve of (rows,
+    /// ms) points: between two of them, on the line through them; past the
+    /// last, on the line through the last two.
+    fn curve(points: &[(usize, f64)], rows: usize) -> Option<f64> {
+        let i = points.iter().position(|&(n, _)| n >= rows).unwrap_or(points.len() - 1).max(1);
+        let ((r0, c0), (r1, c1)) = (points[i - 1], points[i]);
+        Some(c0 + (c1 - c0) * (rows as f64 - r0 as f64) / (r1 - r0) as f64)
+    }
+
     #[test]
     fn the_longest_recent_suffix_proposes_what_followed_it() {
         // ... 1 2 3 4 5 ... 9 1 2 3 -> 4 5 9 1 2 3 (the most recent occurrence wins).
@@ -247,12 +256,7 @@ mod tests {
         // still go long inside a copied run (the batch curve measured on
         // this project's machine: 2 rows 2.27x one, 4 rows 2.34x, 8 4.52x,
         // 16 7.33x).
-        let measured = |r: usize| {
-            let points = [(1, 1.0), (2, 2.27), (4, 2.34), (8, 4.52), (16, 7.33)];
-            let i = points.iter().position(|&(n, _)| n >= r).unwrap_or(points.len() - 1).max(1);
-            let ((r0, c0), (r1, c1)) = (points[i - 1], points[i]);
-            Some(37.0 * (c0 + (c1 - c0) * (r as f64 - r0 as f64) / (r1 - r0) as f64))
-        };
+        let measured = |r: usize| curve(&[(1, 37.0), (2, 84.0), (4, 86.6), (8, 167.2), (16, 271.2)], r);
         let streak = Draft { streak: true, ..draft.clone() };
         let mut d = Drafts::default();
         for _ in 0..300 {
@@ -265,12 +269,8 @@ mod tests {
         // the curve measured there with the weights widened: 16 rows with
         // logits 5.87x one); free text, and a reply repeating itself, wait
         // for their drafts to prove out.
-        let widened = |r: usize| {
-            let points = [(1, 22.8), (2, 41.0), (3, 48.9), (4, 55.9), (5, 75.3), (6, 84.3), (8, 90.2), (12, 113.6), (16, 133.9)];
-            let i = points.iter().position(|&(n, _)| n >= r).unwrap_or(points.len() - 1).max(1);
-            let ((r0, c0), (r1, c1)) = (points[i - 1], points[i]);
-            Some(c0 + (c1 - c0) * (r as f64 - r0 as f64) / (r1 - r0) as f64)
-        };
+        let widened =
+            |r: usize| curve(&[(1, 22.8), (2, 41.0), (3, 48.9), (4, 55.9), (5, 75.3), (6, 84.3), (8, 90.2), (12, 113.6), (16, 133.9)], r);
         let long = Draft { tokens: t(&[1; MAX_DRAFT]), ..streak.clone() };
         assert!(Drafts::default().choose(&long, 1, widened) >= 3);
         assert_eq!(Drafts::default().choose(&Draft { streak: false, ..long.clone() }, 1, widened), 0);

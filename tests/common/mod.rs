@@ -423,6 +423,14 @@ pub fn greedy_args(text: &str, max_tokens: u32) -> Value {
     json!({"messages": user(text), "max_tokens": max_tokens, "temperature": 0})
 }
 
+/// `generate` arguments for a greedy reply to `messages` that is compared
+/// with another at near-ties ([`agree_or_near_tie`]): each token's two best
+/// log-probabilities, and no repetition penalty (see [`NEAR_TIE`]).
+pub fn compared_args(messages: Value, max_tokens: u32) -> Value {
+    json!({"messages": messages, "max_tokens": max_tokens, "temperature": 0, "repeat_penalty": 1.0,
+           "logprobs": true, "top_logprobs": 2})
+}
+
 /// Poll a stream until complete, like Psyche (every `interval`). Returns the
 /// concatenated new_content and the final read.
 pub fn poll_stream(server: &mut Server, stream_id: &str, interval: Duration) -> (String, Value) {
@@ -441,7 +449,7 @@ pub fn poll_stream(server: &mut Server, stream_id: &str, interval: Duration) -> 
 
 /// Top-two log-probabilities closer than this are a near-tie: batched
 /// arithmetic, or another backend's kernels, may round the pick either way.
-/// Replies compared this way are asked with `repeat_penalty` 1.0: the
+/// Replies compared this way are asked with [`compared_args`]: the
 /// log-probabilities reported are the model's, before penalties, and a
 /// penalty can bring two tokens 2.4 apart there to a tie at the pick (Gemma
 /// on "def fibonacci(n):", where the local reply and one through an RPC
