@@ -112,6 +112,46 @@ fn wide_weights_answer_as_the_file_does() {
     }
 }
 
+/// Weights read into memory advised for 2 MiB pages (`model.huge_pages`, on
+/// by default where every layer is on the CPU and the kernel offers
+/// transparent huge pages) are the weights the mapped file holds: greedy
+/// replies agree (or part only at a near-tie: drafts are sized by measured
+/// step times, so the two servers may batch differently), and only the
+/// server that maps its weights has a model file among its mappings.
+#[cfg(target_os = "linux")]
+#[test]
+fn weights_in_huge_pages_answer_as_the_mapped_file_does() {
+    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    let offered = thp.contains("[always]") || thp.contains("[madvise]");
+    let ask = |s: &mut Server, text: &str| s.tool("generate", compared_args(user(text), 24)).ok();
+    let prompts = ["The capital of France is", "def fibonacci(n):"];
+    let mapped_weights = |maps: &str| maps.lines().any(|l| l.trim_end().ends_with(".gguf"));
+
+    let mut huge = Server::start(&[]);
+    let caps = huge.tool("get_capabilities", json!({})).ok();
+    let advised = caps["huge_pages"]["advised_bytes"].as_u64().unwrap();
+    if offered {
+        let size = caps["model_size_bytes"].as_u64().unwrap();
+        assert!(advised >= size / 10 * 9, "the weights' buffers are advised: {advised} of {size} bytes");
+        assert!(!mapped_weights(&huge.maps()), "the weights are read, not mapped:\n{}", huge.maps());
+    } else {
+        eprintln!("this kernel offers no transparent huge pages ({thp:?}): both servers map the file");
+        assert_eq!(advised, 0);
+    }
+    let in_huge_pages: Vec<Value> = prompts.iter().map(|p| ask(&mut huge, p)).collect();
+    huge.shutdown();
+
+    let mut plain = Server::start(&[("ELPIS_MODEL_HUGE_PAGES", "false")]);
+    let caps = plain.tool("get_capabilities", json!({})).ok();
+    assert_eq!(caps["huge_pages"]["advised_bytes"], 0, "off: {caps}");
+    assert!(mapped_weights(&plain.maps()), "off: the weights are mapped from the file");
+    let mapped: Vec<Value> = prompts.iter().map(|p| ask(&mut plain, p)).collect();
+    plain.shutdown();
+    for (a, b) in mapped.iter().zip(&in_huge_pages) {
+        agree_or_near_tie(a, b);
+    }
+}
+
 /// Compute threads held one to a CPU: with `on`, two threads are each held
 /// on their own CPU of those the server may use (one CPU twice where there
 /// is one) and `get_capabilities` names them; with `off`, none is held.

@@ -198,6 +198,10 @@ pub struct ModelConfig {
     /// values, faster kernels, more memory (a copy of the model file in the
     /// cache folder, made once).
     pub wide_weights: bool,
+    /// Weights read into memory held in 2 MiB pages (where every layer is
+    /// on the CPU and the kernel offers transparent huge pages), not mapped
+    /// from the file.
+    pub huge_pages: bool,
     /// `auto` (hold the compute threads one to a CPU where they are as many
     /// as the CPUs the process may use and every layer is on the CPU), `on`
     /// or `off`.
@@ -236,6 +240,7 @@ impl Default for ModelConfig {
             overflow: Overflow::Error,
             speculative: "auto".into(),
             wide_weights: true,
+            huge_pages: true,
             pin_threads: "auto".into(),
             kv_cache_type: "f16".into(),
             rpc_servers: Vec::new(),
@@ -496,6 +501,7 @@ impl Config {
             kv_cache_type: KvType::parse(&m.kv_cache_type).unwrap_or(KvType::F16),
             rpc_servers: m.rpc_servers.clone(),
             wide_weights: m.wide_weights,
+            huge_pages: m.huge_pages,
             pin_threads: PinThreads::parse(&m.pin_threads).unwrap_or_default(),
         }
     }

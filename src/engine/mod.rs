@@ -34,6 +34,7 @@
 mod admission;
 mod affinity;
 mod gpu;
+mod huge_pages;
 mod handle;
 mod identity;
 mod job;

@@ -2,12 +2,16 @@
 //! context created with the configured settings, and the facts about the
 //! model ([`ModelInfo`]) the server reports.
 
+use std::cell::RefCell;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::rc::Rc;
 
 use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use serde::Serialize;
@@ -16,6 +20,7 @@ use crate::prompt::{ChatFormat, NativeToolFormat, Renderer, TemplateTexts};
 
 use super::affinity::PinThreads;
 use super::gpu::{GpuInfo, GpuLayers};
+use super::huge_pages::Advice;
 use super::planner::{self, CHUNK, MAX_BATCH};
 use super::request::EngineError;
 use super::speculative::Speculation;
@@ -52,6 +57,9 @@ pub struct EngineSettings {
     /// Q5_0 matrices loaded as Q8_0 where every layer is on the CPU
     /// (`model.wide_weights`; see `widen`).
     pub wide_weights: bool,
+    /// Weights read into memory advised for huge pages where every layer is
+    /// on the CPU (`model.huge_pages`; see `huge_pages`).
+    pub huge_pages: bool,
     /// Compute threads held one to a CPU (`model.pin_threads`; see `affinity`).
     pub pin_threads: PinThreads,
 }
@@ -102,6 +110,17 @@ impl KvType {
 }
 
 /// Facts about the loaded model, for `get_capabilities`.
+/// Memory in 2 MiB pages (`model.huge_pages`).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct HugePages {
+    /// The buffers the weights were read into, advised for huge pages (0:
+    /// the weights are mapped from the file).
+    pub advised_bytes: u64,
+    /// The process's memory held in huge pages once the model had loaded
+    /// (the kernel gives them where it finds free 2 MiB runs).
+    pub held_bytes: u64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelInfo {
     pub model_path: String,
@@ -130,6 +149,7 @@ pub struct ModelInfo {
     pub cpu_features: Vec<String>,
     /// Q5_0 matrices held as Q8_0 (0: the file's own types).
     pub wide_weights: usize,
+    pub huge_pages: HugePages,
     /// The CPU each compute thread is held on, in thread order (empty: not
     /// held; see `affinity`).
     pub pinned_cpus: Vec<usize>,
@@ -260,14 +280,7 @@ pub(super) fn load(settings: &EngineSettings, mut between: Option<Box<dyn FnMut(
             between();
         }
     });
-    let mut params = offload.params;
-    if let Some(mut between) = between {
-        let taken = *std::pin::Pin::into_inner(params);
-        params = Box::pin(taken.with_progress_callback(move |_| {
-            between();
-            true
-        }));
-    }
+    let (params, advice) = weight_params(offload.params, settings.huge_pages && all_on_cpu, between);
     let loaded = LlamaModel::load_from_file(backend, &path, &params);
     let (model, wide_weights) = match loaded {
         Ok(model) => (model, wide_weights),
@@ -289,6 +302,7 @@ pub(super) fn load(settings: &EngineSettings, mut between: Option<Box<dyn FnMut(
     // of it), rather than growing as cells are first written.
     ctx.clear_kv_cache();
     let pinned_cpus = pin_threads(settings.pin_threads, model, &ctx, threads, all_on_cpu);
+    let huge_pages = HugePages { advised_bytes: advice.borrow().as_ref().map_or(0, |a| a.advised() as u64), held_bytes: super::huge_pages::held() };
     let n_ctx_seq = (ctx.n_ctx() / parallel) as usize;
 
     let architecture = model.meta_val_str("general.architecture").unwrap_or_default();
@@ -321,6 +335,7 @@ pub(super) fn load(settings: &EngineSettings, mut between: Option<Box<dyn FnMut(
         gpu,
         cpu_features: cpu_features(&super::sys::system_info()),
         wide_weights,
+        huge_pages,
         pinned_cpus,
         slots: parallel,
         max_step_ms: settings.max_step_ms,
@@ -334,6 +349,31 @@ pub(super) fn load(settings: &EngineSettings, mut between: Option<Box<dyn FnMut(
     };
     tracing::info!(?info, "model loaded");
     Ok(Loaded { model, ctx, renderer, info, n_ctx_seq, swa_limited: sliding_window > 0 && !settings.swa_full, all_on_cpu })
+}
+
+/// The load's parameters: the weights read into buffers advised for huge
+/// pages where `huge` and the kernel offers them (at the load's first
+/// progress call: allocated, not yet touched; see `huge_pages`), else mapped
+/// from the file; `between` run at each step of reading. The advice stays
+/// shared, to say afterwards what it advised.
+pub(super) fn weight_params(
+    params: Pin<Box<LlamaModelParams>>,
+    huge: bool,
+    mut between: Option<Box<dyn FnMut()>>,
+) -> (Pin<Box<LlamaModelParams>>, Rc<RefCell<Option<Advice>>>) {
+    let huge = huge && super::huge_pages::offered();
+    let advice = Rc::new(RefCell::new(huge.then(Advice::before_load)));
+    let advising = advice.clone();
+    let params = Pin::into_inner(params).with_use_mmap(!huge).with_progress_callback(move |progress| {
+        if let (0.0, Some(advice)) = (progress, advising.borrow_mut().as_mut()) {
+            advice.advise_new();
+        }
+        if let Some(between) = between.as_mut() {
+            between();
+        }
+        true
+    });
+    (Box::pin(params), advice)
 }
 
 /// The file the weights are read from, and how many of its matrices were

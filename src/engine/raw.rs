@@ -1,8 +1,8 @@
 //! The floor for the benchmark: a minimal llama-cpp-2 loop (no MCP, no
 //! scheduler, no yields) on the same model, its weights held as the server
-//! holds them, and thread count. Prompt speed is one batch per chunk of the
-//! widest size the server uses there; decode speed is one token per
-//! `decode`, greedy.
+//! holds them (widened, in huge pages), and thread count. Prompt speed is
+//! one batch per chunk of the widest size the server uses there; decode
+//! speed is one token per `decode`, greedy.
 
 use std::num::NonZeroU32;
 use std::time::Instant;
@@ -47,7 +47,8 @@ pub fn raw_speed(settings: &EngineSettings, prompt: &str, short: &[Message], dec
     let all_on_cpu = super::gpu::all_on_cpu(offload.n_gpu_layers, &settings.rpc_servers);
     let chunk = planner::chunk(all_on_cpu);
     let (path, _) = super::model::weights_file(settings, all_on_cpu, &mut || {});
-    let model = LlamaModel::load_from_file(backend, &path, &offload.params)
+    let (weights, _) = super::model::weight_params(offload.params, settings.huge_pages && all_on_cpu, None);
+    let model = LlamaModel::load_from_file(backend, &path, &weights)
         .map_err(|_| EngineError::ModelLoad(settings.model_path.clone()))?;
     let mut ctx = model.new_context(&backend, params(chunk)).map_err(|_| EngineError::Context(settings.context_length))?;
     // Threads held to CPUs as the server holds them.

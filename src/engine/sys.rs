@@ -4,7 +4,8 @@
 //! context that has one, and the callback ggml's CPU backend makes between
 //! graph nodes), reached through raw pointers recovered from llama-cpp-2's
 //! types and checked against its safe API before any use; ggml's thread pool;
-//! and ggml's RPC backend (workers on other hosts) with its abort hook.
+//! ggml's RPC backend (workers on other hosts) with its abort hook; and the
+//! advice that asks the kernel for huge pages.
 
 /// Hand the heap's free pages back to the operating system: glibc keeps
 /// freed memory (sampling's temporaries, a dropped prompt-cache entry) in
@@ -19,6 +20,15 @@ pub fn release_free_heap() {
         // reads no memory of ours.
         unsafe { malloc_trim(0) };
     }
+}
+
+/// Ask the kernel to back `len` bytes at `start` (a mapping of this
+/// process's, as /proc/self/maps lists it) with transparent huge pages.
+#[cfg(target_os = "linux")]
+pub fn advise_huge_pages(start: usize, len: usize) -> std::io::Result<()> {
+    // SAFETY: MADV_HUGEPAGE changes no byte and no mapping, only the size of pages faulted in
+    // later; a range that is no longer mapped is refused (ENOMEM), which is not unsound.
+    unsafe { rustix::mm::madvise(start as *mut c_void, len, rustix::mm::Advice::LinuxHugepage) }.map_err(Into::into)
 }
 
 /// llama.cpp's system-info line ("CPU : SSE3 = 1 | AVX = 1 | ...").
@@ -62,8 +72,8 @@ pub fn model_ptr(model: &LlamaModel) -> Result<NonNull<ffi::llama_model>, String
     // SAFETY: `ptr` is the model's own pointer (above), alive as long as
     // `model`; these getters only read its hyperparameters.
     let (n_embd, n_layer) = unsafe { (ffi::llama_model_n_embd(ptr.as_ptr()), ffi::llama_model_n_layer(ptr.as_ptr())) };
-    if n_embd != model.n_embd() || n_layer as u32 != model.n_layer() {
-        let (embd, layer) = (model.n_embd(), model.n_layer());
+    let (embd, layer) = (model.n_embd(), model.n_layer());
+    if n_embd != embd || n_layer as u32 != layer {
         return Err(format!("the recovered model pointer answers n_embd {n_embd}, n_layer {n_layer}; the model says {embd}, {layer}"));
     }
     Ok(ptr)
@@ -100,8 +110,7 @@ pub fn context_ptr(ctx: &LlamaContext, model: NonNull<ffi::llama_model>) -> Resu
     // field; the two getters only read fields of the context it points to.
     let (n_ctx, owner) = unsafe { (ffi::llama_n_ctx(ptr.as_ptr()), ffi::llama_get_model(ptr.as_ptr())) };
     if n_ctx != ctx.n_ctx() || owner != model.as_ptr().cast_const() {
-        let says = ctx.n_ctx();
-        return Err(format!("the recovered context pointer answers n_ctx {n_ctx}, the context says {says}; or its model differs"));
+        return Err(format!("the recovered context pointer answers n_ctx {n_ctx}, the context says {}; or its model differs", ctx.n_ctx()));
     }
     Ok(ptr)
 }
@@ -116,8 +125,7 @@ pub struct RawPtrs {
 
 impl RawPtrs {
     pub fn recover(model: &LlamaModel, ctx: &LlamaContext) -> Result<RawPtrs, String> {
-        let model_raw = model_ptr(model)?;
-        Ok(RawPtrs { model: model_raw, ctx: context_ptr(ctx, model_raw)? })
+        model_ptr(model).and_then(|model| Ok(RawPtrs { model, ctx: context_ptr(ctx, model)? }))
     }
 }
 
@@ -187,12 +195,8 @@ impl CaptureContext {
         let mut capture = Box::new(Capture { n_embd: n_embd as usize, layers: vec![Vec::new(); n_layer as usize] });
         // SAFETY: returns a plain struct of defaults.
         let mut params = unsafe { ffi::llama_context_default_params() };
-        params.n_ctx = n_ctx;
-        params.n_batch = n_ctx;
-        params.n_ubatch = n_ctx;
-        params.n_seq_max = 1;
-        params.n_threads = threads;
-        params.n_threads_batch = threads;
+        (params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max) = (n_ctx, n_ctx, n_ctx, 1);
+        (params.n_threads, params.n_threads_batch) = (threads, threads);
         params.cb_eval = Some(capture_layer);
         params.cb_eval_user_data = (&mut *capture as *mut Capture).cast();
         // SAFETY: `model` is alive for the process (the engine leaks it);
@@ -359,10 +363,7 @@ pub fn seq_state(ctx: NonNull<ffi::llama_context>, seq: i32, room: &mut dyn FnMu
     // SAFETY: as above; llama.cpp writes at most `size` bytes into `bytes`,
     // which has exactly that length.
     let written = unsafe { ffi::llama_state_seq_get_data(ctx.as_ptr(), bytes.as_mut_ptr(), size, seq) };
-    if written != size {
-        return Err(format!("llama.cpp wrote {written} bytes of a {size}-byte sequence state"));
-    }
-    Ok(Some(bytes))
+    (written == size).then_some(Some(bytes)).ok_or_else(|| format!("llama.cpp wrote {written} bytes of a {size}-byte sequence state"))
 }
 
 /// Load `bytes` (a state from [`seq_state`] of this same model, context
@@ -486,9 +487,7 @@ pub fn serve_rpc(endpoint: &str, threads: usize) -> Result<(), String> {
     // SAFETY: a parameterless lookup in ggml's static registry; the device
     // it returns (or null) is ggml-owned for the process's life.
     let mut cpu = unsafe { ffi::ggml_backend_dev_by_type(ffi::GGML_BACKEND_DEVICE_TYPE_CPU) };
-    if cpu.is_null() {
-        return Err("ggml has no CPU device".into());
-    }
+    (!cpu.is_null()).then_some(()).ok_or("ggml has no CPU device")?;
     // SAFETY: the endpoint string outlives the call, no cache folder is
     // given (null is documented as none), and the one device pointer is
     // valid; ggml reads the array during setup only. The call returns when

@@ -358,6 +358,11 @@ impl Server {
 
     /// The CPUs each of the server's threads may run on now (Linux's
     /// `Cpus_allowed_list`, as `0-3,6`), one entry per thread.
+    /// The server's memory mappings (`/proc/PID/maps`).
+    pub fn maps(&self) -> String {
+        std::fs::read_to_string(format!("/proc/{}/maps", self.child.id())).expect("the server's mappings")
+    }
+
     pub fn thread_cpu_lists(&self) -> Vec<String> {
         let tasks = std::fs::read_dir(format!("/proc/{}/task", self.child.id())).expect("the server's threads");
         tasks

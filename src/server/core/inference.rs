@@ -398,6 +398,7 @@ impl Inference {
             "gpu": info.gpu,
             "cpu_features": info.cpu_features,
             "wide_weights": info.wide_weights,
+            "huge_pages": info.huge_pages,
             "pinned_cpus": info.pinned_cpus,
             "slots": info.slots,
             "max_step_ms": info.max_step_ms,
