@@ -7,8 +7,8 @@
 //! anonymous memory the kernel is asked (`madvise(MADV_HUGEPAGE)`) to back
 //! with transparent huge pages, they take 512 times fewer entries. Measured
 //! on this project's 2-core AVX-512 host (Qwen2.5-0.5B, 2 threads, widened
-//! weights, alternating with llama-server, which maps the file): decode 51.3
-//! tokens/s against 46.1 mapped (llama-server 49.0), prompts unchanged; the
+//! weights, alternating with llama-server, which maps the file): decode 52.0
+//! tokens/s against 48.4 mapped (llama-server 51.1), prompts unchanged; the
 //! same in llama-bench (`--load-mode none` with glibc's huge-page tunable
 //! against `mmap`: 53.6 against 51.3 tokens/s, higher in 5 pairs of 5).
 //!
@@ -17,8 +17,9 @@
 //! since the load began are that buffer, advised before any page of it is
 //! touched, so each page is faulted in huge, with no copy. Linux only, and
 //! only where the kernel offers transparent huge pages (`always` or
-//! `madvise`); elsewhere, or with `model.huge_pages = false`, the file is
-//! mapped as before (shared with other processes, paged in lazily).
+//! `madvise`), and where the weights take at most half the memory available;
+//! elsewhere, or with `model.huge_pages = false`, the file is mapped as
+//! before (shared with other processes, paged in lazily).
 
 use super::sys;
 
@@ -30,6 +31,19 @@ pub fn offered() -> bool {
     let setting = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
     // The setting in use is bracketed: "always [madvise] never".
     ["[always]", "[madvise]"].iter().any(|s| setting.contains(s))
+}
+
+/// Whether `bytes` of weights read into memory leave room: at most half of
+/// what the system could give now without swapping (mapped, a model larger
+/// than memory still loads, paged in and out as it is read).
+pub fn room_for(bytes: u64) -> bool {
+    match super::widen::available_memory() {
+        Some(available) if bytes > available / 2 => {
+            tracing::info!(available_mib = available >> 20, weights_mib = bytes >> 20, "huge pages: not enough memory to read the weights in; the file is mapped");
+            false
+        }
+        _ => true,
+    }
 }
 
 /// An anonymous, private, writable mapping of this process: [start, end).

@@ -280,7 +280,7 @@ pub(super) fn load(settings: &EngineSettings, mut between: Option<Box<dyn FnMut(
             between();
         }
     });
-    let (params, advice) = weight_params(offload.params, settings.huge_pages && all_on_cpu, between);
+    let (params, advice) = weight_params(offload.params, settings.huge_pages && all_on_cpu, &path, between);
     let loaded = LlamaModel::load_from_file(backend, &path, &params);
     let (model, wide_weights) = match loaded {
         Ok(model) => (model, wide_weights),
@@ -351,17 +351,19 @@ pub(super) fn load(settings: &EngineSettings, mut between: Option<Box<dyn FnMut(
     Ok(Loaded { model, ctx, renderer, info, n_ctx_seq, swa_limited: sliding_window > 0 && !settings.swa_full, all_on_cpu })
 }
 
-/// The load's parameters: the weights read into buffers advised for huge
-/// pages where `huge` and the kernel offers them (at the load's first
-/// progress call: allocated, not yet touched; see `huge_pages`), else mapped
-/// from the file; `between` run at each step of reading. The advice stays
-/// shared, to say afterwards what it advised.
+/// The load's parameters: the weights of `path` read into buffers advised
+/// for huge pages (at the load's first progress call: allocated, not yet
+/// touched; see `huge_pages`) where `huge`, the kernel offers them and
+/// memory has room, else mapped from the file; `between` run at each step
+/// of reading. The advice stays shared, to say afterwards what it advised.
 pub(super) fn weight_params(
     params: Pin<Box<LlamaModelParams>>,
     huge: bool,
+    path: &Path,
     mut between: Option<Box<dyn FnMut()>>,
 ) -> (Pin<Box<LlamaModelParams>>, Rc<RefCell<Option<Advice>>>) {
-    let huge = huge && super::huge_pages::offered();
+    let size = std::fs::metadata(path).map_or(u64::MAX, |m| m.len());
+    let huge = huge && super::huge_pages::offered() && super::huge_pages::room_for(size);
     let advice = Rc::new(RefCell::new(huge.then(Advice::before_load)));
     let advising = advice.clone();
     let params = Pin::into_inner(params).with_use_mmap(!huge).with_progress_callback(move |progress| {

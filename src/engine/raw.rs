@@ -47,7 +47,7 @@ pub fn raw_speed(settings: &EngineSettings, prompt: &str, short: &[Message], dec
     let all_on_cpu = super::gpu::all_on_cpu(offload.n_gpu_layers, &settings.rpc_servers);
     let chunk = planner::chunk(all_on_cpu);
     let (path, _) = super::model::weights_file(settings, all_on_cpu, &mut || {});
-    let (weights, _) = super::model::weight_params(offload.params, settings.huge_pages && all_on_cpu, None);
+    let (weights, _) = super::model::weight_params(offload.params, settings.huge_pages && all_on_cpu, &path, None);
     let model = LlamaModel::load_from_file(backend, &path, &weights)
         .map_err(|_| EngineError::ModelLoad(settings.model_path.clone()))?;
     let mut ctx = model.new_context(&backend, params(chunk)).map_err(|_| EngineError::Context(settings.context_length))?;

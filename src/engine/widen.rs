@@ -351,7 +351,7 @@ fn copy_for(model: &Path, cache_dir: &Path, between: &mut dyn FnMut()) -> io::Re
 }
 
 /// Memory the system could give now without swapping (Linux), in bytes.
-fn available_memory() -> Option<u64> {
+pub(super) fn available_memory() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kib: u64 = meminfo.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
     Some(kib << 10)
