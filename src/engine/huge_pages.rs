@@ -39,7 +39,8 @@ pub fn offered() -> bool {
 pub fn room_for(bytes: u64) -> bool {
     match super::widen::available_memory() {
         Some(available) if bytes > available / 2 => {
-            tracing::info!(available_mib = available >> 20, weights_mib = bytes >> 20, "huge pages: not enough memory to read the weights in; the file is mapped");
+            let (available_mib, weights_mib) = (available >> 20, bytes >> 20);
+            tracing::info!(available_mib, weights_mib, "huge pages: not enough memory to read the weights in; the file is mapped");
             false
         }
         _ => true,

@@ -109,7 +109,6 @@ impl KvType {
     }
 }
 
-/// Facts about the loaded model, for `get_capabilities`.
 /// Memory in 2 MiB pages (`model.huge_pages`).
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct HugePages {
@@ -121,6 +120,7 @@ pub struct HugePages {
     pub held_bytes: u64,
 }
 
+/// Facts about the loaded model, for `get_capabilities`.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelInfo {
     pub model_path: String,
