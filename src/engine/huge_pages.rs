@@ -157,6 +157,15 @@ mod tests {
         assert_eq!(new_parts((10, 20), &[(0, 12), (18, 30)]), vec![(12, 18)]);
     }
 
+    #[test]
+    fn weights_beyond_half_the_memory_available_are_mapped() {
+        assert!(room_for(0));
+        if let Some(available) = super::super::widen::available_memory() {
+            // Twice what is available now: mapped however memory moves meanwhile.
+            assert!(!room_for(available.saturating_mul(2)), "twice {available} bytes");
+        }
+    }
+
     #[cfg(target_os = "linux")]
     #[test]
     fn a_new_buffer_is_advised() {
