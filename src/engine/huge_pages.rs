@@ -37,7 +37,7 @@ pub fn offered() -> bool {
 /// what the system could give now without swapping (mapped, a model larger
 /// than memory still loads, paged in and out as it is read).
 pub fn room_for(bytes: u64) -> bool {
-    match super::widen::available_memory() {
+    match super::meminfo::available() {
         Some(available) if bytes > available / 2 => {
             let (available_mib, weights_mib) = (available >> 20, bytes >> 20);
             tracing::info!(available_mib, weights_mib, "huge pages: not enough memory to read the weights in; the file is mapped");
@@ -99,7 +99,8 @@ impl Advice {
     /// Advise every anonymous mapping of at least a huge page that appeared
     /// since the load began (its buffers, allocated and not yet touched).
     pub fn advise_new(&mut self) {
-        for range in anonymous_mappings() {
+        let now = anonymous_mappings();
+        for &range in &now {
             for (start, end) in new_parts(range, &self.before) {
                 if end - start < HUGE_PAGE {
                     continue;
@@ -114,23 +115,13 @@ impl Advice {
                 }
             }
         }
-        self.before = anonymous_mappings();
+        self.before = now;
     }
 
     /// Bytes advised so far.
     pub fn advised(&self) -> usize {
         self.advised
     }
-}
-
-/// Memory of this process held in transparent huge pages now, in bytes.
-pub fn held() -> u64 {
-    let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
-    rollup
-        .lines()
-        .find_map(|l| l.strip_prefix("AnonHugePages:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kib| kib * 1024)
 }
 
 #[cfg(test)]
@@ -160,7 +151,7 @@ mod tests {
     #[test]
     fn weights_beyond_half_the_memory_available_are_mapped() {
         assert!(room_for(0));
-        if let Some(available) = super::super::widen::available_memory() {
+        if let Some(available) = super::super::meminfo::available() {
             // Twice what is available now: mapped however memory moves meanwhile.
             assert!(!room_for(available.saturating_mul(2)), "twice {available} bytes");
         }

@@ -38,6 +38,7 @@ mod huge_pages;
 mod handle;
 mod identity;
 mod job;
+mod meminfo;
 mod model;
 mod planner;
 mod probes;

@@ -2,7 +2,7 @@
 //! context created with the configured settings, and the facts about the
 //! model ([`ModelInfo`]) the server reports.
 
-use std::cell::RefCell;
+use std::cell::Cell;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -280,7 +280,7 @@ pub(super) fn load(settings: &EngineSettings, mut between: Option<Box<dyn FnMut(
             between();
         }
     });
-    let (params, advice) = weight_params(offload.params, settings.huge_pages && all_on_cpu, &path, between);
+    let (params, advised) = weight_params(offload.params, settings.huge_pages && all_on_cpu, &path, between);
     let loaded = LlamaModel::load_from_file(backend, &path, &params);
     let (model, wide_weights) = match loaded {
         Ok(model) => (model, wide_weights),
@@ -302,7 +302,7 @@ pub(super) fn load(settings: &EngineSettings, mut between: Option<Box<dyn FnMut(
     // of it), rather than growing as cells are first written.
     ctx.clear_kv_cache();
     let pinned_cpus = pin_threads(settings.pin_threads, model, &ctx, threads, all_on_cpu);
-    let huge_pages = HugePages { advised_bytes: advice.borrow().as_ref().map_or(0, |a| a.advised() as u64), held_bytes: super::huge_pages::held() };
+    let huge_pages = HugePages { advised_bytes: advised.get(), held_bytes: super::meminfo::in_huge_pages() };
     let n_ctx_seq = (ctx.n_ctx() / parallel) as usize;
 
     let architecture = model.meta_val_str("general.architecture").unwrap_or_default();
@@ -355,27 +355,29 @@ pub(super) fn load(settings: &EngineSettings, mut between: Option<Box<dyn FnMut(
 /// for huge pages (at the load's first progress call: allocated, not yet
 /// touched; see `huge_pages`) where `huge`, the kernel offers them and
 /// memory has room, else mapped from the file; `between` run at each step
-/// of reading. The advice stays shared, to say afterwards what it advised.
+/// of reading. Also the bytes advised, as the load goes.
 pub(super) fn weight_params(
     params: Pin<Box<LlamaModelParams>>,
     huge: bool,
     path: &Path,
     mut between: Option<Box<dyn FnMut()>>,
-) -> (Pin<Box<LlamaModelParams>>, Rc<RefCell<Option<Advice>>>) {
+) -> (Pin<Box<LlamaModelParams>>, Rc<Cell<u64>>) {
     let size = std::fs::metadata(path).map_or(u64::MAX, |m| m.len());
     let huge = huge && super::huge_pages::offered() && super::huge_pages::room_for(size);
-    let advice = Rc::new(RefCell::new(huge.then(Advice::before_load)));
-    let advising = advice.clone();
+    let mut advice = huge.then(Advice::before_load);
+    let advised = Rc::new(Cell::new(0));
+    let counted = advised.clone();
     let params = Pin::into_inner(params).with_use_mmap(!huge).with_progress_callback(move |progress| {
-        if let (0.0, Some(advice)) = (progress, advising.borrow_mut().as_mut()) {
+        if let (0.0, Some(advice)) = (progress, advice.as_mut()) {
             advice.advise_new();
+            counted.set(advice.advised() as u64);
         }
         if let Some(between) = between.as_mut() {
             between();
         }
         true
     });
-    (Box::pin(params), advice)
+    (Box::pin(params), advised)
 }
 
 /// The file the weights are read from, and how many of its matrices were

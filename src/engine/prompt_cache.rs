@@ -156,7 +156,7 @@ impl PromptCache {
     /// Keep the process's RSS within `fixed` (the model and its KV cache)
     /// + the RAM tier's budget + [`SLACK`].
     pub fn within(mut self, fixed: u64) -> PromptCache {
-        if rss_bytes().is_some() {
+        if super::meminfo::resident().is_some() {
             self.ceiling = Some(fixed + self.ram_budget as u64 + SLACK);
         }
         self
@@ -166,7 +166,7 @@ impl PromptCache {
     /// RAM entries go until the tier and `extra` fit its budget and the
     /// ceiling less [`HEADROOM`]. False when `extra` cannot fit even then.
     fn make_room(&mut self, extra: usize) -> bool {
-        let room = match (self.ceiling, rss_bytes()) {
+        let room = match (self.ceiling, super::meminfo::resident()) {
             (Some(ceiling), Some(rss)) => {
                 let rest = rss.saturating_sub(self.ram_bytes() as u64);
                 (ceiling.saturating_sub(HEADROOM + rest) as usize).min(self.ram_budget)
@@ -427,14 +427,6 @@ impl PromptCache {
             disk_off: self.disk_off.clone(),
         }
     }
-}
-
-/// The process's resident memory (Linux: /proc/self/status), in bytes.
-fn rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.trim_start_matches("VmRSS:").trim().trim_end_matches("kB").trim().parse().ok()?;
-    Some(kib << 10)
 }
 
 /// How many leading tokens two lists share.

@@ -327,7 +327,7 @@ fn copy_for(model: &Path, cache_dir: &Path, between: &mut dyn FnMut()) -> io::Re
         tracing::info!(free_mib = free >> 20, copy_mib = size >> 20, "wide weights: not enough disk for the copy; the model is loaded as it is");
         return Ok(None);
     }
-    if let Some(available) = available_memory() {
+    if let Some(available) = super::meminfo::available() {
         if extra > available / 4 {
             tracing::info!(available_mib = available >> 20, extra_mib = extra >> 20, "wide weights: not enough memory; the model is loaded as it is");
             return Ok(None);
@@ -348,13 +348,6 @@ fn copy_for(model: &Path, cache_dir: &Path, between: &mut dyn FnMut()) -> io::Re
     widen(model, &copy, between)?;
     tracing::info!(matrices = widened.len(), extra_mib = extra >> 20, ms = started.elapsed().as_millis() as u64, copy = %copy.display(), "wide weights: Q5_0 matrices written as Q8_0");
     Ok(Some((copy, widened.len())))
-}
-
-/// Memory the system could give now without swapping (Linux), in bytes.
-pub(super) fn available_memory() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib: u64 = meminfo.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
-    Some(kib << 10)
 }
 
 /// The copy's name in the cache folder's `wide/`: a hash of the model's

@@ -356,13 +356,13 @@ impl Server {
         status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
     }
 
-    /// The CPUs each of the server's threads may run on now (Linux's
-    /// `Cpus_allowed_list`, as `0-3,6`), one entry per thread.
     /// The server's memory mappings (`/proc/PID/maps`).
     pub fn maps(&self) -> String {
         std::fs::read_to_string(format!("/proc/{}/maps", self.child.id())).expect("the server's mappings")
     }
 
+    /// The CPUs each of the server's threads may run on now (Linux's
+    /// `Cpus_allowed_list`, as `0-3,6`), one entry per thread.
     pub fn thread_cpu_lists(&self) -> Vec<String> {
         let tasks = std::fs::read_dir(format!("/proc/{}/task", self.child.id())).expect("the server's threads");
         tasks
